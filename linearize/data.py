@@ -1,0 +1,216 @@
+"""Training and evaluation text: teacher-generated, local files, or Hub data sets, packed into
+fixed-length token blocks.
+
+Text the teacher writes itself needs no download: the teacher answers instruction prompts
+(built in, or from a file) by sampling, and the texts are cached under the linearize cache
+folder keyed by everything that determines them, so a second run reads them back at once.
+The built-in prompts are split in two disjoint halves: ``split: train`` samples from one,
+any other split (``test``, ``validation``) from the other, so held-out text never shares a
+prompt with training text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .models import cache_dir
+
+BUILTIN_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how photosynthesis works to a ten-year-old.",
+    "Give three tips for learning a new language and explain each one.",
+    "Describe the water cycle step by step.",
+    "Write a letter to a friend describing your last holiday.",
+    "What are the main causes of the seasons on Earth?",
+    "Summarise the history of the printing press in a few paragraphs.",
+    "Write a recipe for a simple vegetable soup, with the steps numbered.",
+    "Explain the difference between a virus and a bacterium.",
+    "Describe a busy market in a small town on a Saturday morning.",
+    "How does a bicycle stay upright when it moves?",
+    "Write a poem about the sea at night.",
+    "Explain what a budget is and how to make a monthly one.",
+    "Tell the story of a robot who learns to paint.",
+    "What should someone pack for a week-long hiking trip? Explain why.",
+    "Explain how a computer stores numbers in binary.",
+    "Describe the life cycle of a butterfly.",
+    "Write a dialogue between a teacher and a student about homework.",
+    "Why do we have different time zones? Explain with an example.",
+    "Give advice to someone starting their first job.",
+    "Explain why the sky is blue.",
+    "Write a short mystery story set in a library.",
+    "Describe how to plant and care for a tomato plant.",
+    "What are the benefits of regular exercise? Give examples.",
+    "Explain how vaccines help the immune system.",
+    "Write a product description for a new kind of umbrella.",
+    "Describe the rules of chess for a beginner.",
+    "Tell a fable about a fox and a crow, with a moral at the end.",
+    "Explain the basics of how electricity reaches a house.",
+    "Write a diary entry of a sailor in the eighteenth century.",
+    "How do bees make honey? Explain the process.",
+    "Compare living in a city with living in the countryside.",
+    "Explain what gravity is and how it keeps the planets in orbit.",
+    "Write instructions for making a paper aeroplane.",
+    "Describe a thunderstorm from the point of view of a cat.",
+    "What is the difference between weather and climate?",
+    "Write a speech for the opening of a new school library.",
+    "Explain how a recipe can be scaled up for more people.",
+    "Tell the story of a village that runs out of water and how it is saved.",
+    "Explain how maps represent the round Earth on flat paper.",
+    "Describe the job of a firefighter during a typical day.",
+    "Give a short history of the bicycle.",
+    "Write a review of an imaginary restaurant.",
+    "Explain what inflation is with a simple example.",
+    "Describe how a caterpillar becomes a moth, in the style of a nature documentary.",
+    "Write a set of rules for a new playground game.",
+    "Explain how the moon causes tides.",
+    "Write a story in which two strangers share an umbrella.",
+]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _read_prompts(path: str) -> list[str]:
+    prompts = []
+    for line in Path(path).expanduser().read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            row = json.loads(line)
+            text = row.get("instruction") or row.get("prompt") or row.get("text")
+            if row.get("input"):
+                text = f"{text}\n\n{row['input']}"
+            prompts.append(text)
+        else:
+            prompts.append(line)
+    return prompts
+
+
+def teacher_prompts(spec) -> list[str]:
+    prompts = _read_prompts(spec.path) if spec.path else BUILTIN_PROMPTS
+    half = prompts[0::2] if spec.split == "train" else prompts[1::2]
+    if not half:
+        raise ValueError(f"no prompts for split {spec.split!r} (a prompt file needs at least two prompts)")
+    rng = random.Random(spec.seed)
+    return [rng.choice(half) for _ in range(spec.samples)]
+
+
+@torch.no_grad()
+def generate_teacher_texts(model, tokenizer, spec, model_reference: str, batch_size: int = 16) -> list[str]:
+    """Sample ``spec.samples`` texts from the teacher (prompt and answer, with the chat
+    template's markup), cached on disk by every setting that determines them."""
+    from tqdm.auto import tqdm
+
+    prompts = teacher_prompts(spec)
+    key = json.dumps(
+        [model_reference, prompts, spec.max_new_tokens, spec.temperature, spec.seed, spec.chat_template], sort_keys=True
+    )
+    path = cache_dir() / "teacher-text" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".jsonl")
+    if path.is_file():
+        return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    from .convert import attention_mode
+
+    device = next(model.parameters()).device
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    texts = []
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(spec.seed)
+    try:
+        with attention_mode(model, "teacher"):
+            for start in tqdm(range(0, len(prompts), batch_size), desc="teacher writes text", unit="batch"):
+                batch = [_format_prompt(tokenizer, p, spec.chat_template) for p in prompts[start : start + batch_size]]
+                enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=spec.temperature,
+                    top_p=0.95,
+                    max_new_tokens=spec.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                for row, mask in zip(out, enc["attention_mask"]):
+                    row = row[int((mask == 0).sum()) :]  # drop left padding
+                    texts.append(tokenizer.decode(row, skip_special_tokens=False).replace(tokenizer.pad_token, ""))
+    finally:
+        tokenizer.padding_side = padding_side
+        torch.random.set_rng_state(generator_state)
+    _atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
+def _format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def _data_files(path: Path, suffixes: tuple[str, ...]) -> list[str]:
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in suffixes)
+        if not files:
+            raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {path}")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    return [str(path)]
+
+
+def load_texts(spec) -> list[str]:
+    """Texts of a ``text``, ``jsonl``, ``parquet`` or ``hub`` data spec, through ``datasets``."""
+    import datasets
+
+    builder, suffixes = {"text": ("text", (".txt", ".md")), "jsonl": ("json", (".jsonl", ".json")),
+                         "parquet": ("parquet", (".parquet",))}.get(spec.source, (None, ()))
+    if spec.source == "hub":
+        try:
+            ds = datasets.load_dataset(spec.path, split=spec.split)
+        except Exception as err:  # offline and uncached, wrong id, ...
+            raise RuntimeError(
+                f"could not load the Hub data set {spec.path!r} (split {spec.split!r}): {str(err).splitlines()[0]}. "
+                "Offline, only data sets already in the local Hugging Face cache load; or point the recipe at local files."
+            ) from None
+    else:
+        files = _data_files(Path(spec.path).expanduser(), suffixes)
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    if spec.field not in ds.column_names:
+        raise KeyError(f"data {spec.path}: no field {spec.field!r}; its fields are {ds.column_names}")
+    texts = [t for t in ds[spec.field] if isinstance(t, str) and t.strip()]
+    return texts[: spec.max_documents] if spec.max_documents else texts
+
+
+def get_texts(spec, model=None, tokenizer=None, model_reference: str = "") -> list[str]:
+    if spec.source == "teacher":
+        if model is None:
+            raise ValueError("teacher-generated data needs the teacher model")
+        return generate_teacher_texts(model, tokenizer, spec, model_reference)
+    return load_texts(spec)
+
+
+def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Tokenise, join documents with EOS, and cut the stream into ``[N, seq_len]`` blocks
+    (the tail that does not fill a block is dropped)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream.extend(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            stream.append(eos)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"the data has {len(stream)} tokens, fewer than one block of seq_len={seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)

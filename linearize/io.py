@@ -1,0 +1,125 @@
+"""Saving and loading converted models.
+
+A saved model is a small folder: the trained parts and a record of how to rebuild the rest.
+
+* ``linearize.json``: format version, the base model reference (Hub id, folder, GGUF file or
+  the embedded default), its architecture, the conversion spec (student kind, layers, settings),
+  the dtype, and the recipe that produced it;
+* ``students.safetensors``: the students' own parameters (feature maps, window factors);
+* the tokenizer files;
+* ``report.json``: what the run measured.
+
+:func:`load` reloads the base model, converts the same layers the same way and puts the trained
+parts back. Folders are written to a temporary sibling and renamed into place, so an
+interrupted save never leaves a half-written folder under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .convert import ConversionSpec, convert_model, load_student_state_dict, student_state_dict
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "linearize.json"
+WEIGHTS_NAME = "students.safetensors"
+
+
+def atomic_folder(out_dir: Path, write) -> Path:
+    """Run ``write(tmp_dir)`` and move the result to ``out_dir`` in one rename (replacing an
+    older folder only once the new one is complete)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save(
+    model, out_dir, tokenizer=None, base_model: str | None = None, recipe: dict | None = None,
+    report: dict | None = None, extra_files: dict[str, str] | None = None,
+):
+    """Save a converted model's trained parts and how to rebuild it. Returns the folder."""
+    spec: ConversionSpec = model.linearize_spec
+    base_model = base_model or getattr(model, "linearize_base", None)
+    if not base_model:
+        raise ValueError("save() needs base_model: the Hub id, folder or GGUF file the model was converted from")
+    config = {
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "model_type": model.config.model_type,
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "conversion": spec.to_dict(),
+        "recipe": recipe,
+    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in student_state_dict(model).items()}
+
+    def write(tmp: Path):
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+    return atomic_folder(Path(out_dir), write)
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a linearize model folder (no {CONFIG_NAME}); make one with `linearize convert`"
+        )
+    config = json.loads(file.read_text())
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was saved by a newer linearize (format {config['format_version']}); upgrade linearize")
+    return config
+
+
+def load(path, device: str | None = None, dtype: str | torch.dtype | None = None, return_tokenizer: bool = False):
+    """Rebuild a converted model from a folder written by :func:`save`.
+
+    >>> model = linearize.load("runs/smoke")
+    >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)
+    """
+    from .models import load_teacher
+
+    config = read_config(path)
+    model, tokenizer, source = load_teacher(config["base_model"], dtype=dtype or config.get("dtype", "float32"))
+    conv = config["conversion"]
+    convert_model(model, ConversionSpec(conv["kind"], conv["layers"], conv["settings"]))
+    load_student_state_dict(model, load_file(str(Path(path) / WEIGHTS_NAME)))
+    model.linearize_base = config["base_model"]
+    if device:
+        model.to(device)
+    model.eval()
+    if return_tokenizer:
+        if any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        return model, tokenizer
+    return model

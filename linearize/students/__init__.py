@@ -1,0 +1,21 @@
+"""Students: the attention modules that replace softmax attention. ``STUDENTS`` maps the names
+recipes use to their classes."""
+
+from .base import MODES, Student, TransferRecord, key_padding_mask, repeat_kv
+from .hedgehog import HedgehogConfig, HedgehogStudent
+from .lolcats import LolcatsConfig, LolcatsStudent
+
+STUDENTS: dict[str, type[Student]] = {cls.kind: cls for cls in (HedgehogStudent, LolcatsStudent)}
+
+__all__ = [
+    "MODES",
+    "STUDENTS",
+    "Student",
+    "TransferRecord",
+    "HedgehogConfig",
+    "HedgehogStudent",
+    "LolcatsConfig",
+    "LolcatsStudent",
+    "key_padding_mask",
+    "repeat_kv",
+]

@@ -1,0 +1,56 @@
+"""Hedgehog: linear attention whose feature maps are trained to mimic softmax.
+
+Zhang, Bhatia, Kumbong, Ré, "The Hedgehog & the Porcupine: Expressive Linear Attentions with
+Softmax Mimicry", ICLR 2024 (arXiv 2402.04347).
+
+    y_t = sum_{s<=t} phi_q(q_t).phi_k(k_s) v_s / sum_{s<=t} phi_q(q_t).phi_k(k_s)       (Sec. 3, Eq. 2)
+    phi(x) = [softmax(x W), softmax(-x W)]                                               (Sec. 4.2, Eq. 5)
+
+Separate maps for queries and keys, one ``W: [head_dim, F]`` per head, identity at
+initialisation (the key map starts as a copy of the query map); applied after RoPE and after
+the key/value heads are expanded for GQA (as LoLCATs does, ``src/model/feature_map.py``).
+The parallel form is the chunked linear attention of ``linearize.kernels`` with no window; the
+recurrent form carries ``S = sum phi(k) v^T`` and ``z = sum phi(k)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from ..feature_maps import build_feature_map
+from ..kernels import hybrid_attention, naive_hybrid_attention
+from .base import Student
+
+
+@dataclass
+class HedgehogConfig:
+    feature_map: str = "hedgehog"  # hedgehog | elu | relu
+    feature_dim: int | None = None  # F (the map outputs 2F features); default: the head size
+
+
+class HedgehogStudent(Student):
+    kind = "hedgehog"
+    Config = HedgehogConfig
+
+    def __init__(self, attn, adapter, config, layer_idx):
+        super().__init__(attn, adapter, config, layer_idx)
+        self.feature_map_q = build_feature_map(config.feature_map, self.num_heads, self.head_dim, config.feature_dim)
+        self.feature_map_k = copy.deepcopy(self.feature_map_q)
+
+    window = 0
+
+    def window_factor(self):
+        return None
+
+    def attend(self, q, k, v, key_mask, state, output_state):
+        fq, fk = self.feature_map_q(q.float()), self.feature_map_k(k.float())
+        return hybrid_attention(
+            q, k, v, fq, fk, self.window_factor(), self.window, self.scaling,
+            key_mask=key_mask, state=state, output_state=output_state, form=self.form,
+        )
+
+    def attention_weights(self, q, k, key_mask):
+        fq, fk = self.feature_map_q(q.float()), self.feature_map_k(k.float())
+        _, weights = naive_hybrid_attention(q, k, k, fq, fk, self.window_factor(), self.window, self.scaling, key_mask)
+        return weights

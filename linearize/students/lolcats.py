@@ -1,0 +1,53 @@
+"""LoLCATs: sliding-window softmax attention plus Hedgehog linear attention, one normaliser.
+
+Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models", ICLR 2025
+(arXiv 2410.10254), Sec. 3.2, Eq. 7: for query ``t`` the last ``W`` keys (``t-W < s <= t``)
+use softmax terms ``gamma * exp(q.k/sqrt(d) - m_t)``, all earlier keys linear terms
+``phi(q).phi(k)``, and a single denominator sums both:
+
+    y_t = (sum_win gamma exp(q_t.k_s/sqrt(d) - m_t) v_s + sum_lin phi(q_t).phi(k_s) v_s)
+        / (sum_win gamma exp(q_t.k_s/sqrt(d) - m_t)     + sum_lin phi(q_t).phi(k_s))
+
+``m_t`` is the largest window score (the max of the softmax terms only, as in the public code),
+``gamma = sigmoid(w)`` with one ``w`` per head, initialised so that ``gamma = 0.1``, trained
+during attention transfer with the feature maps. The paper's window is 64 tokens.
+
+Decoding keeps the last ``W`` raw keys/values and folds each into ``S, z`` as it leaves the
+window: the decode window is the training window, by construction (one function in
+``linearize.kernels`` serves both forms). With ``W`` at least the sequence length, the
+student computes exactly the teacher's softmax attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hedgehog import HedgehogConfig, HedgehogStudent
+
+
+@dataclass
+class LolcatsConfig(HedgehogConfig):
+    window_size: int = 64  # W: the current token and the W-1 before it use softmax
+    window_factor_init: float = 0.1  # gamma at initialisation
+
+
+class LolcatsStudent(HedgehogStudent):
+    kind = "lolcats"
+    Config = LolcatsConfig
+
+    def __init__(self, attn, adapter, config, layer_idx):
+        super().__init__(attn, adapter, config, layer_idx)
+        if config.window_size < 1:
+            raise ValueError(f"lolcats needs window_size >= 1 (got {config.window_size}); use 'hedgehog' for none")
+        if not 0.0 < config.window_factor_init < 1.0:
+            raise ValueError(f"window_factor_init must lie in (0, 1), got {config.window_factor_init}")
+        self.window = config.window_size
+        p = config.window_factor_init
+        self.window_logit = nn.Parameter(torch.full((self.num_heads,), math.log(p / (1 - p))))
+
+    def window_factor(self):
+        return torch.sigmoid(self.window_logit)
