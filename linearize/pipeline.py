@@ -20,7 +20,7 @@ from .data import get_texts, pack
 from .eval.perplexity import perplexity
 from .models import load_teacher
 from .recipe import Recipe
-from .stages.attention_transfer import AttentionTransfer
+from .stages.attention_transfer import AttentionTransfer, measure_transfer
 
 STAGE_RUNNERS = {"attention_transfer": AttentionTransfer}
 
@@ -59,6 +59,9 @@ class ConvertRun:
         if r.eval is not None:
             self.eval_blocks = self._blocks(r.eval.data, r.eval.seq_len)[: r.eval.max_blocks]
 
+    def _heldout_transfer(self) -> dict:
+        return measure_transfer(self.model, self.adapter, self.eval_blocks, batch_size=4)
+
     def _blocks(self, data, seq_len):
         texts = get_texts(data, self.model, self.tokenizer, self.source.reference)
         return pack(texts, self.tokenizer, seq_len)
@@ -73,15 +76,17 @@ class ConvertRun:
         convert_model(self.model, spec)
         self.model.linearize_base = self.source.reference
         self.report["converted_layers"] = spec.layer_indices(self.model.config.num_hidden_layers)
+        if self.eval_blocks is not None:  # attention-transfer error on held-out text, before training
+            self.report["heldout_transfer"] = {"before": self._heldout_transfer()}
         self.report["stages"] = []
         for stage, blocks in zip(r.stages, self.stage_blocks):
             self.log(f"stage {stage.stage}: {len(blocks)} blocks of {stage.seq_len} tokens, {stage.steps} steps")
             runner = STAGE_RUNNERS[stage.stage](stage, self.model, self.adapter, blocks, log=self.log)
-            result = runner.run(seed=r.seed)
-            self.report["stages"].append(result)
-            if result.get("before") and result.get("after"):
-                self.log(transfer_table(result["before"], result["after"]))
+            self.report["stages"].append(runner.run(seed=r.seed))
         if self.eval_blocks is not None:
+            held = self.report["heldout_transfer"]
+            held["after"] = self._heldout_transfer()
+            self.log("attention-transfer error on held-out text, per layer\n" + transfer_table(held["before"], held["after"]))
             self.report["student_perplexity"] = perplexity(self.model, self.eval_blocks, progress=True, desc="student perplexity")
             self.report["eval_tokens"] = int(self.eval_blocks.numel())
             self.log(perplexity_table(self.report))
@@ -118,7 +123,10 @@ def markdown_report(report: dict) -> str:
         lines += ["## Held-out perplexity", "", "| model | perplexity |", "|---|---|",
                   f"| teacher | {report['teacher_perplexity']:.3f} |", f"| student | {report['student_perplexity']:.3f} |", ""]
     for stage in report.get("stages", []):
-        if stage.get("before") and stage.get("after"):
-            lines += [f"## {stage['stage']}: {stage['steps']} steps, {stage['tokens']} tokens, {stage['seconds']:.0f}s", "",
-                      "| " + transfer_table(stage["before"], stage["after"]).replace("\n", " |\n| ") + " |", ""]
+        lines += [f"- {stage['stage']}: {stage['steps']} steps, {stage['tokens']} tokens, {stage['seconds']:.0f}s", ""]
+    held = report.get("heldout_transfer", {})
+    if held.get("after"):
+        lines += ["## Attention-transfer error on held-out text", "",
+                  "Relative error ||y_student - y_teacher|| / ||y_teacher|| of each layer's attention output.", "",
+                  "| " + transfer_table(held["before"], held["after"]).replace("\n", " |\n| ") + " |", ""]
     return "\n".join(lines)

@@ -174,8 +174,8 @@ def _convert(value, tp, file: str, path: str):
         if isinstance(value, str):
             return value
         raise TypeError
-    if tp is dict:
-        if isinstance(value, dict):
+    if tp in (dict, list):
+        if isinstance(value, tp):
             return value
         raise TypeError
     raise TypeError
@@ -196,7 +196,8 @@ def _unknown_key(file, path, key, allowed):
 
 def parse_dataclass(cls, data: dict, file: str, path: str = ""):
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source", "overrides")}
+    internal = ("source", "overrides") if cls is Recipe else ()  # set by the loader, not by the file
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in internal}
     for key in data:
         if key not in fields:
             _unknown_key(file, path, key, list(fields))

@@ -115,7 +115,7 @@ class AttentionTransfer:
             tokens += input_ids.numel()
             elapsed = time.perf_counter() - started
             history.append({"step": step, "loss": loss.item(), "tokens": tokens})
-            bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / elapsed:.0f}", refresh=False)
             if len(self.val) and ((stage.eval_every and step % stage.eval_every == 0) or step == stage.steps):
                 val = self.validate()
                 history[-1]["val_loss"] = val["loss"]

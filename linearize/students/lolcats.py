@@ -1,7 +1,7 @@
 """LoLCATs: sliding-window softmax attention plus Hedgehog linear attention, one normaliser.
 
 Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models", ICLR 2025
-(arXiv 2410.10254), Sec. 3.2, Eq. 7: for query ``t`` the last ``W`` keys (``t-W < s <= t``)
+(arXiv 2410.10254), Sec. 3.3.1, Eq. 7: for query ``t`` the last ``W`` keys (``t-W < s <= t``)
 use softmax terms ``gamma * exp(q.k/sqrt(d) - m_t)``, all earlier keys linear terms
 ``phi(q).phi(k)``, and a single denominator sums both:
 

@@ -1,0 +1,58 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(family: str, **overrides):
+    """A tiny randomly initialised model config of ``family``, with GQA (4 query heads, 2 kv heads)."""
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2":
+        kwargs["attention_bias"] = True  # Qwen2 projections carry biases
+    kwargs.update(overrides)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    with torch.no_grad():  # larger random q/k so attention is far from uniform
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """The embedded SmolLM2-135M-Instruct teacher (converted from GGUF once, then cached)."""
+    from linearize.models import load_teacher
+
+    model, tokenizer, source = load_teacher("smollm2-135m-instruct")
+    return model, tokenizer, source
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -1,0 +1,89 @@
+"""Saved models rebuild exactly, in a fresh process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from linearize import ConversionSpec, convert_model, load, save, students
+from linearize.io import atomic_folder
+
+
+@pytest.fixture
+def base_folder(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_model("qwen2")
+    folder = tmp_path / "base"
+    model.save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(folder)
+    return folder
+
+
+def test_save_then_load_in_fresh_process_gives_identical_logits(base_folder, tmp_path):
+    from linearize.models import load_teacher
+
+    model, tokenizer, source = load_teacher(str(base_folder))
+    convert_model(model, ConversionSpec("lolcats", layers=[0, 2], settings={"window_size": 4}))
+    with torch.no_grad():
+        for s in students(model).values():
+            for _, p in s.student_parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+    x = torch.randint(1, 97, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).logits
+    out = save(model, tmp_path / "converted", tokenizer, source.reference)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tokenizer") and p.suffix != ".jinja") == [
+        "linearize.json",
+        "students.safetensors",
+    ]
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch, linearize\n"
+        "m = linearize.load(sys.argv[1])\n"
+        "x = torch.load(sys.argv[2])\n"
+        "with torch.no_grad(): torch.save(m(x).logits, sys.argv[3])\n"
+        "print(type(m.model.layers[0].self_attn).__name__, type(m.model.layers[1].self_attn).__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["LolcatsStudent", "Qwen2Attention"]
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_saving_replaces_an_old_folder_only_when_complete(base_folder, tmp_path):
+    from linearize.models import load_teacher
+
+    model, tokenizer, source = load_teacher(str(base_folder))
+    convert_model(model, ConversionSpec("hedgehog"))
+    target = tmp_path / "out"
+    save(model, target, base_model=source.reference)
+    first = json.loads((target / "linearize.json").read_text())
+
+    class Boom(Exception):
+        pass
+
+    def write(tmp):
+        (tmp / "partial").write_text("half")
+        raise Boom
+
+    with pytest.raises(Boom):
+        atomic_folder(target, write)
+    assert json.loads((target / "linearize.json").read_text()) == first
+    assert not (target / "partial").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_loading_a_folder_that_is_not_a_converted_model_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a linearize model folder"):
+        load(tmp_path)

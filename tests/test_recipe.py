@@ -1,0 +1,81 @@
+"""Recipes: the built-ins validate; bad ones fail with a message that names file, key and fix."""
+
+import textwrap
+
+import pytest
+
+from linearize.recipe import RecipeError, builtin_recipes, load_recipe
+
+GOOD = """
+model: smollm2-135m-instruct
+students: {kind: lolcats, layers: all, window_size: 64}
+stages:
+  - stage: attention_transfer
+    data: {source: teacher, samples: 4}
+    seq_len: 128
+    steps: 10
+"""
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_builtin_recipes_validate(name):
+    recipe = load_recipe(name)
+    assert recipe.stages and recipe.students.kind
+
+
+def test_good_recipe_parses_with_types(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD))
+    assert r.students.settings["window_size"] == 64
+    assert r.stages[0].lr == 0.01 and isinstance(r.stages[0].lr, float)
+
+
+def test_overrides_and_model_argument_win(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD), overrides=["stages.0.steps=200", "students.window_size=32"], model="other/model")
+    assert r.stages[0].steps == 200 and r.students.settings["window_size"] == 32 and r.model == "other/model"
+    assert r.to_dict()["overrides"] == ["stages.0.steps=200", "students.window_size=32"]
+
+
+BAD = [
+    ("unknown top-level key", GOOD + "sead: 3\n", r"key 'sead': unknown key\. Did you mean 'seed'\?"),
+    ("unknown stage key", GOOD.replace("steps: 10", "stpes: 10"), r"key 'stages\.0\.stpes': unknown key\. Did you mean 'steps'\?"),
+    ("wrong type", GOOD.replace("steps: 10", "steps: ten"), r"key 'stages\.0\.steps': expected an integer, got 'ten'"),
+    ("out of range", GOOD.replace("seq_len: 128", "seq_len: 0"), r"key 'stages\.0\.seq_len': must be >= 1, got 0"),
+    ("negative lr", GOOD.replace("steps: 10", "steps: 10\n    lr: -1"), r"key 'stages\.0\.lr': must be > 0"),
+    ("unknown student", GOOD.replace("kind: lolcats", "kind: lolcat"), r"key 'students\.kind': unknown student 'lolcat'\. Did you mean 'lolcats'\?"),
+    ("unknown student setting", GOOD.replace("window_size: 64", "window: 64"), r"key 'students\.window': unknown key\. Did you mean 'window_size'\?"),
+    ("unknown stage", GOOD.replace("stage: attention_transfer", "stage: attention_transfr"), r"key 'stages\.0\.stage': unknown stage 'attention_transfr'\. Did you mean 'attention_transfer'\?"),
+    ("missing data", GOOD.replace("    data: {source: teacher, samples: 4}\n", ""), r"key 'stages\.0\.data': missing; it is required"),
+    ("missing data file", GOOD.replace("{source: teacher, samples: 4}", "{source: text, path: /no/such/file.txt}"), r"key 'stages\.0\.data\.path': data file or folder not found: /no/such/file\.txt"),
+    ("bad data source", GOOD.replace("source: teacher", "source: web"), r"key 'stages\.0\.data\.source': expected 'teacher' \| 'text'"),
+    ("malformed yaml", GOOD.replace("steps: 10", "steps: [10"), r"malformed YAML at line \d+"),
+    ("bad layers", GOOD.replace("layers: all", "layers: most"), r"key 'students\.layers': expected 'all', a list of layer indices"),
+    ("no stages", "students: {kind: hedgehog}\nstages: []\n", r"key 'stages': expected a non-empty list"),
+    ("bad precision", GOOD + "precision: fp8\n", r"key 'precision': expected 'float32' \| 'bfloat16' \| 'float16', got 'fp8'"),
+    ("unknown feature map", GOOD.replace("window_size: 64", "feature_map: cosine"), r"key 'students\.feature_map': unknown feature map 'cosine'"),
+]
+
+
+@pytest.mark.parametrize("case,text,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_recipe_message_names_file_key_and_fix(tmp_path, case, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError, match=message) as info:
+        load_recipe(path)
+    assert path in str(info.value)
+
+
+def test_bad_override_is_reported(tmp_path):
+    with pytest.raises(RecipeError, match="no item 'stages.3'"):
+        load_recipe(write(tmp_path, GOOD), overrides=["stages.3.steps=1"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(write(tmp_path, GOOD), overrides=["stages.0.steps"])
+
+
+def test_unknown_recipe_name_lists_builtins():
+    with pytest.raises(RecipeError, match="Did you mean 'smoke'"):
+        load_recipe("smoek")

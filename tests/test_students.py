@@ -1,0 +1,190 @@
+"""The student contract on tiny random models of every supported family."""
+
+import pytest
+import torch
+
+from conftest import FAMILIES, relative_error, tiny_model
+from linearize import ConversionSpec, attention_mode, convert_model, students
+from linearize.architectures import UnsupportedArchitectureError, adapter_for
+from linearize.cache import cache_nbytes
+from linearize.students import HedgehogStudent, LolcatsStudent, key_padding_mask
+
+SPECS = {
+    "hedgehog": ConversionSpec("hedgehog"),
+    "lolcats": ConversionSpec("lolcats", settings={"window_size": 8}),
+}
+
+
+def converted(family="llama", kind="lolcats", seed=0, train_like=True, **overrides):
+    model = tiny_model(family, seed=seed, **overrides)
+    convert_model(model, SPECS[kind])
+    if train_like:  # move off the identity initialisation so the test covers trained maps
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for s in students(model).values():
+                for _, p in s.student_parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def ids(batch, length, seed=0, vocab=97):
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lolcats_with_window_over_whole_sequence_equals_teacher(family):
+    model = tiny_model(family)
+    x = ids(2, 50)
+    with torch.no_grad():
+        expected = model(x).logits
+        convert_model(model, ConversionSpec("lolcats", settings={"window_size": 64}))
+        got = model(x).logits
+    assert (got - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_parallel_equals_recurrent_gqa(family, kind):
+    model = converted(family, kind)
+    for T in (1, 13, 30):  # window 8: none of these is a multiple of it
+        x = ids(2, T, seed=T)
+        with torch.no_grad():
+            parallel = model(x, use_cache=False).logits
+            with attention_mode(model, "student", form="recurrent"):
+                recurrent = model(x, use_cache=False).logits
+            with attention_mode(model, "student", form="naive"):
+                naive = model(x, use_cache=False).logits
+        assert relative_error(recurrent, parallel) <= 1e-5
+        assert relative_error(naive, parallel) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_generate_equals_parallel_rerun(kind):
+    model = converted("llama", kind)
+    prompt = ids(1, 11, seed=3)
+    out = model.generate(prompt, max_new_tokens=32, do_sample=False)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(32):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert out.tolist() == seq.tolist()
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+@pytest.mark.parametrize(
+    "options",
+    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False), dict(num_beams=2, num_return_sequences=2)],
+    ids=["greedy", "sampling", "beam", "beam-return-2"],
+)
+def test_generate_with_state_equals_generate_without_cache(kind, options):
+    """The recurrent cache (reordered for beams, expanded for several returns) decodes exactly
+    what re-running the parallel form on the whole sequence gives."""
+    model = converted("qwen3", kind)
+    prompt = ids(2, 9, seed=5)
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, use_cache=use_cache, **options))
+    assert outs[0].tolist() == outs[1].tolist()
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_left_padded_batch_generates_what_each_prompt_does_alone(kind):
+    model = converted("llama", kind)
+    a, b = ids(1, 14, seed=7), ids(1, 5, seed=8)
+    pad = torch.zeros(1, 9, dtype=torch.long)
+    batch = torch.cat([a, torch.cat([pad, b], 1)])
+    mask = torch.cat([torch.ones(1, 14), torch.cat([torch.zeros(1, 9), torch.ones(1, 5)], 1)]).long()
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    alone_a = model.generate(a, max_new_tokens=12, do_sample=False)
+    alone_b = model.generate(b, max_new_tokens=12, do_sample=False)
+    assert together[0, 14:].tolist() == alone_a[0, 14:].tolist()
+    assert together[1, 14:].tolist() == alone_b[0, 5:].tolist()
+
+
+@pytest.mark.parametrize("kind,grows_until", [("hedgehog", 0), ("lolcats", 8)])
+def test_cache_size_does_not_grow_with_context(kind, grows_until):
+    model = converted("llama", kind)
+    sizes = []
+    for T in (grows_until + 1, 40, 200):
+        out = model(ids(1, T), use_cache=True)
+        sizes.append(cache_nbytes(out.cache if hasattr(out, "cache") else out.past_key_values))
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+def test_only_student_parameters_train():
+    model = converted("llama", "lolcats")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("feature_map" in n or "window_logit" in n) for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_every_kth_layer_keeps_the_others_softmax():
+    model = tiny_model("llama", num_hidden_layers=5)
+    convert_model(model, ConversionSpec("hedgehog", layers={"every": 2}))
+    kinds = [type(layer.self_attn) for layer in model.model.layers]
+    assert [k is HedgehogStudent for k in kinds] == [True, False, True, False, True]
+    # a mixed model still generates from its cache exactly as without one
+    prompt = ids(1, 7)
+    assert model.generate(prompt, max_new_tokens=10, do_sample=False).tolist() == model.generate(
+        prompt, max_new_tokens=10, do_sample=False, use_cache=False
+    ).tolist()
+
+
+def test_teacher_mode_is_the_original_attention():
+    model = tiny_model("mistral")
+    x = ids(2, 20)
+    with torch.no_grad():
+        expected = model(x).logits
+        convert_model(model, SPECS["hedgehog"])
+        with attention_mode(model, "teacher"):
+            teacher = model(x).logits
+        student = model(x).logits
+    assert torch.equal(teacher, expected)
+    assert (student - expected).abs().max() > 1e-3  # the student really is different
+
+
+def test_parameter_names_keep_the_teacher_layout():
+    model = tiny_model("qwen3")
+    before = {n for n, _ in model.named_parameters()}
+    convert_model(model, SPECS["lolcats"])
+    after = {n for n, _ in model.named_parameters()}
+    assert before <= after
+    assert all("feature_map" in n or "window_logit" in n for n in after - before)
+
+
+def test_hedgehog_feature_map_starts_at_identity_softmax():
+    model = tiny_model("llama")
+    convert_model(model, SPECS["hedgehog"])
+    fm = students(model)[0].feature_map_q
+    x = torch.randn(1, 4, 5, 16)
+    expected = torch.cat([torch.softmax(x, -1), torch.softmax(-x, -1)], -1)
+    assert torch.allclose(fm(x), expected, atol=1e-6)
+    assert torch.equal(students(model)[0].feature_map_k.weight, fm.weight)
+
+
+def test_lolcats_window_factor_starts_at_one_tenth():
+    model = tiny_model("llama")
+    convert_model(model, SPECS["lolcats"])
+    s = students(model)[1]
+    assert isinstance(s, LolcatsStudent)
+    assert torch.allclose(s.window_factor(), torch.full((4,), 0.1))
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, qwen2, qwen3"):
+        adapter_for(GPT2Config())
+
+
+def test_key_padding_mask_from_each_mask_form():
+    keep = torch.tensor([[False, True, True], [True, True, True]])
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    mask4 = causal[None, None] & keep[:, None, None, :]
+    additive = torch.zeros(2, 1, 3, 3).masked_fill(~mask4, torch.finfo(torch.float32).min)
+    for m in (keep.long(), mask4, additive):
+        assert torch.equal(key_padding_mask(m, 3), keep)
+    assert key_padding_mask(None, 3) is None
+    assert key_padding_mask(torch.ones(2, 3), 3) is None
