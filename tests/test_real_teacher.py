@@ -43,7 +43,7 @@ def test_converted_teacher_parallel_equals_recurrent(smol):
 def test_converted_teacher_generates_from_its_cache_what_the_parallel_form_gives(smol):
     model, tokenizer = smol
     convert_model(model, ConversionSpec("hedgehog", layers={"every": 3}))
-    prompt = tokenizer("The lighthouse keeper opened the bottle and read", return_tensors="pt")
-    with_cache = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    without = model.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    prompt = tokenizer("The lighthouse keeper read", return_tensors="pt")
+    with_cache = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    without = model.generate(**prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert with_cache.tolist() == without.tolist()

@@ -1,0 +1,60 @@
+"""Attention transfer trains the students (and only them) towards the teacher's attention."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from linearize import ConversionSpec, convert_model
+from linearize.architectures import adapter_for
+from linearize.recipe import AttentionTransferStage, DataSpec
+from linearize.stages.attention_transfer import AttentionTransfer, NonFiniteLossError, measure_transfer
+
+
+def stage(**kw):
+    base = dict(stage="attention_transfer", data=DataSpec(source="teacher"), seq_len=48, batch_size=4, steps=40,
+                lr=1e-2, val_blocks=4, eval_every=10)
+    base.update(kw)
+    return AttentionTransferStage(**base)
+
+
+def blocks(n=24, T=48, seed=0):
+    return torch.randint(1, 97, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind,settings", [("hedgehog", {}), ("lolcats", {"window_size": 8})])
+def test_transfer_lowers_held_out_error_and_touches_only_students(kind, settings):
+    model = tiny_model("llama")
+    frozen = {n: p.clone() for n, p in model.named_parameters()}
+    convert_model(model, ConversionSpec(kind, settings=settings))
+    adapter = adapter_for(model.config)
+    held_out = blocks(8, seed=99)
+    before = measure_transfer(model, adapter, held_out, 4)
+    result = AttentionTransfer(stage(ce_weight=0.1, lr=5e-2), model, adapter, blocks()).run(seed=0)
+    after = measure_transfer(model, adapter, held_out, 4)
+    assert after["mean_relative_error"] <= 0.7 * before["mean_relative_error"]
+    assert result["tokens"] == 40 * 4 * 48
+    for n, p in model.named_parameters():  # teacher weights untouched
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_best_checkpoint_is_kept():
+    model = tiny_model("llama")
+    convert_model(model, ConversionSpec("hedgehog"))
+    adapter = adapter_for(model.config)
+    runner = AttentionTransfer(stage(steps=20, eval_every=5, lr=0.3), model, adapter, blocks())
+    result = runner.run(seed=1)
+    vals = [h["val_loss"] for h in result["history"] if "val_loss" in h]
+    assert math.isclose(result["after"]["loss"], min([result["before"]["loss"], *vals]), rel_tol=1e-4)
+
+
+def test_nan_loss_stops_with_stage_step_and_layer():
+    model = tiny_model("llama")
+    convert_model(model, ConversionSpec("hedgehog", layers=[1]))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.feature_map_q.weight.fill_(float("nan"))
+    runner = AttentionTransfer(stage(steps=3), model, adapter_for(model.config), blocks())
+    with pytest.raises(NonFiniteLossError, match=r"attention_transfer: the loss became nan at step 1 \(layers \[1\]\)"):
+        runner.run()
