@@ -119,18 +119,21 @@ def test_transfer_mode_teacher_side_uses_rope():
     with torch.no_grad():
         expected = model(x).logits
         convert_model(model, ConversionSpec("lawcat"))
+        for s in students(model).values():
+            s.attention_ce = True
         with attention_mode(model, "transfer"):
             got = model(x).logits
     assert (got - expected).abs().max() <= 1e-4
     for s in students(model).values():
         rec = s.transfer_record
         assert rec is not None and rec.sq_err > 0
+        assert torch.isfinite(rec.ce) and rec.ce > 0
 
 
 def test_padding_contributes_nothing():
     model = converted("llama")
     a = ids(1, 10, seed=9)
-    pad = torch.zeros(1, 6, dtype=torch.long)
+    pad = ids(1, 6, seed=10)  # real token ids under the padding mask (id 0 would embed to zeros)
     batch = torch.cat([pad, a], 1)
     mask = torch.cat([torch.zeros(1, 6), torch.ones(1, 10)], 1).long()
     with torch.no_grad():
@@ -162,3 +165,38 @@ def test_cache_size_does_not_grow_with_context():
         sizes.append(cache_nbytes(cache))
         assert all(isinstance(layer.state, LawcatState) for layer in cache.layers)
     assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+def test_left_padded_batch_generates_what_each_prompt_does_alone():
+    model = converted("llama")
+    a, b = ids(1, 14, seed=7), ids(1, 5, seed=8)
+    batch = torch.cat([a, torch.cat([ids(1, 9, seed=11), b], 1)])
+    mask = torch.cat([torch.ones(1, 14), torch.cat([torch.zeros(1, 9), torch.ones(1, 5)], 1)]).long()
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    alone_a = model.generate(a, max_new_tokens=8, do_sample=False)
+    alone_b = model.generate(b, max_new_tokens=8, do_sample=False)
+    assert together[0, 14:].tolist() == alone_a[0, 14:].tolist()
+    assert together[1, 14:].tolist() == alone_b[0, 5:].tolist()
+
+
+def test_attention_weights_reproduce_the_output():
+    """The weights behind the attention-CE loss are the student's own: rows sum to one and,
+    applied to the values, give the attention output."""
+    model = converted("qwen3")
+    s = students(model)[1]
+    x = torch.randn(2, 11, 64)
+    captured = {}
+
+    def attend(q, k, v, key_mask, state, output_state):
+        captured["y"], _ = LawcatStudent.attend(s, q, k, v, key_mask, state, output_state)
+        captured["w"] = s.attention_weights(q, k, key_mask)
+        captured["v"] = v
+        return captured["y"], None
+
+    s.attend = attend
+    pe = model.model.rotary_emb(x, torch.arange(11)[None])
+    with torch.no_grad():
+        s(x, position_embeddings=pe, attention_mask=None)
+    w = captured["w"]
+    assert torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)), atol=1e-5)
+    assert relative_error(w @ captured["v"].float(), captured["y"]) <= 1e-5
