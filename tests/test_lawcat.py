@@ -200,3 +200,30 @@ def test_attention_weights_reproduce_the_output():
     w = captured["w"]
     assert torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)), atol=1e-5)
     assert relative_error(w @ captured["v"].float(), captured["y"]) <= 1e-5
+
+
+def test_save_then_load_gives_identical_logits(tmp_path):
+    from linearize import load, save
+    from linearize.models import load_teacher
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path / "base"
+    tiny_model("qwen3").save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(folder)
+    model, tokenizer, source = load_teacher(str(folder))
+    convert_model(model, ConversionSpec("lawcat", layers=[1]))
+    with torch.no_grad():
+        for s in students(model).values():
+            for _, p in s.student_parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+    x = ids(2, 19, seed=12)
+    with torch.no_grad():
+        expected = model(x).logits
+    out = save(model, tmp_path / "converted", tokenizer, source.reference)
+    loaded = load(str(out))
+    assert isinstance(loaded.model.layers[1].self_attn, LawcatStudent)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, expected)
