@@ -35,7 +35,7 @@ Choices, where the sources leave room (say so rather than guess silently):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
