@@ -191,3 +191,30 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert isinstance(loaded.model.layers[1].self_attn, LawcatStudent)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, expected)
+
+
+def test_at_init_a_layer_computes_the_written_out_math():
+    """Identity convs, identity Hedgehog maps, no RoPE: the layer output is the decayed,
+    normalised linear attention of the teacher's raw (q_norm'ed) projections, by hand."""
+    model = tiny_model("qwen3")
+    convert_model(model, ConversionSpec("lawcat"))
+    s = students(model)[2]
+    T, H, D = 7, 4, 16
+    x = torch.randn(1, T, 64)
+    pe = model.model.rotary_emb(x, torch.arange(T)[None])
+    with torch.no_grad():
+        got = s(x, position_embeddings=pe, attention_mask=None)[0]
+        q = s.q_norm(s.q_proj(x).view(1, T, H, D))[0]  # [T, H, D]
+        k = s.k_norm(s.k_proj(x).view(1, T, 2, D))[0].repeat_interleave(2, dim=1)
+        v = s.v_proj(x).view(1, T, 2, D)[0].repeat_interleave(2, dim=1)
+        phi = lambda z: torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)  # noqa: E731
+        alpha = torch.sigmoid(s.decay_up(s.decay_down(x))).pow(1 / 16).view(T, H, 2 * D)
+        out = torch.zeros(T, H, D)
+        for h in range(H):
+            S, z = torch.zeros(2 * D, D), torch.zeros(2 * D)
+            for t in range(T):
+                S = alpha[t, h, :, None] * S + phi(k[t, h])[:, None] * v[t, h][None, :]
+                z = alpha[t, h] * z + phi(k[t, h])
+                out[t, h] = phi(q[t, h]) @ S / (phi(q[t, h]) @ z)
+        expected = s.o_proj(out.reshape(1, T, H * D))
+    assert relative_error(got, expected) <= 1e-5
