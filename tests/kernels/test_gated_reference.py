@@ -49,3 +49,20 @@ def test_state_maps_over_the_batch():
     assert s.S.shape == (3, 2, 4, 6) and s.nbytes() == 3 * 2 * 4 * 6 * 4
     picked = s.map(lambda x: x[[2, 0]])
     assert picked.S.shape[0] == 2
+
+
+def test_chunked_gradients_equal_the_naive_form():
+    g0 = torch.Generator().manual_seed(2)
+    shapes = dict(fq=(2, 2, 21, 6), fk=(2, 2, 21, 6), v=(2, 2, 21, 3), g=(2, 2, 21, 6))
+    base = {n: torch.rand(s, generator=g0) for n, s in shapes.items()}
+    base["g"] = -base["g"]
+    mask = torch.rand(2, 21, generator=g0) > 0.2
+    w = torch.randn(2, 2, 21, 3, generator=g0)
+    grads = []
+    for form in ("naive", "chunk"):
+        xs = {n: t.clone().requires_grad_(True) for n, t in base.items()}
+        y, _ = gated_attention(xs["fq"], xs["fk"], xs["v"], xs["g"], mask, form=form, chunk_size=8)
+        (y * w).sum().backward()
+        grads.append({n: x.grad for n, x in xs.items()})
+    for n in base:
+        assert relative_error(grads[1][n], grads[0][n]) <= 1e-5, n

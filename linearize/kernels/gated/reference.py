@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.utils.checkpoint
 
 _TINY = 1e-30  # denominators are clamped here; only a prefix with no valid key gets near it
 
@@ -84,11 +85,20 @@ def naive_gated_attention(fq, fk, v, g, key_mask=None):
     return o[..., :-1] / den, w / den
 
 
+def _intra_chunk(fqc, fkc, b):
+    """``A_ij = sum_f fq_if fk_jf exp(b_if - b_jf)`` for ``j <= i`` inside each chunk, else 0."""
+    C = b.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()
+    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+    return torch.einsum("bhnif,bhnjf,bhnijf->bhnij", fqc, fkc, diff.exp())
+
+
 def chunk_gated_attention(fq, fk, v, g, key_mask=None, state: GatedState | None = None, chunk_size=16, output_state=True):
     """Chunked form. Returns ``(y [B,H,T,Dv] fp32, new_state or None)``.
 
-    Memory is ``O(B H T C F)`` for the pairwise decays inside each chunk (hence the small
-    default ``C``); the chunks are walked in order, carrying ``S``.
+    The pairwise decays inside each chunk take ``O(B H T C F)`` memory (hence the small default
+    ``C``); under autograd they are recomputed in backward rather than kept. The chunks are
+    walked in order, carrying ``S``.
     """
     fq, fk, v1, g = _prepare(fq, fk, v, g, key_mask)
     B, H, T, F = fq.shape
@@ -105,9 +115,11 @@ def chunk_gated_attention(fq, fk, v, g, key_mask=None, state: GatedState | None 
     fqc, fkc, gc = (x.reshape(B, H, N, C, F) for x in (fq, fk, g))
     vc = v1.reshape(B, H, N, C, D1)
     b = gc.cumsum(3)  # [B, H, N, C, F]: decay from the chunk start through token i (inclusive)
-    causal = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
-    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
-    A = torch.einsum("bhnif,bhnjf,bhnijf->bhnij", fqc, fkc, diff.exp())  # [B, H, N, C, C]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (fqc, fkc, b)):
+        # recomputed in backward: the pairwise decays are C times larger than the inputs
+        A = torch.utils.checkpoint.checkpoint(_intra_chunk, fqc, fkc, b, use_reentrant=False)
+    else:
+        A = _intra_chunk(fqc, fkc, b)  # [B, H, N, C, C]
     o_local = A @ vc  # [B, H, N, C, D1]
     q_in = fqc * b.exp()  # query against the state at the chunk start
     b_last = b[..., -1:, :]  # [B, H, N, 1, F]
