@@ -43,6 +43,20 @@ def test_parallel_equals_recurrent_gqa(family):
         assert relative_error(naive, parallel) <= 1e-5
 
 
+@pytest.mark.parametrize("feature_map", ["npmap", "elu"])
+def test_any_registered_feature_map(feature_map):
+    model = converted("llama", feature_map=feature_map, feature_dim=8)
+    s = students(model)[0]
+    assert s.feature_map_q.name == feature_map
+    assert s.decay_up.out_features == 4 * s.feature_map_q.feature_size
+    x = ids(2, 37, seed=2)
+    with torch.no_grad():
+        parallel = model(x, use_cache=False).logits
+        with attention_mode(model, "student", form="recurrent"):
+            recurrent = model(x, use_cache=False).logits
+    assert relative_error(recurrent, parallel) <= 1e-5
+
+
 def test_conv_starts_as_identity_and_is_causal():
     model = tiny_model("qwen3")
     convert_model(model, ConversionSpec("lawcat"))
