@@ -67,8 +67,11 @@ class NPMapFeatureMap(nn.Module):
     the norm the teacher learned decides how peaked the softmax features are, while ``H_h`` and
     ``f`` only turn their direction.
 
-    Choices where the paper leaves room (checked against the public code,
-    ZacharyMeng/STILL ``still/models/still/modeling_still.py``, ``StillHedgehogFeatureMap``):
+    The paper's own text was not available to check equation numbers against; the formula
+    above is the one of its Sec. 3.2 as summarised in the project design, and it agrees with
+    the public code (ZacharyMeng/STILL ``still/models/still/modeling_still.py``,
+    ``StillHedgehogFeatureMap``: ``normalize(mlp(hh(x))) * ||x||``, then the two softmaxes).
+    Choices where the sources leave room:
 
     * the reflection acts first, then ``f`` (the code's ``mlp(hh(x))``);
     * ``f`` starts as the (rectangular) identity, as our Hedgehog map does (the code's

@@ -118,7 +118,8 @@ class Student(nn.Module):
 
     # ----------------------------------------------------------------- what a subclass provides
     def attend(self, q, k, v, key_mask, state, output_state):
-        """Student attention. ``q, k, v: [B, H, T, D]`` after RoPE, kv heads already expanded.
+        """Student attention. ``q, k, v: [B, H, T, D]`` after RoPE (unless the class sets
+        ``rotary = False``), kv heads already expanded.
         Returns ``(y [B, H, T, D] fp32, new_state or None)``."""
         raise NotImplementedError
 

@@ -2,8 +2,9 @@
 
 Liu et al., "LAWCAT: Efficient Distillation from Quadratic to Linear Attention with
 Convolution across Tokens for Long Context Modeling" (arXiv 2509.18467; public code
-zeyuliu1037/LAWCAT). Per layer, from the teacher's projections (Qwen3's ``q_norm``/``k_norm``
-kept, **no RoPE** on this path):
+zeyuliu1037/LAWCAT, which was not available to check against here, nor the paper's equation
+numbers: the math below is the project design's reading of the paper). Per layer, from the
+teacher's projections (Qwen3's ``q_norm``/``k_norm`` kept, **no RoPE** on this path):
 
     q~ = conv_q(q),  k~ = conv_k(k)           causal depthwise conv1d over tokens, kernel 4, no bias,
                                               on queries and keys only (not values), after the
