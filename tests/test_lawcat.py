@@ -27,8 +27,9 @@ def ids(batch, length, seed=0, vocab=97):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_parallel_equals_recurrent_gqa(family):
-    model = converted(family)
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_parallel_equals_recurrent_gqa(family, tie):
+    model = converted(family, tie_feature_maps=tie)
     assert all(isinstance(s, LawcatStudent) for s in students(model).values())
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     for T in (1, 5, 37):  # chunk 16: 37 is not a multiple of it
@@ -55,6 +56,16 @@ def test_any_registered_feature_map(feature_map):
         with attention_mode(model, "student", form="recurrent"):
             recurrent = model(x, use_cache=False).logits
     assert relative_error(recurrent, parallel) <= 1e-5
+
+
+def test_feature_maps_are_tied_unless_asked_otherwise():
+    model = converted("llama")
+    s = students(model)[0]
+    assert s.feature_map_k is s.feature_map_q
+    assert sum("feature_map" in n for n, _ in s.student_parameters()) == 1
+    untied = students(converted("llama", tie_feature_maps=False, train_like=False))[0]
+    assert untied.feature_map_k is not untied.feature_map_q
+    assert torch.equal(untied.feature_map_k.weight, untied.feature_map_q.weight)
 
 
 def test_conv_starts_as_identity_and_is_causal():

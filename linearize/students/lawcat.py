@@ -14,8 +14,11 @@ teacher's projections (Qwen3's ``q_norm``/``k_norm`` kept, **no RoPE** on this p
     S_t = diag(alpha_t) S_{t-1} + phi_k(k~_t) [v_t, 1]^T     the ones column carries the normaliser
     y_t = (phi_q(q~_t)^T S_t)[:D] / (phi_q(q~_t)^T S_t)[D]
 
-with ``phi`` any registered feature map (Hedgehog by default, separate maps for q and k, k's a
-copy of q's at initialisation). The recurrence and its three forms live in
+with ``phi`` any registered feature map (Hedgehog by default). The paper applies the *same*
+map to queries and keys, so that ``phi(q).phi(k)`` is one kernel (read from a public summary of
+its method section; the code was not available to confirm), so by default ``phi_q`` and
+``phi_k`` are one module; ``tie_feature_maps: false`` gives separate maps, k's starting as a
+copy of q's, as Hedgehog and LoLCATs do. The recurrence and its three forms live in
 :mod:`linearize.kernels.gated`. The decode state is the gated ``S`` plus the last ``K - 1 = 3``
 inputs of each convolution (:class:`LawcatState`).
 
@@ -50,6 +53,7 @@ from .base import Student
 class LawcatConfig:
     feature_map: str = "hedgehog"  # any registered feature map
     feature_dim: int | None = None  # F (hedgehog/npmap output 2F features); default: the head size
+    tie_feature_maps: bool = True  # one map for q and k (the paper's kernel); false: separate maps
     conv_size: int = 4  # kernel of the token convolution on q and k
     decay_rank: int = 16  # rank of the decay projection
     decay_normaliser: float = 16.0  # log alpha = logsigmoid(.) / this
@@ -95,7 +99,7 @@ class LawcatStudent(Student):
             raise ValueError("lawcat needs conv_size >= 1, decay_rank >= 1 and decay_normaliser > 0")
         H, D, K = self.num_heads, self.head_dim, config.conv_size
         self.feature_map_q = build_feature_map(config.feature_map, H, D, config.feature_dim)
-        self.feature_map_k = copy.deepcopy(self.feature_map_q)
+        self.feature_map_k = self.feature_map_q if config.tie_feature_maps else copy.deepcopy(self.feature_map_q)
         self.conv_q = nn.Parameter(torch.zeros(H, D, K))
         self.conv_k = nn.Parameter(torch.zeros(H, D, K))
         with torch.no_grad():  # identity: the current token's tap is 1, the rest 0
