@@ -132,7 +132,9 @@ def test_padding_contributes_nothing():
 
 
 @pytest.mark.parametrize(
-    "options", [dict(do_sample=False), dict(num_beams=3, do_sample=False)], ids=["greedy", "beam"]
+    "options",
+    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False), dict(num_beams=2, num_return_sequences=2)],
+    ids=["greedy", "sampling", "beam", "beam-return-2"],
 )
 def test_generate_with_state_equals_generate_without_cache(options):
     model = converted("qwen3")
