@@ -7,6 +7,9 @@ bias, then ``phi(x) = [softmax(z), softmax(-z)]`` over the feature dimension, so
 raw query/key coordinates and their negatives. The map is applied after RoPE and after the key
 heads are expanded for GQA, so every query head has its own map.
 
+NP-Map (STILL, arXiv 2602.02180, Sec. 3.2): a norm-preserving variant of the Hedgehog map; see
+:class:`NPMapFeatureMap`.
+
 Every map takes ``x: [B, H, T, D]`` and returns ``[B, H, T, feature_size]``.
 """
 
@@ -49,6 +52,73 @@ class HedgehogFeatureMap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.einsum("bhtd,hdf->bhtf", x.to(self.weight.dtype), self.weight)  # [B, H, T, F]
         return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+
+
+@register_feature_map("npmap")
+class NPMapFeatureMap(nn.Module):
+    """NP-Map, the norm-preserving feature map of STILL (arXiv 2602.02180, Sec. 3.2):
+
+        r = ||x||                                    (the pretrained query/key norm)
+        u = f(H_h x) / ||f(H_h x)|| * r              (direction learned, norm kept)
+        phi(x) = [softmax(u), softmax(-u)]
+
+    per head ``h``, where ``H_h = I - 2 w_h w_h^T / ||w_h||^2`` is a learnable Householder
+    reflection and ``f`` a linear map ``[head_dim, F]`` without bias. Because ``||u|| = ||x||``,
+    the norm the teacher learned decides how peaked the softmax features are, while ``H_h`` and
+    ``f`` only turn their direction.
+
+    The paper's own text was not available to check equation numbers against; the formula
+    above is the one of its Sec. 3.2 as summarised in the project design, and it agrees with
+    the public code (ZacharyMeng/STILL ``still/models/still/modeling_still.py``,
+    ``StillHedgehogFeatureMap``: ``normalize(mlp(hh(x))) * ||x||``, then the two softmaxes).
+    Choices where the sources leave room:
+
+    * the reflection acts first, then ``f`` (the code's ``mlp(hh(x))``);
+    * ``f`` starts as the (rectangular) identity, as our Hedgehog map does (the code's
+      ``zero_init`` flag), so at initialisation ``u = H_h x`` exactly when ``F = head_dim``: a
+      reflection is orthogonal, so the map starts exactly norm-preserving with no rescaling at
+      all. The reflection vectors ``w_h`` start random normal as in the public code (no
+      reflection is the identity, and any one is orthogonal, so the choice does not affect the
+      norm);
+    * ``||f(H x)||`` is clamped below at ``1e-12`` (an all-zero input maps to ``u = 0``, i.e.
+      uniform features); the public code also clamps the features at ``1e-12``, which we do
+      not: softmax outputs are already positive.
+    """
+
+    eps = 1e-12
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None):
+        super().__init__()
+        self.feature_dim = feature_dim or head_dim
+        self.reflection = nn.Parameter(torch.empty(num_heads, head_dim))
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, self.feature_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            nn.init.normal_(self.reflection)
+            for w in self.weight:
+                nn.init.eye_(w)
+
+    @property
+    def feature_size(self) -> int:
+        return 2 * self.feature_dim
+
+    def reflect(self, x: torch.Tensor) -> torch.Tensor:
+        """``H_h x = x - 2 (x.w_h) w_h`` with ``w_h`` normalised: ``[B, H, T, D] -> [B, H, T, D]``."""
+        w = torch.nn.functional.normalize(self.reflection, dim=-1, eps=self.eps)  # [H, D]
+        proj = torch.einsum("bhtd,hd->bht", x, w)
+        return x - 2.0 * proj[..., None] * w[None, :, None, :]
+
+    def directions(self, x: torch.Tensor) -> torch.Tensor:
+        """``u`` of the docstring: ``[B, H, T, F]`` with ``||u|| = ||x||`` row by row."""
+        x = x.to(self.weight.dtype)
+        z = torch.einsum("bhtd,hdf->bhtf", self.reflect(x), self.weight)
+        return torch.nn.functional.normalize(z, dim=-1, eps=self.eps) * x.norm(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.directions(x)
+        return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
 
 
 @register_feature_map("elu")

@@ -3,9 +3,10 @@ recipes use to their classes."""
 
 from .base import MODES, Student, TransferRecord, key_padding_mask, repeat_kv
 from .hedgehog import HedgehogConfig, HedgehogStudent
+from .lawcat import LawcatConfig, LawcatState, LawcatStudent
 from .lolcats import LolcatsConfig, LolcatsStudent
 
-STUDENTS: dict[str, type[Student]] = {cls.kind: cls for cls in (HedgehogStudent, LolcatsStudent)}
+STUDENTS: dict[str, type[Student]] = {cls.kind: cls for cls in (HedgehogStudent, LolcatsStudent, LawcatStudent)}
 
 __all__ = [
     "MODES",
@@ -14,6 +15,9 @@ __all__ = [
     "TransferRecord",
     "HedgehogConfig",
     "HedgehogStudent",
+    "LawcatConfig",
+    "LawcatState",
+    "LawcatStudent",
     "LolcatsConfig",
     "LolcatsStudent",
     "key_padding_mask",

@@ -15,7 +15,9 @@ Each student runs in one of three modes (see :func:`linearize.convert.attention_
   per-head output (before ``o_proj``) and passes the *teacher's* output on, so every layer
   trains on teacher activations and no second model is held in memory.
 
-A subclass supplies :meth:`attend` (and its settings dataclass as ``Config``).
+A subclass supplies :meth:`attend` (and its settings dataclass as ``Config``). A student whose
+attention takes queries and keys without RoPE sets ``rotary = False``: it then gets them
+unrotated, while the teacher's attention in ``transfer`` mode still gets them rotated.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..architectures import rotary_function
 from ..cache import student_cache_layer
 
 MODES = ("student", "teacher", "transfer")
@@ -78,6 +81,7 @@ class Student(nn.Module):
 
     kind: ClassVar[str]
     Config: ClassVar[type]
+    rotary: ClassVar[bool] = True  # whether attend() gets q and k after RoPE
 
     def __init__(self, attn: nn.Module, adapter, config, layer_idx: int):
         super().__init__()
@@ -114,7 +118,8 @@ class Student(nn.Module):
 
     # ----------------------------------------------------------------- what a subclass provides
     def attend(self, q, k, v, key_mask, state, output_state):
-        """Student attention. ``q, k, v: [B, H, T, D]`` after RoPE, kv heads already expanded.
+        """Student attention. ``q, k, v: [B, H, T, D]`` after RoPE (unless the class sets
+        ``rotary = False``), kv heads already expanded.
         Returns ``(y [B, H, T, D] fp32, new_state or None)``."""
         raise NotImplementedError
 
@@ -150,7 +155,7 @@ class Student(nn.Module):
             )
         cache = cache if cache is not None else past_key_values
         B, T, _ = hidden_states.shape
-        q, k_kv, v_kv = self.adapter.project(self, hidden_states, position_embeddings)
+        q, k_kv, v_kv = self.adapter.project(self, hidden_states, position_embeddings if self.rotary else None)
         k, v = repeat_kv(k_kv, self.num_key_value_groups), repeat_kv(v_kv, self.num_key_value_groups)
         key_mask = key_padding_mask(attention_mask, T)
         layer_cache = student_cache_layer(cache, self.layer_idx) if cache is not None else None
@@ -159,7 +164,10 @@ class Student(nn.Module):
         if layer_cache is not None:
             layer_cache.set_state(state, T)
         if self.mode == "transfer":
-            y = self._record_transfer(y, q, k_kv, v_kv, k, attention_mask, key_mask)
+            student_qk = (q, k)
+            if not self.rotary and position_embeddings is not None:  # the teacher attends with RoPE
+                q, k_kv = rotary_function(self)(q, k_kv, *position_embeddings)
+            y = self._record_transfer(y, q, k_kv, v_kv, student_qk, attention_mask, key_mask)
         y = y.to(hidden_states.dtype).transpose(1, 2).reshape(B, T, -1)  # [B, T, H * D]
         return self.o_proj(y), None
 
@@ -192,7 +200,9 @@ class Student(nn.Module):
         )
         return out.transpose(1, 2)
 
-    def _record_transfer(self, y, q, k_kv, v_kv, k, attention_mask, key_mask):
+    def _record_transfer(self, y, q, k_kv, v_kv, student_qk, attention_mask, key_mask):
+        """``q, k_kv`` as the teacher attends (after RoPE); ``student_qk``: ``(q, k)`` as
+        :meth:`attend` got them, kv heads expanded."""
         with torch.no_grad():
             y_teacher = self.teacher_attention(q, k_kv, v_kv, attention_mask).float()
         diff = y - y_teacher
@@ -203,7 +213,7 @@ class Student(nn.Module):
             ref = y_teacher
         ce = None
         if self.attention_ce:
-            ce = self._attention_ce(q, k, key_mask, attention_mask)
+            ce = self._attention_ce(q, repeat_kv(k_kv, self.num_key_value_groups), student_qk, key_mask)
         self.transfer_record = TransferRecord(
             mse=diff.pow(2).mean(),
             ce=ce,
@@ -213,16 +223,17 @@ class Student(nn.Module):
         )
         return y_teacher
 
-    def _attention_ce(self, q, k, key_mask, attention_mask):
+    def _attention_ce(self, q, k, student_qk, key_mask):
         """Hedgehog's attention-weight cross-entropy ``-sum_s A_teacher log A_student`` averaged over
-        queries (quadratic in T: meant for the short sequences of attention transfer)."""
+        queries (quadratic in T: meant for the short sequences of attention transfer). ``q, k``:
+        the teacher's (after RoPE, expanded); ``student_qk``: what :meth:`attend` got."""
         T = q.shape[2]
         with torch.no_grad():
             scores = (q.float() @ k.float().transpose(-1, -2)) * self.scaling
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             allowed = causal if key_mask is None else causal & key_mask[:, None, None, :]
             teacher = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
-        student = self.attention_weights(q, k, key_mask)
+        student = self.attention_weights(*student_qk, key_mask)
         return -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
 
     def extra_repr(self) -> str:
