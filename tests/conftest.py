@@ -56,3 +56,12 @@ def teacher():
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (no synchronisation); the real teacher gets them all."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(saved if "teacher" in request.fixturenames else 1)
+    yield
+    torch.set_num_threads(saved)

@@ -14,7 +14,7 @@ def random_tokens(batch, length, vocab, seed=0):
 
 
 @pytest.fixture
-def smol(teacher):
+def smol(teacher):  # noqa: keeps all threads (see conftest)
     model, tokenizer, source = teacher
     return copy.deepcopy(model), tokenizer
 
