@@ -295,6 +295,10 @@ def parse_recipe(data, file: str = "<dict>") -> Recipe:
     if not isinstance(data, dict):
         _fail(file, "", f"a recipe is a mapping of keys, got {type(data).__name__}")
     data = dict(data)
+    allowed = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("source", "overrides")]
+    for key in data:  # unknown top-level keys first: a typo there explains later errors
+        if key not in allowed:
+            _unknown_key(file, "", key, allowed)
     students = _parse_students(data.pop("students", {}), file)
     stages = _parse_stages(data.pop("stages", None), file)
     rest = parse_dataclass(Recipe, {**data, "students": {}, "stages": []}, file)
