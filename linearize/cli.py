@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import torch
+
     from .models import ModelLoadError
     from .recipe import RecipeError
     from .stages.attention_transfer import NonFiniteLossError
@@ -67,19 +69,13 @@ def main(argv=None) -> int:
             print(f"linearize: error: {err}", file=sys.stderr)
             return 2
         raise
-    except torch_oom() as err:  # noqa: F821
+    except torch.OutOfMemoryError as err:
         print(
             f"linearize: error: out of memory ({str(err).splitlines()[0]}). Lower the recipe's batch_size or seq_len "
             "(e.g. --set stages.0.batch_size=2), or use precision: bfloat16.",
             file=sys.stderr,
         )
         return 3
-
-
-def torch_oom():
-    import torch
-
-    return torch.OutOfMemoryError
 
 
 if __name__ == "__main__":

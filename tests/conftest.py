@@ -65,3 +65,23 @@ def _threads(request):
     torch.set_num_threads(saved if "teacher" in request.fixturenames else 1)
     yield
     torch.set_num_threads(saved)
+
+
+def converted_model(family: str, spec, seed: int = 0, train_like: bool = True):
+    """A tiny model of ``family`` converted by ``spec``; with ``train_like`` its student weights are
+    moved off their initialisation so tests cover trained-looking students too."""
+    from linearize import convert_model, students
+
+    model = tiny_model(family, seed=seed)
+    convert_model(model, spec)
+    if train_like:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for s in students(model).values():
+                for _, p in s.student_parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def token_ids(batch: int, length: int, seed: int = 0, vocab: int = 97) -> torch.Tensor:
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))

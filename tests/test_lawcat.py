@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import relative_error, tiny_model
+from conftest import converted_model, relative_error, tiny_model, token_ids
 from linearize import ConversionSpec, attention_mode, convert_model, students
 from linearize.cache import cache_nbytes
 from linearize.students import LawcatState, LawcatStudent
@@ -11,19 +11,10 @@ from linearize.students.lawcat import causal_conv
 
 
 def converted(family="llama", seed=0, train_like=True, **settings):
-    model = tiny_model(family, seed=seed)
-    convert_model(model, ConversionSpec("lawcat", settings=settings))
-    if train_like:  # move off the initialisation (conv taps, maps, decay) so trained weights are covered
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for s in students(model).values():
-                for _, p in s.student_parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    return converted_model(family, ConversionSpec("lawcat", settings=settings), seed, train_like)
 
 
-def ids(batch, length, seed=0, vocab=97):
-    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+ids = token_ids
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

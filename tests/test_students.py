@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES, relative_error, tiny_model
+from conftest import FAMILIES, converted_model, relative_error, tiny_model, token_ids
 from linearize import ConversionSpec, attention_mode, convert_model, students
 from linearize.architectures import UnsupportedArchitectureError, adapter_for
 from linearize.cache import cache_nbytes
@@ -15,20 +15,11 @@ SPECS = {
 }
 
 
-def converted(family="llama", kind="lolcats", seed=0, train_like=True, **overrides):
-    model = tiny_model(family, seed=seed, **overrides)
-    convert_model(model, SPECS[kind])
-    if train_like:  # move off the identity initialisation so the test covers trained maps
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for s in students(model).values():
-                for _, p in s.student_parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+def converted(family="llama", kind="lolcats", seed=0, train_like=True):
+    return converted_model(family, SPECS[kind], seed, train_like)
 
 
-def ids(batch, length, seed=0, vocab=97):
-    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+ids = token_ids
 
 
 @pytest.mark.parametrize("family", FAMILIES)
