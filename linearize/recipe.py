@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,7 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+    if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         args = typing.get_args(tp)
@@ -140,7 +141,7 @@ def _convert(value, tp, file: str, path: str):
         if value in typing.get_args(tp):
             return value
         raise TypeError
-    if origin is Union or (origin is not None and origin.__name__ == "UnionType"):
+    if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
                 return _convert(value, arg, file, path)

@@ -85,3 +85,15 @@ def converted_model(family: str, spec, seed: int = 0, train_like: bool = True):
 
 def token_ids(batch: int, length: int, seed: int = 0, vocab: int = 97) -> torch.Tensor:
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_by_form(model, x, forms=("chunk", "recurrent", "naive")) -> dict:
+    """The model's logits on ``x`` (no cache) with every student computing in each form."""
+    from linearize import attention_mode
+
+    out = {}
+    with torch.no_grad():
+        for form in forms:
+            with attention_mode(model, "student", form=form):
+                out[form] = model(x, use_cache=False).logits
+    return out

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import converted_model, relative_error, tiny_model, token_ids
+from conftest import logits_by_form, converted_model, relative_error, tiny_model, token_ids
 from linearize import ConversionSpec, attention_mode, convert_model, students
 from linearize.cache import cache_nbytes
 from linearize.students import LawcatState, LawcatStudent
@@ -25,14 +25,9 @@ def test_parallel_equals_recurrent_gqa(family, tie):
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     for T in (1, 5, 37):  # chunk 16: 37 is not a multiple of it
         x = ids(2, T, seed=T)
-        with torch.no_grad():
-            parallel = model(x, use_cache=False).logits
-            with attention_mode(model, "student", form="recurrent"):
-                recurrent = model(x, use_cache=False).logits
-            with attention_mode(model, "student", form="naive"):
-                naive = model(x, use_cache=False).logits
-        assert relative_error(recurrent, parallel) <= 1e-5
-        assert relative_error(naive, parallel) <= 1e-5
+        logits = logits_by_form(model, x)
+        assert relative_error(logits["recurrent"], logits["chunk"]) <= 1e-5
+        assert relative_error(logits["naive"], logits["chunk"]) <= 1e-5
 
 
 @pytest.mark.parametrize("feature_map", ["npmap", "elu"])
@@ -42,11 +37,8 @@ def test_any_registered_feature_map(feature_map):
     assert s.feature_map_q.name == feature_map
     assert s.decay_up.out_features == 4 * s.feature_map_q.feature_size
     x = ids(2, 37, seed=2)
-    with torch.no_grad():
-        parallel = model(x, use_cache=False).logits
-        with attention_mode(model, "student", form="recurrent"):
-            recurrent = model(x, use_cache=False).logits
-    assert relative_error(recurrent, parallel) <= 1e-5
+    logits = logits_by_form(model, x, ("chunk", "recurrent"))
+    assert relative_error(logits["recurrent"], logits["chunk"]) <= 1e-5
 
 
 def test_feature_maps_are_tied_unless_asked_otherwise():
