@@ -254,6 +254,8 @@ def _parse_students(data, file):
     config = parse_dataclass(config_cls, data, file, "students")
     if getattr(config, "window_size", 1) < 1:
         _fail(file, "students.window_size", f"must be >= 1, got {config.window_size}")
+    if getattr(config, "sink_size", 0) < 0:
+        _fail(file, "students.sink_size", f"must be >= 0, got {config.sink_size}")
     from .feature_maps import FEATURE_MAPS
 
     if config.feature_map not in FEATURE_MAPS:

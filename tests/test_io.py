@@ -31,7 +31,7 @@ def test_save_then_load_in_fresh_process_gives_identical_logits(base_folder, tmp
     from linearize.models import load_teacher
 
     model, tokenizer, source = load_teacher(str(base_folder))
-    convert_model(model, ConversionSpec("lolcats", layers=[0, 2], settings={"window_size": 4}))
+    convert_model(model, ConversionSpec("lolcats", layers=[0, 2], settings={"window_size": 4, "sink_size": 2}))
     with torch.no_grad():
         for s in students(model).values():
             for _, p in s.student_parameters():

@@ -12,6 +12,7 @@ from linearize.students import HedgehogStudent, LolcatsStudent, key_padding_mask
 SPECS = {
     "hedgehog": ConversionSpec("hedgehog"),
     "lolcats": ConversionSpec("lolcats", settings={"window_size": 8}),
+    "lolcats+sinks": ConversionSpec("lolcats", settings={"window_size": 8, "sink_size": 3}),
 }
 
 
@@ -23,12 +24,13 @@ ids = token_ids
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lolcats_with_window_over_whole_sequence_equals_teacher(family):
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_lolcats_with_window_over_whole_sequence_equals_teacher(family, sinks):
     model = tiny_model(family)
     x = ids(2, 50)
     with torch.no_grad():
         expected = model(x).logits
-        convert_model(model, ConversionSpec("lolcats", settings={"window_size": 64}))
+        convert_model(model, ConversionSpec("lolcats", settings={"window_size": 64, "sink_size": sinks}))
         got = model(x).logits
     assert (got - expected).abs().max() <= 1e-4
 
@@ -89,7 +91,7 @@ def test_left_padded_batch_generates_what_each_prompt_does_alone(kind):
     assert together[1, 14:].tolist() == alone_b[0, 5:].tolist()
 
 
-@pytest.mark.parametrize("kind,grows_until", [("hedgehog", 0), ("lolcats", 8)])
+@pytest.mark.parametrize("kind,grows_until", [("hedgehog", 0), ("lolcats", 8), ("lolcats+sinks", 8)])
 def test_cache_size_does_not_grow_with_context(kind, grows_until):
     model = converted("llama", kind)
     sizes = []

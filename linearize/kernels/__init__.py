@@ -44,10 +44,12 @@ FORMS = ("auto", "chunk", "recurrent", "naive")
 
 
 def hybrid_attention(
-    q, k, v, fq, fk, gamma, window, scale, key_mask=None, state=None, output_state=False, form="auto", chunk_size=64
+    q, k, v, fq, fk, gamma, window, scale, key_mask=None, state=None, output_state=False, form="auto", chunk_size=64,
+    sinks=0,
 ):
     """Sliding-window + linear attention. ``q, k: [B, H, T, Dk]``, ``v: [B, H, T, Dv]``,
-    ``fq, fk: [B, H, T, F]``, ``gamma: [H]`` or None when ``window == 0``, ``key_mask: [B, T]``.
+    ``fq, fk: [B, H, T, F]``, ``gamma: [H]`` or None when ``window == 0``, ``key_mask: [B, T]``,
+    ``sinks``: how many first tokens always take softmax terms.
 
     Returns ``(y [B, H, T, Dv] fp32, state or None)``. ``form`` is one of ``auto`` (the
     recurrent step for a single token with a state, chunked otherwise), ``chunk``,
@@ -63,12 +65,14 @@ def hybrid_attention(
     if form == "naive":
         if state is not None or output_state:
             raise ValueError("the naive form takes and returns no state; use form='chunk' or 'recurrent'")
-        y, _ = naive_hybrid_attention(q, k, v, fq, fk, gamma, window, scale, key_mask)
+        y, _ = naive_hybrid_attention(q, k, v, fq, fk, gamma, window, scale, key_mask, sinks)
         return y, None
     if form == "recurrent":
-        return recurrent_hybrid_attention(q, k, v, fq, fk, gamma, window, scale, key_mask, state)
+        y, state = recurrent_hybrid_attention(q, k, v, fq, fk, gamma, window, scale, key_mask, state, sinks)
+        return y, (state if output_state else None)
     return chunk_hybrid_attention(
-        q, k, v, fq, fk, gamma, window, scale, key_mask, state, chunk_size=chunk_size, output_state=output_state
+        q, k, v, fq, fk, gamma, window, scale, key_mask, state, chunk_size=chunk_size, output_state=output_state,
+        sinks=sinks,
     )
 
 

@@ -39,6 +39,7 @@ class HedgehogStudent(Student):
         self.feature_map_k = copy.deepcopy(self.feature_map_q)
 
     window = 0
+    sinks = 0
 
     def window_factor(self):
         return None
@@ -47,10 +48,10 @@ class HedgehogStudent(Student):
         fq, fk = self.feature_map_q(q.float()), self.feature_map_k(k.float())
         return hybrid_attention(
             q, k, v, fq, fk, self.window_factor(), self.window, self.scaling,
-            key_mask=key_mask, state=state, output_state=output_state, form=self.form,
+            key_mask=key_mask, state=state, output_state=output_state, form=self.form, sinks=self.sinks,
         )
 
     def attention_weights(self, q, k, key_mask):
         fq, fk = self.feature_map_q(q.float()), self.feature_map_k(k.float())
-        _, weights = naive_hybrid_attention(q, k, k, fq, fk, self.window_factor(), self.window, self.scaling, key_mask)
+        _, weights = naive_hybrid_attention(q, k, k, fq, fk, self.window_factor(), self.window, self.scaling, key_mask, self.sinks)
         return weights

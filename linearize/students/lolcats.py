@@ -12,6 +12,12 @@ use softmax terms ``gamma * exp(q.k/sqrt(d) - m_t)``, all earlier keys linear te
 ``gamma = sigmoid(w)`` with one ``w`` per head, initialised so that ``gamma = 0.1``, trained
 during attention transfer with the feature maps. The paper's window is 64 tokens.
 
+``sink_size = n > 0`` (not in the paper; off by default) also keeps the first ``n`` real tokens
+of the sequence in the softmax terms for every query, as StreamingLLM does (Xiao et al.,
+"Efficient Streaming Language Models with Attention Sinks", ICLR 2024, arXiv 2309.17453):
+pretrained models park much of their attention on the first token, a spike the feature maps of
+a linear term cannot reproduce. The decode state holds those ``n`` keys/values in fixed slots.
+
 Decoding keeps the last ``W`` raw keys/values and folds each into ``S, z`` as it leaves the
 window: the decode window is the training window, by construction (one function in
 ``linearize.kernels`` serves both forms). With ``W`` at least the sequence length, the
@@ -33,6 +39,7 @@ from .hedgehog import HedgehogConfig, HedgehogStudent
 class LolcatsConfig(HedgehogConfig):
     window_size: int = 64  # W: the current token and the W-1 before it use softmax
     window_factor_init: float = 0.1  # gamma at initialisation
+    sink_size: int = 0  # n: the first n real tokens always use softmax terms (0: as in the paper)
 
 
 class LolcatsStudent(HedgehogStudent):
@@ -45,7 +52,10 @@ class LolcatsStudent(HedgehogStudent):
             raise ValueError(f"lolcats needs window_size >= 1 (got {config.window_size}); use 'hedgehog' for none")
         if not 0.0 < config.window_factor_init < 1.0:
             raise ValueError(f"window_factor_init must lie in (0, 1), got {config.window_factor_init}")
+        if config.sink_size < 0:
+            raise ValueError(f"sink_size must be >= 0, got {config.sink_size}")
         self.window = config.window_size
+        self.sinks = config.sink_size
         p = config.window_factor_init
         self.window_logit = nn.Parameter(torch.full((self.num_heads,), math.log(p / (1 - p))))
 
