@@ -11,7 +11,7 @@ def _convert(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
-    ConvertRun(recipe, args.out, device=args.device).run()
+    ConvertRun(recipe, args.out, device=args.device, resume=args.resume).run()
     return 0
 
 
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. stages.0.steps=200")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the recipe's, 'auto')")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint (in OUT.checkpoints/)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("recipes", help="list the built-in recipes, or show one")
@@ -56,12 +58,13 @@ def main(argv=None) -> int:
 
     from .models import ModelLoadError
     from .recipe import RecipeError
-    from .stages.attention_transfer import NonFiniteLossError
+    from .pipeline import RunError
+    from .training import NonFiniteLossError, StageOutOfMemoryError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, ModelLoadError, NonFiniteLossError, FileNotFoundError) as err:
+    except (RecipeError, ModelLoadError, NonFiniteLossError, StageOutOfMemoryError, RunError, FileNotFoundError) as err:
         print(f"linearize: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:
@@ -69,6 +72,10 @@ def main(argv=None) -> int:
             print(f"linearize: error: {err}", file=sys.stderr)
             return 2
         raise
+    except KeyboardInterrupt:
+        print("linearize: interrupted; run the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
     except torch.OutOfMemoryError as err:
         print(
             f"linearize: error: out of memory ({str(err).splitlines()[0]}). Lower the recipe's batch_size or seq_len "

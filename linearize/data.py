@@ -16,6 +16,7 @@ import json
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -168,8 +169,13 @@ def _data_files(path: Path, suffixes: tuple[str, ...]) -> list[str]:
     return [str(path)]
 
 
-def load_texts(spec) -> list[str]:
-    """Texts of a ``text``, ``jsonl``, ``parquet`` or ``hub`` data spec, through ``datasets``."""
+def load_texts(spec, tokenizer=None) -> list[str]:
+    """Texts of a ``text``, ``jsonl``, ``parquet`` or ``hub`` data spec, through ``datasets``.
+
+    ``spec.format``: ``text`` reads the column ``spec.field``; ``alpaca`` joins ``instruction``,
+    ``input`` and ``output`` into a user turn and an assistant turn; ``messages`` reads a list of
+    ``{"role", "content"}`` turns from ``spec.field``. The last two go through the tokenizer's
+    chat template (plain ``role: content`` lines if it has none)."""
     import datasets
 
     builder, suffixes = {"text": ("text", (".txt", ".md")), "jsonl": ("json", (".jsonl", ".json")),
@@ -186,10 +192,34 @@ def load_texts(spec) -> list[str]:
         files = _data_files(Path(spec.path).expanduser(), suffixes)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-    if spec.field not in ds.column_names:
-        raise KeyError(f"data {spec.path}: no field {spec.field!r}; its fields are {ds.column_names}")
-    texts = [t for t in ds[spec.field] if isinstance(t, str) and t.strip()]
-    return texts[: spec.max_documents] if spec.max_documents else texts
+    fmt = getattr(spec, "format", "text")
+    needed = {"text": [spec.field], "messages": [spec.field], "alpaca": ["instruction", "output"]}[fmt]
+    missing = [f for f in needed if f not in ds.column_names]
+    if missing:
+        raise KeyError(
+            f"data {spec.path}: no field {missing[0]!r} (format {fmt!r}); its fields are {ds.column_names}. "
+            "Set data.field, or data.format to text | alpaca | messages"
+        )
+    if spec.max_documents:
+        ds = ds.select(range(min(spec.max_documents, len(ds))))
+    if fmt == "text":
+        return [t for t in ds[spec.field] if isinstance(t, str) and t.strip()]
+    texts = []
+    for row in ds:
+        if fmt == "alpaca":
+            user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            turns = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+        else:
+            turns = row[spec.field]
+        texts.append(format_chat(tokenizer, turns, spec.chat_template))
+    return texts
+
+
+def format_chat(tokenizer, turns: list[dict], chat_template: bool = True) -> str:
+    """A conversation as one training text, through the tokenizer's chat template."""
+    if chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(turns, tokenize=False)
+    return "\n".join(f"{t['role']}: {t['content']}" for t in turns)
 
 
 def get_texts(spec, model=None, tokenizer=None, model_reference: str = "") -> list[str]:
@@ -197,12 +227,56 @@ def get_texts(spec, model=None, tokenizer=None, model_reference: str = "") -> li
         if model is None:
             raise ValueError("teacher-generated data needs the teacher model")
         return generate_teacher_texts(model, tokenizer, spec, model_reference)
-    return load_texts(spec)
+    return load_texts(spec, tokenizer)
 
 
-def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Tokenise, join documents with EOS, and cut the stream into ``[N, seq_len]`` blocks
-    (the tail that does not fill a block is dropped)."""
+@dataclass
+class Blocks:
+    """Token blocks ``input_ids [N, L]`` with ``attention_mask [N, L]`` (1 = real token; only
+    the last block of a packed stream may end in padding)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, index) -> "Blocks":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return Blocks(self.input_ids[index], self.attention_mask[index])
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int(self.attention_mask.sum())
+
+    def to(self, device) -> "Blocks":
+        return Blocks(self.input_ids.to(device), self.attention_mask.to(device))
+
+    def model_inputs(self) -> dict:
+        """``input_ids`` and, only where some position is padding, ``attention_mask`` (so the
+        common all-real case keeps the attention's fast causal path)."""
+        if bool(self.attention_mask.all()):
+            return {"input_ids": self.input_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+def as_blocks(blocks) -> Blocks:
+    """:class:`Blocks` from Blocks or a plain ``[N, T]`` tensor of token ids (all real)."""
+    if isinstance(blocks, Blocks):
+        return blocks
+    return Blocks(blocks, torch.ones_like(blocks))
+
+
+def pack(texts: list[str], tokenizer, seq_len: int) -> Blocks:
+    """Tokenise, join documents with EOS, and cut the stream into blocks of ``seq_len`` tokens.
+
+    Every token of the stream lands in exactly one block: the tail that does not fill a block
+    becomes a last block right-padded with the pad token (masked out)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
@@ -210,7 +284,34 @@ def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
         stream.extend(ids)
         if eos is not None and (not ids or ids[-1] != eos):
             stream.append(eos)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ValueError(f"the data has {len(stream)} tokens, fewer than one block of seq_len={seq_len}")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if not stream:
+        raise ValueError("the data holds no tokens")
+    n = -(-len(stream) // seq_len)
+    pad = n * seq_len - len(stream)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    ids = torch.tensor(stream + [pad_id] * pad, dtype=torch.long).view(n, seq_len)
+    mask = torch.ones(n * seq_len, dtype=torch.long)
+    if pad:
+        mask[-pad:] = 0
+    return Blocks(ids, mask.view(n, seq_len))
+
+
+def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The block indices of batch ``step`` in an endless stream of shuffled epochs.
+
+    Epoch ``e`` is a permutation of all blocks drawn from ``seed`` and ``e``; batches are
+    consecutive slices of the concatenated epochs, so every block appears exactly once per
+    epoch (a batch may straddle two epochs) and batch ``step`` is a pure function of its
+    arguments: a resumed run needs only the step to find its place in the data."""
+    if num_blocks < 1:
+        raise ValueError("no blocks to draw batches from")
+    start = step * batch_size
+    out = []
+    epoch = start // num_blocks
+    offset = start - epoch * num_blocks
+    while len(out) < batch_size:
+        perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = perm[offset : offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        epoch, offset = epoch + 1, 0
+    return torch.tensor(out, dtype=torch.long)

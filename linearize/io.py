@@ -6,6 +6,9 @@ A saved model is a small folder: the trained parts and a record of how to rebuil
   the embedded default), its architecture, the conversion spec (student kind, layers, settings),
   the dtype, and the recipe that produced it;
 * ``students.safetensors``: the students' own parameters (feature maps, window factors);
+* after a LoRA stage, either ``lora.safetensors`` (the adapters, kept separate; peft's key
+  names, settings in ``linearize.json``) or ``merged.safetensors`` (the adapted weights with
+  the adapters merged in, ``W + alpha/r B A``, for the modules LoRA touched);
 * the tokenizer files;
 * ``report.json``: what the run measured.
 
@@ -30,6 +33,8 @@ from .convert import ConversionSpec, convert_model, load_student_state_dict, stu
 FORMAT_VERSION = 1
 CONFIG_NAME = "linearize.json"
 WEIGHTS_NAME = "students.safetensors"
+LORA_NAME = "lora.safetensors"
+MERGED_NAME = "merged.safetensors"
 
 
 def atomic_folder(out_dir: Path, write) -> Path:
@@ -58,9 +63,14 @@ def atomic_folder(out_dir: Path, write) -> Path:
 
 def save(
     model, out_dir, tokenizer=None, base_model: str | None = None, recipe: dict | None = None,
-    report: dict | None = None, extra_files: dict[str, str] | None = None,
+    report: dict | None = None, extra_files: dict[str, str] | None = None, merge_lora: bool = False,
 ):
-    """Save a converted model's trained parts and how to rebuild it. Returns the folder."""
+    """Save a converted model's trained parts and how to rebuild it. Returns the folder.
+
+    With LoRA adapters, ``merge_lora`` saves them merged into the weights they adapt instead
+    of as separate adapters."""
+    from .lora import has_lora, lora_settings, lora_state_dict, merged_weights
+
     spec: ConversionSpec = model.linearize_spec
     base_model = base_model or getattr(model, "linearize_base", None)
     if not base_model:
@@ -75,10 +85,19 @@ def save(
         "recipe": recipe,
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in student_state_dict(model).items()}
+    lora_files = {}
+    if has_lora(model):
+        config["lora"] = {**lora_settings(model), "merged": merge_lora}
+        if merge_lora:
+            lora_files[MERGED_NAME] = merged_weights(model)
+        else:
+            lora_files[LORA_NAME] = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
 
     def write(tmp: Path):
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, tensors in lora_files.items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -115,6 +134,15 @@ def load(path, device: str | None = None, dtype: str | torch.dtype | None = None
     conv = config["conversion"]
     convert_model(model, ConversionSpec(conv["kind"], conv["layers"], conv["settings"]))
     load_student_state_dict(model, load_file(str(Path(path) / WEIGHTS_NAME)))
+    lora = config.get("lora")
+    if lora:
+        from .lora import add_lora, load_lora_state_dict, load_merged_weights
+
+        if lora.get("merged"):
+            load_merged_weights(model, load_file(str(Path(path) / MERGED_NAME)))
+        else:
+            add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
+            load_lora_state_dict(model, load_file(str(Path(path) / LORA_NAME)))
     model.linearize_base = config["base_model"]
     if device:
         model.to(device)

@@ -46,6 +46,7 @@ class DataSpec:
     temperature: float = 0.8  # teacher: sampling temperature
     seed: int = 0  # teacher: sampling seed (and which prompts)
     chat_template: bool = True  # format prompts/instructions with the tokenizer's chat template
+    format: Literal["text", "alpaca", "messages"] = "text"  # files/hub: plain text, instruction rows, or chat turns
     max_documents: int | None = None
 
 
@@ -59,24 +60,57 @@ class StudentsSpec:
 
 
 @dataclass
-class AttentionTransferStage:
+class StageSpec:
+    """What every training stage shares: data, batches, length, optimiser, schedule, checkpoints."""
+
+    stage: str
+    data: DataSpec
+    seq_len: int = 1024
+    batch_size: int = 8  # blocks per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    steps: int | None = None  # optimiser steps; or give `tokens` instead
+    tokens: int | None = None  # token budget: steps = ceil(tokens / (batch_size * grad_accum * seq_len))
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # linear/cosine decay ends at lr * min_lr_ratio
+    max_grad_norm: float = 1.0
+    precision: Literal["model", "bfloat16", "float16", "float32"] = "model"  # autocast dtype ("model": none)
+    seed: int | None = None  # data order; default: the recipe's seed
+    val_blocks: int = 4  # held-out blocks of the stage's data for picking the best checkpoint
+    eval_every: int = 0  # validate every N steps (0: at the end only); the best is kept
+    checkpoint_every: int = 0  # write a resumable checkpoint every N steps (and always at the end)
+
+
+@dataclass
+class AttentionTransferStage(StageSpec):
     """Train the students to reproduce each layer's teacher attention output."""
 
     stage: Literal["attention_transfer"]
-    data: DataSpec
-    seq_len: int = 1024
-    batch_size: int = 8
-    steps: int = 100
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     mse_weight: float = 1000.0  # loss = mse_weight * MSE + ce_weight * attention CE, mean over layers
     ce_weight: float = 0.0
-    val_blocks: int = 4  # held-out blocks of the stage's data for picking the best checkpoint
-    eval_every: int = 0  # validate every N steps (0: at the end only); the best is kept
 
 
-STAGES = {"attention_transfer": AttentionTransferStage}
+@dataclass
+class LoraStage(StageSpec):
+    """LoRA adapters (peft) trained on next-token cross-entropy or KL to the teacher."""
+
+    stage: Literal["lora"]
+    lr: float = 1e-4
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    loss: Literal["ce", "kl"] = "ce"
+    kl_temperature: float = 1.0
+    train_students: bool = False  # also train the students' own parameters
+    merge: bool = False  # save the adapters merged into the weights instead of separately
+
+
+STAGES = {"attention_transfer": AttentionTransferStage, "lora": LoraStage}
 
 
 @dataclass
@@ -118,11 +152,12 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):  # Optional[X] reads as X: null is the default, not a choice
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
         args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        return f"a list of {plural.get(args[0], _type_name(args[0]))}" if args else "a list"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(
@@ -212,18 +247,24 @@ def parse_dataclass(cls, data: dict, file: str, path: str = ""):
     return cls(**kwargs)
 
 
-_POSITIVE = ("seq_len", "batch_size", "steps", "samples", "max_new_tokens", "max_blocks", "val_blocks")
+_POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "tokens", "samples", "max_new_tokens", "max_blocks", "rank")
+_NON_NEGATIVE = ("val_blocks", "eval_every", "checkpoint_every", "warmup_steps", "mse_weight", "ce_weight",
+                 "weight_decay", "max_grad_norm")
 
 
 def _check_ranges(obj, file, path):
     for f in dataclasses.fields(obj):
         value, sub = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
-        if f.name in _POSITIVE and isinstance(value, int) and value < (0 if f.name == "val_blocks" else 1):
-            _fail(file, sub, f"must be >= {0 if f.name == 'val_blocks' else 1}, got {value}")
-        if f.name in ("lr", "temperature") and value is not None and value <= 0:
-            _fail(file, sub, f"must be > 0, got {value}")
-        if f.name in ("mse_weight", "ce_weight", "weight_decay", "eval_every") and value < 0:
+        if value is None or isinstance(value, bool):
+            continue
+        if f.name in _POSITIVE and isinstance(value, int) and value < 1:
+            _fail(file, sub, f"must be >= 1, got {value}")
+        if f.name in _NON_NEGATIVE and value < 0:
             _fail(file, sub, f"must be >= 0, got {value}")
+        if f.name in ("lr", "temperature", "alpha", "kl_temperature") and value <= 0:
+            _fail(file, sub, f"must be > 0, got {value}")
+        if f.name in ("min_lr_ratio", "dropout") and not 0 <= value <= (1 if f.name == "min_lr_ratio" else 0.999):
+            _fail(file, sub, f"must lie in [0, 1{']' if f.name == 'min_lr_ratio' else ')'}, got {value}")
 
 
 def _parse_students(data, file):
@@ -280,6 +321,10 @@ def _parse_stages(data, file):
                 f"unknown stage {name!r}." + (f" Did you mean '{hint[0]}'?" if hint else "") + f" Choose one of {', '.join(STAGES)}",
             )
         stage = parse_dataclass(STAGES[name], raw, file, path)
+        if (stage.steps is None) == (stage.tokens is None):
+            _fail(file, path, "give exactly one of 'steps' (optimiser steps) and 'tokens' (a token budget)")
+        if len(stage.betas) != 2:
+            _fail(file, f"{path}.betas", f"expected two numbers, got {stage.betas!r}")
         _check_ranges(stage, file, path)
         _check_ranges(stage.data, file, f"{path}.data")
         _check_data(stage.data, file, f"{path}.data")

@@ -97,3 +97,43 @@ def logits_by_form(model, x, forms=("chunk", "recurrent", "naive")) -> dict:
             with attention_mode(model, "student", form=form):
                 out[form] = model(x, use_cache=False).logits
     return out
+
+
+# The tiny tokenizer's words: WORDS[i] is token i; WORDS[0] is unknown/padding, WORDS[1] ends a text.
+WORDS = ["w" + chr(97 + i // 26) + chr(97 + i % 26) for i in range(97)]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} " + WORDS[1] + " {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def make_base_folder(folder, family: str = "llama", seed: int = 0):
+    """A tiny model of ``family`` saved as a Hugging Face folder, with a word-level tokenizer
+    over :data:`WORDS` and a chat template. (Only families whose tokenizer transformers loads
+    from ``tokenizer.json`` as it is, such as llama, tokenize these words exactly; qwen2 swaps
+    in its own tokenizer class.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(family, seed=seed).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token=WORDS[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=WORDS[0], pad_token=WORDS[0], eos_token=WORDS[1])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def base_folder(tmp_path):
+    return make_base_folder(tmp_path / "base")
+
+
+def synthetic_text(words: int, seed: int = 0) -> str:
+    """Text over the tiny tokenizer's words with a little structure (repeated phrases), so a
+    model can learn something from it."""
+    rng = torch.Generator().manual_seed(seed)
+    phrases = [" ".join(WORDS[int(i)] for i in torch.randint(2, 97, (6,), generator=rng)) for _ in range(12)]
+    picks = torch.randint(0, len(phrases), (words // 6 + 1,), generator=rng)
+    return " ".join(phrases[int(i)] for i in picks)

@@ -31,7 +31,7 @@ def test_transfer_lowers_held_out_error_and_touches_only_students(kind, settings
     adapter = adapter_for(model.config)
     held_out = blocks(8, seed=99)
     before = measure_transfer(model, adapter, held_out, 4)
-    result = AttentionTransfer(stage(ce_weight=0.1, lr=5e-2), model, adapter, blocks()).run(seed=0)
+    result = AttentionTransfer(stage(ce_weight=0.1, lr=5e-2), model, adapter, blocks(), seed=0).run()
     after = measure_transfer(model, adapter, held_out, 4)
     assert after["mean_relative_error"] <= 0.7 * before["mean_relative_error"]
     assert result["tokens"] == 40 * 4 * 48
@@ -44,8 +44,8 @@ def test_best_checkpoint_is_kept():
     model = tiny_model("llama")
     convert_model(model, ConversionSpec("hedgehog"))
     adapter = adapter_for(model.config)
-    runner = AttentionTransfer(stage(steps=20, eval_every=5, lr=0.3), model, adapter, blocks())
-    result = runner.run(seed=1)
+    runner = AttentionTransfer(stage(steps=20, eval_every=5, lr=0.3), model, adapter, blocks(), seed=1)
+    result = runner.run()
     vals = [h["val_loss"] for h in result["history"] if "val_loss" in h]
     assert math.isclose(result["after"]["loss"], min([result["before"]["loss"], *vals]), rel_tol=1e-4)
 

@@ -63,7 +63,7 @@ def test_hedgehog_student_with_npmap_parallel_equals_recurrent():
         {
             "model": "tiny",
             "students": {"kind": "hedgehog", "feature_map": "npmap"},
-            "stages": [{"stage": "attention_transfer", "data": {"source": "teacher"}}],
+            "stages": [{"stage": "attention_transfer", "data": {"source": "teacher"}, "steps": 1}],
         }
     )
     s = recipe.students

@@ -7,27 +7,18 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import make_base_folder
 from linearize import ConversionSpec, convert_model, load, save, students
 from linearize.io import atomic_folder
 
 
 @pytest.fixture
-def base_folder(tmp_path):
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    model = tiny_model("qwen2")
-    folder = tmp_path / "base"
-    model.save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(97)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(folder)
-    return folder
+def qwen2_folder(tmp_path):
+    return make_base_folder(tmp_path / "base", family="qwen2")
 
 
-def test_save_then_load_in_fresh_process_gives_identical_logits(base_folder, tmp_path):
+def test_save_then_load_in_fresh_process_gives_identical_logits(qwen2_folder, tmp_path):
+    base_folder = qwen2_folder
     from linearize.models import load_teacher
 
     model, tokenizer, source = load_teacher(str(base_folder))

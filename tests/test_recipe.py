@@ -57,6 +57,15 @@ BAD = [
     ("bad layers", GOOD.replace("layers: all", "layers: most"), r"key 'students\.layers': expected 'all', a list of layer indices"),
     ("no stages", "students: {kind: hedgehog}\nstages: []\n", r"key 'stages': expected a non-empty list"),
     ("bad precision", GOOD + "precision: fp8\n", r"key 'precision': expected 'float32' \| 'bfloat16' \| 'float16', got 'fp8'"),
+    ("steps and tokens", GOOD.replace("steps: 10", "steps: 10\n    tokens: 5000"), r"key 'stages\.0': give exactly one of 'steps' \(optimiser steps\) and 'tokens'"),
+    ("no steps nor tokens", GOOD.replace("    steps: 10\n", ""), r"key 'stages\.0': give exactly one of 'steps'"),
+    ("zero grad_accum", GOOD.replace("steps: 10", "steps: 10\n    grad_accum: 0"), r"key 'stages\.0\.grad_accum': must be >= 1, got 0"),
+    ("bad schedule", GOOD.replace("steps: 10", "steps: 10\n    schedule: cosin"), r"key 'stages\.0\.schedule': expected 'constant' \| 'linear' \| 'cosine', got 'cosin'"),
+    ("lora stage key on transfer", GOOD.replace("steps: 10", "steps: 10\n    rank: 8"), r"key 'stages\.0\.rank': unknown key"),
+    ("bad lora loss", GOOD + "  - {stage: lora, data: {source: teacher}, steps: 5, loss: mse}\n", r"key 'stages\.1\.loss': expected 'ce' \| 'kl', got 'mse'"),
+    ("lora dropout range", GOOD + "  - {stage: lora, data: {source: teacher}, steps: 5, dropout: 1.5}\n", r"key 'stages\.1\.dropout': must lie in \[0, 1\), got 1\.5"),
+    ("lora targets type", GOOD + "  - {stage: lora, data: {source: teacher}, steps: 5, target_modules: q_proj}\n", r"key 'stages\.1\.target_modules': expected a list of strings, got 'q_proj'"),
+    ("negative sinks", GOOD.replace("window_size: 64", "window_size: 64, sink_size: -1"), r"key 'students\.sink_size': must be >= 0, got -1"),
     ("unknown feature map", GOOD.replace("window_size: 64", "feature_map: cosine"), r"key 'students\.feature_map': unknown feature map 'cosine'"),
 ]
 

@@ -7,37 +7,38 @@ the loss is averaged over layers. All layers train in one forward pass: each stu
 the *teacher's* output on, so every layer sees teacher activations and trains on its own.
 Only the students' parameters (feature maps, window factors) receive gradients.
 
-The stage holds back ``val_blocks`` blocks of its data, measures them before training and every
-``eval_every`` steps, and keeps the best students by validation loss.
+The loop (batches, optimiser, schedule, validation, best checkpoint, resume) is
+:class:`linearize.training.TrainingStage`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 
 import torch
 
-from ..convert import attention_mode, load_student_state_dict, student_parameters, student_state_dict, students
+from ..convert import attention_mode, students
+from ..data import Blocks, as_blocks
+from ..training import NonFiniteLossError, TrainingStage
+
+__all__ = ["AttentionTransfer", "NonFiniteLossError", "measure_transfer", "transfer_forward"]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def transfer_forward(model, adapter, input_ids, mse_weight: float, ce_weight: float):
-    """One forward in transfer mode. Returns ``(loss, per-layer records)``."""
+def transfer_forward(model, adapter, batch, mse_weight: float, ce_weight: float):
+    """One forward in transfer mode on ``batch`` (:class:`Blocks` or token ids).
+    Returns ``(loss, per-layer records)``."""
+    batch = as_blocks(batch)
     with attention_mode(model, "transfer", attention_ce=ce_weight > 0):
-        adapter.decoder(model)(input_ids=input_ids, use_cache=False)
+        adapter.decoder(model)(**batch.model_inputs(), use_cache=False)
     records = {i: s.transfer_record for i, s in students(model).items()}
     terms = [mse_weight * r.mse + (ce_weight * r.ce if r.ce is not None else 0.0) for r in records.values()]
     return torch.stack(terms).mean(), records
 
 
 @torch.no_grad()
-def measure_transfer(model, adapter, blocks: torch.Tensor, batch_size: int, mse_weight=1000.0) -> dict:
+def measure_transfer(model, adapter, blocks, batch_size: int, mse_weight=1000.0) -> dict:
     """Per-layer relative error ``||y_s - y_t|| / ||y_t||`` and MSE over ``blocks`` (no training)."""
+    blocks = as_blocks(blocks)
     device = next(model.parameters()).device
     sq_err, sq_ref, mse, n = {}, {}, {}, 0
     for start in range(0, len(blocks), batch_size):
@@ -57,80 +58,26 @@ def measure_transfer(model, adapter, blocks: torch.Tensor, batch_size: int, mse_
     }
 
 
-class AttentionTransfer:
-    """The ``attention_transfer`` stage: validate, set up, train, keep the best."""
+class AttentionTransfer(TrainingStage):
+    """The ``attention_transfer`` stage: only the students' own parameters train."""
 
-    def __init__(self, stage, model, adapter, blocks: torch.Tensor, log=print):
+    name = "attention_transfer"
+
+    def __init__(self, spec, model, adapter, blocks: Blocks, **kwargs):
         if not students(model):
             raise ValueError("attention transfer needs a converted model (no student layers found)")
-        if len(blocks) <= stage.val_blocks:
-            raise ValueError(
-                f"attention_transfer: the data gives {len(blocks)} blocks of {stage.seq_len} tokens, not more than "
-                f"val_blocks={stage.val_blocks}; add data or lower seq_len/val_blocks"
-            )
-        self.stage, self.model, self.adapter, self.log = stage, model, adapter, log
-        self.val = blocks[: stage.val_blocks]
-        self.train_blocks = blocks[stage.val_blocks :]
-        self.params = student_parameters(model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=stage.lr, weight_decay=stage.weight_decay)
-        self.device = next(model.parameters()).device
+        super().__init__(spec, model, adapter, blocks, **kwargs)
 
-    def batches(self, generator: torch.Generator):
-        """Endless shuffled passes over the training blocks."""
-        bs = self.stage.batch_size
-        while True:
-            order = torch.randperm(len(self.train_blocks), generator=generator)
-            for start in range(0, len(order) - bs + 1 if len(order) >= bs else 1, bs):
-                yield self.train_blocks[order[start : start + bs]]
+    def trainable(self):
+        return [(f"layers.{i}.{n}", p) for i, s in students(self.model).items() for n, p in s.student_parameters()]
 
-    def validate(self) -> dict:
-        self.model.eval()
-        return measure_transfer(self.model, self.adapter, self.val, self.stage.batch_size, self.stage.mse_weight)
+    def loss(self, batch: Blocks):
+        loss, records = transfer_forward(self.model, self.adapter, batch, self.spec.mse_weight, self.spec.ce_weight)
 
-    def run(self, seed: int = 0) -> dict:
-        from tqdm.auto import tqdm
+        def bad_layers():
+            return [i for i, r in records.items() if not torch.isfinite(r.mse)]
 
-        stage = self.stage
-        before = self.validate() if len(self.val) else None
-        best = (before["loss"] if before else math.inf, copy.deepcopy(student_state_dict(self.model)), 0)
-        generator = torch.Generator().manual_seed(seed)
-        batches = self.batches(generator)
-        history, tokens, started = [], 0, time.perf_counter()
-        bar = tqdm(range(1, stage.steps + 1), desc="attention transfer", unit="step")
-        for step in bar:
-            self.model.train()
-            input_ids = next(batches).to(self.device)
-            loss, records = transfer_forward(self.model, self.adapter, input_ids, stage.mse_weight, stage.ce_weight)
-            if not torch.isfinite(loss):
-                bad = [i for i, r in records.items() if not torch.isfinite(r.mse)]
-                raise NonFiniteLossError(
-                    f"attention_transfer: the loss became {loss.item()} at step {step} (layers {bad or 'unknown'}); "
-                    "the last good students are kept in memory. Lower stages.N.lr or check the data."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if stage.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params, stage.max_grad_norm)
-            self.optimizer.step()
-            tokens += input_ids.numel()
-            elapsed = time.perf_counter() - started
-            history.append({"step": step, "loss": loss.item(), "tokens": tokens})
-            bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / elapsed:.0f}", refresh=False)
-            if len(self.val) and ((stage.eval_every and step % stage.eval_every == 0) or step == stage.steps):
-                val = self.validate()
-                history[-1]["val_loss"] = val["loss"]
-                if val["loss"] < best[0]:
-                    best = (val["loss"], copy.deepcopy(student_state_dict(self.model)), step)
-        load_student_state_dict(self.model, best[1])
-        after = self.validate() if len(self.val) else None
-        self.model.eval()
-        return {
-            "stage": "attention_transfer",
-            "steps": stage.steps,
-            "tokens": tokens,
-            "seconds": time.perf_counter() - started,
-            "best_step": best[2],
-            "before": before,
-            "after": after,
-            "history": history,
-        }
+        return loss, {"bad_layers": bad_layers}
+
+    def evaluate(self, blocks: Blocks) -> dict:
+        return measure_transfer(self.model, self.adapter, blocks, self.spec.batch_size, self.spec.mse_weight)
