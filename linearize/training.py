@@ -273,6 +273,7 @@ class TrainingStage:
             self.log(f"{self.name}: resuming at step {first} of {self.steps}")
         started = time.perf_counter() - elapsed0
         bar = tqdm(range(first, self.steps + 1), initial=first - 1, total=self.steps, desc=self.name.replace("_", " "), unit="step")
+        val = None
         with _deferred_interrupt() as interrupted:
             try:
                 for step in bar:
@@ -293,9 +294,13 @@ class TrainingStage:
                         self._checkpoint(step, optimizer, scheduler, best, history, tokens, elapsed)
             finally:
                 bar.close()
-        if len(self.val):  # end with the best parameters by validation loss (else: the last ones)
-            self.load_trainable_state(best[1])
-        after = self.validate()
+        last_val = history[-1].get("val_loss") if history else None
+        if best[2] == self.steps and last_val is not None:  # the last step is the best: already measured
+            after = val
+        else:
+            if len(self.val):  # end with the best parameters by validation loss (else: the last ones)
+                self.load_trainable_state(best[1])
+            after = self.validate()
         self.model.eval()
         return {
             "stage": self.name,
