@@ -256,7 +256,9 @@ def markdown_report(report: dict) -> str:
         lines += ["## Held-out perplexity", "", "| model | perplexity | vs teacher |", "|---|---|---|"]
         lines += [f"| {label} | {value:.3f} | {value / rows[0][1]:.3f}x |" for label, value in rows] + [""]
     for stage in report.get("stages", []):
-        lines += [f"- {stage['stage']}: {stage['steps']} steps, {stage['tokens']} tokens, {stage['seconds']:.0f}s", ""]
+        memory = f", peak GPU memory {stage['peak_memory_bytes'] / 2**30:.2f} GiB" if stage.get("peak_memory_bytes") else ""
+        lines += [f"- {stage['stage']}: {stage['steps']} steps, {stage['tokens']} tokens, {stage['seconds']:.0f}s "
+                  f"({stage.get('tokens_per_second', 0):.0f} tokens/s){memory}", ""]
     held = report.get("heldout_transfer", {})
     if held.get("after"):
         lines += ["## Attention-transfer error on held-out text", "",

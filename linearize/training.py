@@ -272,6 +272,9 @@ class TrainingStage:
             set_rng_state(resume["rng"])
             self.log(f"{self.name}: resuming at step {first} of {self.steps}")
         started = time.perf_counter() - elapsed0
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(range(first, self.steps + 1), initial=first - 1, total=self.steps, desc=self.name.replace("_", " "), unit="step")
         val = None
         with _deferred_interrupt() as interrupted:
@@ -302,11 +305,14 @@ class TrainingStage:
                 self.load_trainable_state(best[1])
             after = self.validate()
         self.model.eval()
+        seconds = time.perf_counter() - started
         return {
             "stage": self.name,
             "steps": self.steps,
             "tokens": tokens,
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
             "best_step": best[2],
             "before": self._before,
             "after": after,
