@@ -6,9 +6,37 @@ import argparse
 import sys
 
 
+def _launch(num_processes: int, argv: list[str]) -> int:
+    """Run ``linearize convert`` in ``num_processes`` processes through torch's launcher (torchrun),
+    on this machine: one process a GPU, or gloo over CPU processes without one."""
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={num_processes}", "-m", "linearize", *argv])
+    except Exception as err:  # a failing process stops them all; its error is printed above
+        print(f"linearize: error: a process failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _convert(args) -> int:
+    import os
+
     from .pipeline import ConvertRun
     from .recipe import load_recipe
+
+    if args.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        argv, skip = [], False
+        for a in args.argv:  # the same command, less --num-processes
+            if skip:
+                skip = False
+            elif a == "--num-processes":
+                skip = True
+            elif not a.startswith("--num-processes="):
+                argv.append(a)
+        load_recipe(args.recipe, overrides=args.set or [], model=args.model)  # fail early, once
+        return _launch(args.num_processes, argv)
 
     recipe = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
     ConvertRun(recipe, args.out, device=args.device, resume=args.resume).run()
@@ -42,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. stages.0.steps=200")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the recipe's, 'auto')")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="data-parallel over N processes on this machine (one a GPU; gloo over CPU processes "
+                        "without GPUs); the same as `accelerate launch --multi_gpu --num_processes N -m linearize convert ...`")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint (in OUT.checkpoints/)")
     p.set_defaults(func=_convert)
@@ -61,7 +92,9 @@ def main(argv=None) -> int:
     from .pipeline import RunError
     from .training import NonFiniteLossError, StageOutOfMemoryError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (RecipeError, ModelLoadError, NonFiniteLossError, StageOutOfMemoryError, RunError, FileNotFoundError) as err:

@@ -22,6 +22,7 @@ from . import io
 from .architectures import adapter_for
 from .convert import ConversionSpec, convert_model, load_student_state_dict, student_state_dict
 from .data import get_texts, pack
+from .distributed import current as current_distributed
 from .eval.perplexity import perplexity
 from .lora import has_lora, load_lora_state_dict, lora_state_dict
 from .models import load_teacher
@@ -65,8 +66,10 @@ class ConvertRun:
     convert, the stages with checkpoints, score the student, save)."""
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, device: str | None = None, log=print, resume: bool = False):
-        self.recipe, self.out_dir, self.log, self.resume = recipe, Path(out_dir), log, resume
-        self.device = pick_device(device or recipe.device)
+        self.dist = current_distributed()
+        self.recipe, self.out_dir, self.resume = recipe, Path(out_dir), resume
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.device = self.dist.device(pick_device(device or recipe.device))
         self.report: dict = {"recipe": recipe.to_dict(), "device": self.device}
         self.checkpoints = Checkpoints(checkpoint_dir(self.out_dir))
 
@@ -75,15 +78,17 @@ class ConvertRun:
         r = self.recipe
         seed_everything(r.seed)
         started = time.perf_counter()
-        self.model, self.tokenizer, self.source = load_teacher(r.model, dtype=r.precision, device=self.device)
+        with self.dist.main_process_first():  # the first process fills the caches the others read
+            self.model, self.tokenizer, self.source = load_teacher(r.model, dtype=r.precision, device=self.device)
         self.adapter = adapter_for(self.model.config)
         self.log(f"teacher: {r.model} ({self.model.config.model_type}, {self.model.config.num_hidden_layers} layers, "
                  f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters) "
                  f"loaded in {time.perf_counter() - started:.1f}s on {self.device}")
-        self.stage_blocks = [self._blocks(stage.data, stage.seq_len) for stage in r.stages]
-        self.eval_blocks = None
-        if r.eval is not None:
-            self.eval_blocks = self._blocks(r.eval.data, r.eval.seq_len)[: r.eval.max_blocks]
+        with self.dist.main_process_first():
+            self.stage_blocks = [self._blocks(stage.data, stage.seq_len) for stage in r.stages]
+            self.eval_blocks = None
+            if r.eval is not None:
+                self.eval_blocks = self._blocks(r.eval.data, r.eval.seq_len)[: r.eval.max_blocks]
 
     def _heldout_transfer(self) -> dict:
         return measure_transfer(self.model, self.adapter, self.eval_blocks, batch_size=4)
@@ -127,6 +132,8 @@ class ConvertRun:
             load_lora_state_dict(self.model, state["lora"])
 
     def _save_checkpoint(self, index: int, stage_state: dict | None, done: bool = False) -> None:
+        if not self.dist.is_main:
+            return
         stage = self.recipe.stages[index]
         summary = {"stage_index": index, "stage": stage.stage, "stage_done": done,
                    "step": stage_state["step"] if stage_state else None, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -146,7 +153,7 @@ class ConvertRun:
         previous = self._previous_checkpoint()
         self.setup()
         if self.eval_blocks is not None:
-            self.report["teacher_perplexity"] = perplexity(self.model, self.eval_blocks, progress=True, desc="teacher perplexity")
+            self.report["teacher_perplexity"] = perplexity(self.model, self.eval_blocks, progress=self.dist.is_main, desc="teacher perplexity")
         spec = ConversionSpec(r.students.kind, r.students.layers, r.students.settings)
         convert_model(self.model, spec)
         self.model.linearize_base = self.source.reference
@@ -179,7 +186,7 @@ class ConvertRun:
             if i == last_transfer and held is not None:  # the stage this error measures
                 held["after"] = self._heldout_transfer()
             if self.eval_blocks is not None:
-                result["perplexity"] = perplexity(self.model, self.eval_blocks, progress=True, desc=f"perplexity after {stage.stage}")
+                result["perplexity"] = perplexity(self.model, self.eval_blocks, progress=self.dist.is_main, desc=f"perplexity after {stage.stage}")
             self.report["stages"].append(result)
             self._save_checkpoint(i, None, done=True)
         if held is not None and "after" in held:
@@ -190,10 +197,13 @@ class ConvertRun:
             self.report["eval_tokens"] = self.eval_blocks.tokens()
             self.log(perplexity_table(self.report))
         merge = any(s.stage == "lora" and s.merge for s in r.stages)
-        io.save(self.model, self.out_dir, self.tokenizer, self.source.reference, r.to_dict(), self.report,
-                extra_files={"report.md": markdown_report(self.report)}, merge_lora=merge)
-        self.report["checkpoint_bytes"] = self.checkpoints.nbytes()
-        shutil.rmtree(self.checkpoints.folder, ignore_errors=True)
+        self.report["processes"] = self.dist.world_size
+        if self.dist.is_main:
+            self.report["checkpoint_bytes"] = self.checkpoints.nbytes()
+            io.save(self.model, self.out_dir, self.tokenizer, self.source.reference, r.to_dict(), self.report,
+                    extra_files={"report.md": markdown_report(self.report)}, merge_lora=merge)
+            shutil.rmtree(self.checkpoints.folder, ignore_errors=True)
+        self.dist.barrier()
         self.log(f"saved to {self.out_dir}  (load it with: linearize.load({str(self.out_dir)!r}))")
         return self.report
 

@@ -36,6 +36,7 @@ from typing import ClassVar
 import torch
 
 from .data import Blocks, as_blocks, batch_indices
+from .distributed import current as current_distributed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,6 +182,12 @@ class TrainingStage:
         self.train_blocks = blocks[spec.val_blocks :]
         self.on_checkpoint = on_checkpoint
         self.steps = total_steps(spec)
+        self.dist = current_distributed()
+        if spec.batch_size % self.dist.world_size:
+            raise ValueError(
+                f"{self.name}: batch_size {spec.batch_size} does not split over {self.dist.world_size} processes; "
+                "make batch_size a multiple of the number of processes (grad_accum keeps the global batch)"
+            )
 
     # -------------------------------------------------------------- what a stage provides
     def prepare(self) -> None:
@@ -229,7 +236,7 @@ class TrainingStage:
             return self.evaluate(self.val)
 
     def _checkpoint(self, step, optimizer, scheduler, best, history, tokens, elapsed) -> None:
-        if self.on_checkpoint is None:
+        if self.on_checkpoint is None or not self.dist.is_main:
             return
         self.on_checkpoint({
             "step": step,
@@ -270,12 +277,14 @@ class TrainingStage:
             best = (resume["best"]["loss"], resume["best"]["state"], resume["best"]["step"])
             first, history, tokens, elapsed0 = resume["step"] + 1, resume["history"], resume["tokens"], resume["elapsed"]
             set_rng_state(resume["rng"])
-            self.log(f"{self.name}: resuming at step {first} of {self.steps}")
+            if self.dist.is_main:
+                self.log(f"{self.name}: resuming at step {first} of {self.steps}")
         started = time.perf_counter() - elapsed0
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        bar = tqdm(range(first, self.steps + 1), initial=first - 1, total=self.steps, desc=self.name.replace("_", " "), unit="step")
+        bar = tqdm(range(first, self.steps + 1), initial=first - 1, total=self.steps, desc=self.name.replace("_", " "), unit="step",
+                   disable=not self.dist.is_main)
         val = None
         with _deferred_interrupt() as interrupted:
             try:
@@ -320,12 +329,16 @@ class TrainingStage:
         }
 
     def _train_step(self, step: int, optimizer, scheduler) -> tuple[float, int]:
-        spec = self.spec
+        """One optimiser step over the global batch (``batch_size x grad_accum`` blocks); under
+        several processes each takes its share of every micro-batch's rows."""
+        spec, dist = self.spec, self.dist
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
         total, tokens = 0.0, 0
+        share = spec.batch_size // dist.world_size
         for micro in range(spec.grad_accum):
             index = batch_indices(len(self.train_blocks), spec.batch_size, (step - 1) * spec.grad_accum + micro, self.seed)
+            index = index[dist.rank * share : (dist.rank + 1) * share]
             batch = self.train_blocks[index].to(self.device)
             with self.autocast():
                 loss, info = self.loss(batch)
@@ -336,11 +349,18 @@ class TrainingStage:
                     f"{self.name}: the loss became {loss.item()} at step {step}{where}. "
                     "Lower the stage's lr, or check the data; the last checkpoint is kept."
                 )
-            (loss / spec.grad_accum).backward()
-            total += loss.item() / spec.grad_accum
-            tokens += batch.tokens()
+            # losses are means over real tokens: weigh this process's share by its tokens so the
+            # averaged gradient is the one of the whole micro-batch, however the padding falls
+            share_tokens = batch.tokens()
+            weight = share_tokens * dist.world_size / dist.sum(share_tokens, self.device) if dist.world_size > 1 else 1.0
+            (loss * (weight / spec.grad_accum)).backward()
+            total += loss.item() * weight / spec.grad_accum
+            tokens += share_tokens
+        params = [p for _, p in self.trainable()]
+        dist.average_gradients(params)
         if spec.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable()], spec.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        return total, tokens
+        total = dist.sum(total, self.device) / dist.world_size
+        return total, int(dist.sum(tokens, self.device))
