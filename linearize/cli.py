@@ -24,7 +24,7 @@ def _convert(args) -> int:
     import os
 
     from .pipeline import ConvertRun
-    from .recipe import load_recipe
+    from .recipe import RecipeError, load_recipe
 
     if args.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         argv, skip = [], False
@@ -38,8 +38,26 @@ def _convert(args) -> int:
         load_recipe(args.recipe, overrides=args.set or [], model=args.model)  # fail early, once
         return _launch(args.num_processes, argv)
 
-    recipe = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
+    if args.recipe == "auto":
+        if not args.budget:
+            raise RecipeError("--recipe auto needs --budget (e.g. --budget softmax-layers=4); see `linearize plan --help`")
+        from .plan import run_plan
+
+        base = load_recipe(args.base_recipe, overrides=args.set or [], model=args.model)
+        _, path = run_plan(args.model, base, args.budget, f"{args.out}.plan", device=args.device)
+        recipe = load_recipe(str(path), model=args.model)
+    else:
+        recipe = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
     ConvertRun(recipe, args.out, device=args.device, resume=args.resume).run()
+    return 0
+
+
+def _plan(args) -> int:
+    from .plan import run_plan
+    from .recipe import load_recipe
+
+    base = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
+    run_plan(args.model, base, args.budget, args.out, calibration_steps=args.calibration_steps, device=args.device)
     return 0
 
 
@@ -66,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a model with a recipe and save the result")
     p.add_argument("model", nargs="?", default=None,
                    help="Hub id, local folder, .gguf file, or 'smollm2-135m-instruct' (default: the recipe's model)")
-    p.add_argument("--recipe", required=True, help="a built-in recipe name (see `linearize recipes`) or a YAML file")
+    p.add_argument("--recipe", required=True,
+                   help="a built-in recipe name (see `linearize recipes`), a YAML file, or 'auto' (plan, then convert)")
+    p.add_argument("--budget", default=None, help="with --recipe auto: the budget (see `linearize plan --help`)")
+    p.add_argument("--base-recipe", default="smoke", help="with --recipe auto: the recipe the plan starts from")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. stages.0.steps=200")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the recipe's, 'auto')")
@@ -76,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint (in OUT.checkpoints/)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("plan", help="choose, layer by layer, what to convert under a budget; writes a recipe")
+    p.add_argument("model", nargs="?", default=None, help="as for convert (default: the recipe's model)")
+    p.add_argument("--recipe", default="smoke", help="the base recipe: student, settings, stages (default: smoke)")
+    p.add_argument("--budget", required=True,
+                   help="softmax-layers=N (or N%%) | kv-memory=SIZE@CONTEXT (64MiB@32768) | prefill=RATIO@CONTEXT (0.5@16384)")
+    p.add_argument("--out", required=True, help="folder for recipe.yaml, plan.json, plan.md, plan.png")
+    p.add_argument("--calibration-steps", type=int, default=10, help="attention-transfer steps of the measuring fit")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the base recipe")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("recipes", help="list the built-in recipes, or show one")
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -90,6 +122,7 @@ def main(argv=None) -> int:
     from .models import ModelLoadError
     from .recipe import RecipeError
     from .pipeline import RunError
+    from .plan import BudgetError
     from .training import NonFiniteLossError, StageOutOfMemoryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -97,7 +130,8 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (RecipeError, ModelLoadError, NonFiniteLossError, StageOutOfMemoryError, RunError, FileNotFoundError) as err:
+    except (RecipeError, ModelLoadError, NonFiniteLossError, StageOutOfMemoryError, RunError, FileNotFoundError,
+            BudgetError) as err:
         print(f"linearize: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:
