@@ -35,7 +35,8 @@ def _convert(args) -> int:
                 skip = True
             elif not a.startswith("--num-processes="):
                 argv.append(a)
-        load_recipe(args.recipe, overrides=args.set or [], model=args.model)  # fail early, once
+        if args.recipe != "auto":
+            load_recipe(args.recipe, overrides=args.set or [], model=args.model)  # fail early, once
         return _launch(args.num_processes, argv)
 
     if args.recipe == "auto":
@@ -49,6 +50,20 @@ def _convert(args) -> int:
     else:
         recipe = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
     ConvertRun(recipe, args.out, device=args.device, resume=args.resume).run()
+    if args.push_to_hub and (int(os.environ.get("RANK", "0")) == 0):
+        from .hub import push
+
+        where = push(args.out, args.push_to_hub, dry_run_dir=f"{args.out}.hub" if args.dry_run else None)
+        print(f"{'dry run: the upload is in' if args.dry_run else 'pushed to'} {where}")
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import push
+
+    where = push(args.folder, args.repo_id, dry_run_dir=args.dry_run, private=args.private, token=args.token,
+                 revision=args.revision)
+    print(f"{'dry run: the upload is in' if args.dry_run else 'pushed to'} {where}")
     return 0
 
 
@@ -94,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="data-parallel over N processes on this machine (one a GPU; gloo over CPU processes "
                         "without GPUs); the same as `accelerate launch --multi_gpu --num_processes N -m linearize convert ...`")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the result with a model card")
+    p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: write the upload to OUT.hub/ instead")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint (in OUT.checkpoints/)")
     p.set_defaults(func=_convert)
@@ -109,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=_plan)
 
+    p = sub.add_parser("push", help="upload a converted model folder to the Hugging Face Hub, with a model card")
+    p.add_argument("folder")
+    p.add_argument("repo_id")
+    p.add_argument("--dry-run", metavar="OUT", default=None, help="write the folder that would be uploaded to OUT; no network")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", default=None, help="a Hub token (default: the logged-in one, or HF_TOKEN)")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=_push)
+
     p = sub.add_parser("recipes", help="list the built-in recipes, or show one")
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("name", nargs="?")
@@ -122,6 +148,7 @@ def main(argv=None) -> int:
     from .models import ModelLoadError
     from .recipe import RecipeError
     from .pipeline import RunError
+    from .hub import PushError
     from .plan import BudgetError
     from .training import NonFiniteLossError, StageOutOfMemoryError
 
@@ -131,7 +158,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (RecipeError, ModelLoadError, NonFiniteLossError, StageOutOfMemoryError, RunError, FileNotFoundError,
-            BudgetError) as err:
+            BudgetError, PushError) as err:
         print(f"linearize: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:

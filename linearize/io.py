@@ -121,14 +121,34 @@ def read_config(path) -> dict:
     return config
 
 
+def resolve_artifact(path) -> Path:
+    """A converted-model folder: ``path`` itself, or a Hub repo id downloaded (or read from the
+    local Hugging Face cache when offline)."""
+    local = Path(path).expanduser()
+    if local.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
+        return local
+    from huggingface_hub import snapshot_download
+
+    from .models import ModelLoadError
+
+    try:
+        return Path(snapshot_download(str(path), repo_type="model"))
+    except Exception as err:
+        raise ModelLoadError(
+            f"{path} is not a local folder, and the Hub repo could not be fetched ({type(err).__name__}); "
+            "offline, only repos already in the local Hugging Face cache load"
+        ) from None
+
+
 def load(path, device: str | None = None, dtype: str | torch.dtype | None = None, return_tokenizer: bool = False):
-    """Rebuild a converted model from a folder written by :func:`save`.
+    """Rebuild a converted model from a folder written by :func:`save` (or a Hub repo id of one).
 
     >>> model = linearize.load("runs/smoke")
     >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)
     """
     from .models import load_teacher
 
+    path = resolve_artifact(path)
     config = read_config(path)
     model, tokenizer, source = load_teacher(config["base_model"], dtype=dtype or config.get("dtype", "float32"))
     conv = config["conversion"]
