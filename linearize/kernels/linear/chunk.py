@@ -26,11 +26,17 @@ running state in fp32 registers, so no per-chunk state goes through memory:
   plus the final state's gradient, which seeds ``dS`` and ``dz``; what ``dS, dz`` hold after the
   first chunk is the initial state's gradient.
 
-Precision: state and accumulation in fp32. With bf16/fp16 inputs the matrix products take
-bf16/fp16 operands, except the two backward products with the running state whose result is
-about to cancel against the normaliser term (``S_t dn_t`` against ``z_t dd_t`` and ``dS v``
-against ``dz``): those keep both operands in fp32 (tf32 on a GPU). With fp32 inputs every product is
-full fp32 (``input_precision="ieee"``).
+Precision: state and accumulation in fp32. With fp32 inputs every product is full fp32
+(``input_precision="ieee"``). With bf16/fp16 inputs the products run on 16-bit tensor cores;
+bf16 inputs are exact there, and every fp32 operand that meets them (the running state, the
+normaliser, ``A`` in ``A v``, ``dn = dy / d`` where it meets ``v``) is split into ``hi + lo``
+halves (:func:`_dot_split`), which keeps those products at about fp32 accuracy. This matters
+beyond the forward: ``dfq`` and ``dfk`` are differences of two large terms (``S_t dn_t`` against
+``z_t dd_t``, ``dS v`` against ``dz``) whenever the values share a common offset, and a state
+rounded to bf16 (or tf32) turned into errors of 10-20% there. Only products whose result is not
+about to cancel (``A = fq fk^T``, ``P fk``, everything in ``dv``) take plain 16-bit operands.
+The backward reads ``y`` in fp32 (kept by the forward when a gradient is needed) for the same
+reason.
 
 Triton 3.4-3.7 miscompiles, on Hopper, ``tl.trans`` of a ``tl.dot`` result cast to bf16/fp16 and
 fed to another ``tl.dot``. Nothing here calls ``tl.trans``: every operand needed transposed
@@ -60,23 +66,39 @@ def interpreting() -> bool:
 
 @triton.jit
 def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
-    """``a @ b`` with both operands rounded to ``DT`` (and, for fp32 operands, multiplied at
-    ``PREC``: "ieee" or "tf32"), accumulated in fp32.
+    """``a @ b`` with both operands rounded to ``DT``, accumulated in fp32 (``PREC``: "ieee" for
+    fp32 operands).
 
-    ``EMULATE`` (the CPU interpreter, bf16/fp16 inputs): round the operands as the GPU would
-    (to ``DT``, or to tf32 by truncation, as tensor cores read fp32), then multiply in fp32. The
-    interpreter's own bf16 product multiplies the raw bit patterns, and it ignores tf32."""
+    ``EMULATE`` (the CPU interpreter, bf16 operands): round to ``DT``, then multiply in fp32; the
+    interpreter's own bf16 product multiplies the raw bit patterns."""
     a = a.to(DT)
     b = b.to(DT)
     if EMULATE:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        if DT == tl.float32:  # tf32 keeps 10 of the 23 mantissa bits
-            a = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            b = (b.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        out = tl.dot(a, b, input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _dot_split(a, b, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr, SPLIT_A: tl.constexpr,
+               SPLIT_B: tl.constexpr):
+    """``a @ b`` for fp32 operands at about fp32 accuracy on 16-bit tensor cores: each operand that
+    is split is written as ``hi + lo`` (both ``DT``), and the products ``hi hi``, ``hi lo`` and
+    ``lo hi`` are summed (the ``lo lo`` term is below fp32 rounding). An operand that is already
+    exact in ``DT`` (a bf16 input) needs no split. With ``DT = fp32`` a single fp32 product."""
+    if DT == tl.float32:
+        out = _dot(a, b, DT, PREC, EMULATE)
+    else:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        a_hi = a.to(DT)
+        b_hi = b.to(DT)
+        out = _dot(a_hi, b_hi, DT, PREC, EMULATE)
+        if SPLIT_A:
+            out += _dot(a - a_hi.to(tl.float32), b_hi, DT, PREC, EMULATE)
+        if SPLIT_B:
+            out += _dot(a_hi, b - b_hi.to(tl.float32), DT, PREC, EMULATE)
     return out
 
 
@@ -109,12 +131,17 @@ def _fwd_kernel(
     v += i_bh * T * DV
     y += i_bh * T * DV
     p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV]
+    # z is kept as column 0 of a [BF, 16] matrix, so that fq . z and its update are (small)
+    # matrix products rather than [C, BF] fp32 temporaries, which would not fit in registers.
+    first = tl.arange(0, 16)[None, :] == 0
     if HAS_INIT:
         S = tl.load(s0 + p_s, mask=m_fv, other=0.0).to(tl.float32)
         z = tl.load(z0 + i_bh * F + o_f, mask=m_f, other=0.0).to(tl.float32)
+        Z = tl.where(first, z[:, None], 0.0)  # [BF, 16]
     else:
         S = tl.zeros([BF, BV], dtype=tl.float32)
-        z = tl.zeros([BF], dtype=tl.float32)
+        Z = tl.zeros([BF, 16], dtype=tl.float32)
+    ones = tl.where(first, 1.0, 0.0) + tl.zeros([C, 16], dtype=tl.float32)  # [C, 16]: column 0 is ones
     causal = o_c[:, None] >= o_c[None, :]
     for i_t in range(0, tl.cdiv(T, C)):
         t = i_t * C + o_c
@@ -123,8 +150,8 @@ def _fwd_kernel(
         b_fkT = tl.load(fk + t[None, :] * F + o_f[:, None], mask=m_f[:, None] & m_t[None, :], other=0.0)  # [BF, C]
         b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
         A = tl.where(causal, _dot(b_fq, b_fkT, DT, PREC, EMULATE), 0.0)  # [C, C]
-        d = tl.sum(A, 1) + tl.sum(b_fq.to(tl.float32) * z[None, :], 1)  # [C]
-        o = _dot(b_fq, S, tl.float32, PREC, EMULATE) + _dot(A, b_v, tl.float32, PREC, EMULATE)  # [C, BV]
+        d = tl.sum(A, 1) + tl.sum(_dot_split(b_fq, Z, DT, PREC, EMULATE, False, True), 1)  # [C]
+        o = _dot_split(b_fq, S, DT, PREC, EMULATE, False, True) + _dot_split(A, b_v, DT, PREC, EMULATE, True, False)
         o = o / tl.maximum(d, _TINY)[:, None]
         tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         if STORE_Y32:  # the backward's copy of y, in fp32 (see linear_attention_fwd)
@@ -132,11 +159,11 @@ def _fwd_kernel(
         if i_v == 0:
             tl.store(den + i_bh * T + t, d, mask=m_t)
         S += _dot(b_fkT, b_v, DT, PREC, EMULATE)
-        z += tl.sum(b_fkT.to(tl.float32), 1)
+        Z += _dot(b_fkT, ones, DT, PREC, EMULATE)
     if STORE_FINAL:
         tl.store(s_out + p_s, S, mask=m_fv)
         if i_v == 0:
-            tl.store(z_out + i_bh * F + o_f, z, mask=m_f)
+            tl.store(z_out + i_bh * F + o_f, tl.sum(Z, 1), mask=m_f)
 
 
 @triton.jit
@@ -170,9 +197,9 @@ def _bwd_dq(
         b_dd = -tl.sum(b_dy * b_y, 1) * inv  # [C]
         b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
         b_fk = tl.load(fk + i_bh * T * F + t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        P = tl.where(causal, _dot(b_dn, b_vT, tl.float32, PREC, EMULATE) + b_dd[:, None], 0.0)  # [C, C]
+        P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [C, C]
         # fp32 operands: this term and the next cancel in part
-        b_dq = _dot(b_dn, ST, tl.float32, PREC, EMULATE) + b_dd[:, None] * z[None, :]
+        b_dq = _dot_split(b_dn, ST, DT, PREC, EMULATE, True, True) + b_dd[:, None] * z[None, :]
         b_dq += _dot(P, b_fk, DT, PREC, EMULATE)
         p_dq = dfq + i_bh * T * F + t[:, None] * F + o_k[None, :]
         tl.store(p_dq, b_dq.to(dfq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
@@ -214,13 +241,13 @@ def _bwd_dk(
         b_dd = -tl.sum(b_dyT * b_yT, 0) * inv  # [C]
         b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
         b_fq = tl.load(fq + i_bh * T * F + t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        Q = tl.where(later, _dot(b_v, b_dnT, tl.float32, PREC, EMULATE) + b_dd[None, :], 0.0)  # [C, C]
+        Q = tl.where(later, _dot_split(b_v, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :], 0.0)  # [C, C]
         # fp32 operands: this term and the next cancel in part
-        b_dk = _dot(b_v, dST, tl.float32, PREC, EMULATE) + dz[None, :]
+        b_dk = _dot_split(b_v, dST, DT, PREC, EMULATE, False, True) + dz[None, :]
         b_dk += _dot(Q, b_fq, DT, PREC, EMULATE)
         p_dk = dfk + i_bh * T * F + t[:, None] * F + o_k[None, :]
         tl.store(p_dk, b_dk.to(dfk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-        dST += _dot(b_dnT, b_fq, tl.float32, PREC, EMULATE)
+        dST += _dot_split(b_dnT, b_fq, DT, PREC, EMULATE, True, False)
         dz += tl.sum(b_fq.to(tl.float32) * b_dd[:, None], 0)
     if STORE_DINIT:
         tl.store(dz0 + i_bh * F + o_k, dz, mask=m_k)
@@ -316,16 +343,33 @@ def _dot_config(dtype: torch.dtype):
     return _DOT_DTYPES[dtype], precision, emulate
 
 
-def _value_block(BF: int, DV: int, programs_per_block: int) -> int:
-    """Block of value columns a forward / ``dv`` program takes: large enough for full
-    products, small enough for the ``[BF, BV]`` fp32 state to stay in registers, and small
-    enough to give the GPU about one program per multiprocessor when ``B * H`` is small."""
-    BV = min(_pow2(DV), 64 if BF <= 128 else 32)
+def _sms() -> int | None:
     if torch.cuda.is_available() and not interpreting():
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        while BV > 16 and programs_per_block * triton.cdiv(DV, BV) < sms:
-            BV //= 2
-    return BV
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return None
+
+
+def _fwd_config(F: int, DV: int, chunk_size: int, heads: int):
+    """``(C, BF, BV, num_warps)`` of the forward kernel. The chunk and the block of value columns
+    are chosen so that a program's tiles (``[C, BF]`` features, ``[BF, BV]`` state) stay in
+    registers (checked by compiling for sm_90: no spills at F = 64 and 256, a few bytes at 128),
+    then ``BV`` shrinks while ``B * H`` programs per block would leave multiprocessors idle."""
+    BF = _pow2(F)
+    C = min(chunk_size, max(16, 8192 // BF))
+    BV = min(_pow2(DV), 64, max(16, triton.next_power_of_2(262144 // (BF * C) + 1) // 2))
+    sms = _sms()
+    while sms and BV > 16 and heads * triton.cdiv(DV, BV) < sms:
+        BV //= 2
+    return C, BF, BV, (8 if BF * BV >= 8192 else 4)
+
+
+def _bwd_config(F: int, DV: int, chunk_size: int, heads: int):
+    """``(C, BF, BK, BV, BDV)`` of the backward kernel (8 warps): ``dfq``/``dfk`` programs take
+    ``BK`` features and every value column, ``dv`` programs ``BV`` columns and every feature."""
+    C, BF, BV, _ = _fwd_config(F, DV, chunk_size, heads)
+    BDV = _pow2(DV)
+    BK = 32 if (BDV > 128 or BF > 128) else min(BF, 64)
+    return min(chunk_size, 64 if BF <= 128 else 32), BF, BK, BV, BDV
 
 
 def _check_chunk(chunk_size: int):
@@ -354,13 +398,11 @@ def linear_attention_fwd(
     z = torch.empty(B, H, F, device=v.device, dtype=torch.float32) if output_final_state else None
     store_y32 = keep_fp32_output and y.dtype != torch.float32
     y32 = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32) if store_y32 else None
-    BF = _pow2(F)
-    BV = _value_block(BF, DV, B * H)
-    grid = (triton.cdiv(DV, BV), B * H)
-    _fwd_kernel[grid](
+    C, BF, BV, num_warps = _fwd_config(F, DV, chunk_size, B * H)
+    _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
         fq, fk, v, y, y32, d, S0, z0, S, z, T, F, DV,
-        C=chunk_size, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8 if BF * BV >= 8192 else 4, num_stages=2,
+        C=C, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
     )
     if keep_fp32_output and not store_y32:
         y32 = y
@@ -385,13 +427,11 @@ def linear_attention_bwd(fq, fk, v, y, d, dy, S0=None, z0=None, dS=None, dz=None
     want_dinit = want_dinit and has_init
     dS0 = torch.empty(B, H, F, DV, device=v.device, dtype=torch.float32) if want_dinit else None
     dz0 = torch.empty(B, H, F, device=v.device, dtype=torch.float32) if want_dinit else None
-    BF, BDV = _pow2(F), _pow2(DV)
-    BK = min(BF, 64 if BDV <= 128 else 32)
-    BV = _value_block(BF, DV, B * H)
+    C, BF, BK, BV, BDV = _bwd_config(F, DV, chunk_size, B * H)
     NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
     _bwd_kernel[(2 * NK + NV, B * H)](
         fq, fk, v, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dS0, dz0, T, F, DV,
-        C=chunk_size, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
+        C=C, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
         HAS_INIT=has_init, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
     )
