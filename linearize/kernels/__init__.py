@@ -3,12 +3,28 @@
 Students call :func:`hybrid_attention` (or :func:`gated_attention`, for decayed linear
 attention); it picks the form (chunked for prefill and training,
 the recurrent step for decoding) and, where one exists, a fused kernel on CUDA.
-Set ``LINEARIZE_KERNELS=reference`` to force the PyTorch reference everywhere.
+
+Kernels (``LINEARIZE_KERNELS``):
+
+* ``auto`` (default): the Triton kernels of :mod:`linearize.kernels.linear` for plain linear
+  attention (``window == 0`` and no sinks) on CUDA tensors when ``triton`` can be imported; the
+  PyTorch reference otherwise;
+* ``reference``: the PyTorch reference everywhere;
+* ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
+  need ``TRITON_INTERPRET=1``); an error if ``triton`` cannot be imported or the attention has
+  a window or sinks.
+
+Triton replaces the chunked form and the one-token step; the quadratic ``naive`` form and the
+multi-token ``recurrent`` loop, which exist to check the others, always run the reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
+
+import torch
 
 from .gated import (
     GatedState,
@@ -41,6 +57,64 @@ __all__ = [
 ]
 
 FORMS = ("auto", "chunk", "recurrent", "naive")
+KERNELS = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported here."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_choice() -> str:
+    """``LINEARIZE_KERNELS``: one of :data:`KERNELS` (``auto`` when unset)."""
+    choice = os.environ.get("LINEARIZE_KERNELS", "").strip().lower() or "auto"
+    if choice not in KERNELS:
+        raise ValueError(f"LINEARIZE_KERNELS must be one of {KERNELS}, got {choice!r}")
+    return choice
+
+
+def _use_triton(tensors, window, sinks, state) -> bool:
+    """Whether plain linear attention on ``tensors`` goes to the Triton kernels."""
+    choice = kernel_choice()
+    if choice == "reference":
+        return False
+    supported = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("LINEARIZE_KERNELS=triton but triton cannot be imported: pip install triton")
+        if not supported:
+            raise ValueError(
+                f"LINEARIZE_KERNELS=triton: there is no Triton kernel for window={window}, sinks={sinks} "
+                "(only plain linear attention: window 0, no sinks); unset LINEARIZE_KERNELS to use the reference"
+            )
+        return True
+    return supported and all(t.is_cuda for t in tensors) and triton_available()
+
+
+def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
+    """Plain normalised linear attention through the Triton kernels, with the reference's
+    contract: ``(y [B, H, T, Dv] fp32, HybridState or None)``."""
+    from . import linear
+
+    B, H, T, F = fq.shape
+    carried = () if state is None else (state.S, state.z)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (fq, fk, v, *carried))
+    if T == 1 and state is not None and not needs_grad:  # decode: the fused step
+        mask = None if key_mask is None else key_mask[:, 0]
+        y, S, z = linear.linear_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], state.S, state.z, mask)
+        y = y[:, :, None]
+    else:
+        chunk = max(c for c in (16, 32, 64, 128) if c <= max(chunk_size, 16))
+        y, final = linear.chunk_linear_attention(
+            fq, fk, v, carried or None, output_final_state=output_state, chunk_size=chunk, key_mask=key_mask,
+            output_dtype=torch.float32,
+        )
+        S, z = final if output_state else (None, None)
+    if not output_state:
+        return y, None
+    if state is None:  # the empty window and sink buffers of a window-0 state
+        state = HybridState.empty(B, H, q.shape[-1], v.shape[-1], F, device=v.device)
+    return y, dataclasses.replace(state, S=S, z=z)
 
 
 def hybrid_attention(
@@ -53,15 +127,14 @@ def hybrid_attention(
 
     Returns ``(y [B, H, T, Dv] fp32, state or None)``. ``form`` is one of ``auto`` (the
     recurrent step for a single token with a state, chunked otherwise), ``chunk``,
-    ``recurrent`` or ``naive`` (quadratic; no state in or out).
+    ``recurrent`` or ``naive`` (quadratic; no state in or out). ``LINEARIZE_FORM`` overrides
+    ``auto``; ``LINEARIZE_KERNELS`` picks Triton or the reference (see the module docstring).
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if os.environ.get("LINEARIZE_FORM") in FORMS[1:] and form == "auto":
-        form = os.environ["LINEARIZE_FORM"]
+    form = _pick_form(form, q.shape[2], state)
     T = q.shape[2]
-    if form == "auto":
-        form = "recurrent" if (T == 1 and state is not None) else "chunk"
+    triton_form = form == "chunk" or (form == "recurrent" and T == 1 and state is not None)
+    if triton_form and _use_triton((q, fq, fk, v), window, sinks, state):
+        return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
     if form == "naive":
         if state is not None or output_state:
             raise ValueError("the naive form takes and returns no state; use form='chunk' or 'recurrent'")

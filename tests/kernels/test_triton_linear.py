@@ -1,0 +1,383 @@
+"""The Triton kernels equal their PyTorch references: chunked linear attention (forward, final
+state, every gradient), the decode step, the fused Hedgehog map, and the dispatcher.
+
+Without CUDA the kernels run in Triton's CPU interpreter (``conftest.py`` sets
+``TRITON_INTERPRET=1``), on tiny shapes; with CUDA the same tests run compiled on the GPU, and
+the ``gpu`` tests add real shapes. Errors are relative, ``||a - b|| / ||b||``, against the fp32
+reference. Tolerances: 1e-5 for fp32 inputs (every product in fp32 in the kernels too). For
+bf16 inputs the reference gets the same bf16-rounded inputs, so the differences are the
+kernels' own roundings: mostly the bf16 outputs themselves (``y`` and the gradients of bf16
+inputs are bf16, 2^-9 relative each), plus the 16-bit operands ``A = fq fk^T``, ``P`` and
+``dn`` in the products whose result does not cancel. Seen in the interpreter: 3e-3 to 4e-3 on
+``y``, 4e-3 to 7e-3 on the gradients (also with values offset by 3, where ``dfq`` cancels), up
+to 1e-2 on ``dx`` of the Hedgehog map; 1e-2 and 2e-2 are asserted.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from linearize.feature_maps import HedgehogFeatureMap  # noqa: E402
+from linearize.kernels import (  # noqa: E402
+    HybridState,
+    chunk_hybrid_attention,
+    hybrid_attention,
+    hybrid_step,
+)
+from linearize.kernels.feature_map import hedgehog_feature_map  # noqa: E402
+from linearize.kernels.linear import chunk_linear_attention, linear_step  # noqa: E402
+from linearize.kernels.linear.chunk import interpreting  # noqa: E402
+
+if interpreting():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+B, H, F, DV = 2, 2, 12, 20  # F != Dv, neither a power of two
+
+
+def rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    den = b.norm()
+    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+def make_inputs(T, seed, dtype=torch.float32, b=B, h=H, f=F, dv=DV, device=DEVICE, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    fq = torch.rand(b, h, T, f, generator=g)
+    fk = torch.rand(b, h, T, f, generator=g)
+    v = torch.randn(b, h, T, dv, generator=g) + offset
+    S0 = torch.rand(b, h, f, dv, generator=g) * 2 - 0.5
+    z0 = torch.rand(b, h, f, generator=g) + 0.5
+    fq, fk, v = (x.to(device=device, dtype=dtype) for x in (fq, fk, v))
+    return fq, fk, v, S0.to(device), z0.to(device)
+
+
+def cotangents(y_shape, S_shape, z_shape, seed, device=DEVICE):
+    g = torch.Generator().manual_seed(seed + 1000)
+    return tuple(torch.randn(s, generator=g).to(device) for s in (y_shape, S_shape, z_shape))
+
+
+def reference(fq, fk, v, S0=None, z0=None, key_mask=None):
+    """``chunk_hybrid_attention`` with ``window=0``: ``(y, S, z)``."""
+    b, h, _, f = fq.shape
+    state = None
+    if S0 is not None:
+        state = HybridState.empty(b, h, f, v.shape[-1], f, device=fq.device)
+        state.S, state.z = S0, z0
+    y, new = chunk_hybrid_attention(fq, fq, v, fq, fk, None, 0, 1.0, key_mask, state, chunk_size=16, output_state=True)
+    return y, new.S, new.z
+
+
+def run_both(T, seed, dtype=torch.float32, init=False, key_mask=None, chunk_size=16, corrupt=None, offset=0.0):
+    """Outputs and gradients of the kernel and of the reference on the same inputs; ``corrupt``
+    edits the kernel's and the reference's copies of ``(fk, v)`` before the call."""
+    fq, fk, v, S0, z0 = make_inputs(T, seed, dtype, offset=offset)
+    dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed)
+    out = {}
+    for impl in ("kernel", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, S0, z0)]
+        a, b_, c, s, z = leaves
+        if corrupt is not None:
+            b_, c = corrupt(b_, c)
+        if impl == "kernel":
+            y, (S, Z) = chunk_linear_attention(
+                a, b_, c, (s, z) if init else None, output_final_state=True, chunk_size=chunk_size, key_mask=key_mask
+            )
+        else:
+            y, S, Z = reference(a, b_, c, s if init else None, z if init else None, key_mask)
+        ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
+        grads = [l.grad for l in leaves] if init else [l.grad for l in leaves[:3]]
+        out[impl] = [y, S, Z, *grads]
+    return out
+
+
+NAMES = ["y", "S", "z", "dfq", "dfk", "dv", "dS0", "dz0"]
+
+
+def errors(out):
+    return {n: rel(a, b) for n, a, b in zip(NAMES, out["kernel"], out["reference"])}
+
+
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("T", [1, 15, 63, 100])
+def test_chunk_matches_reference_fp32(T, init):
+    out = run_both(T, seed=T, init=init)
+    assert out["kernel"][0].dtype == torch.float32
+    err = errors(out)
+    assert len(err) == (8 if init else 6)
+    if T == 1 and not init:
+        # y_0 = v_0 whatever fq (and S, z do not involve fq): dfq is zero up to rounding, in both
+        assert max(float(x.abs().max()) for x in (out["kernel"][3], out["reference"][3])) <= 1e-6
+        del err["dfq"]
+    assert max(err.values()) <= 1e-5, err
+
+
+def test_chunk_sizes_agree():
+    """Chunks of 64 (the default; T = 100 is one full chunk and a partial one) and of 16 give
+    the reference's results alike."""
+    err = errors(run_both(100, seed=7, init=True, chunk_size=64))
+    assert max(err.values()) <= 1e-5, err
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+def test_bf16_inputs(offset):
+    """bf16 inputs; with values offset by 3 the gradients of the features are small differences of
+    large terms, which a state rounded to bf16 would get wrong by 10-20%."""
+    out = run_both(100, seed=3, dtype=torch.bfloat16, init=True, offset=offset)
+    y, S, z, dfq, dfk, dv, dS0, dz0 = out["kernel"]
+    assert y.dtype == dfq.dtype == dfk.dtype == dv.dtype == torch.bfloat16
+    assert S.dtype == z.dtype == dS0.dtype == torch.float32
+    err = errors(out)
+    assert err["y"] <= 1e-2, err
+    assert err["S"] <= 1e-5 and err["z"] <= 1e-5, err  # sums of exact products of bf16 inputs, in fp32
+    assert max(err[n] for n in NAMES[3:]) <= 2e-2, err
+
+
+def test_padding_keys():
+    """Left padding (row 1) and right padding (row 0) through ``key_mask``; the padded keys hold
+    NaN and huge values, which must not leak into outputs or gradients."""
+    T = 40
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    mask[1, :9] = False
+    mask[0, -5:] = False
+
+    def corrupt(fk, v):
+        pad = ~mask[:, None, :, None]
+        return fk.masked_fill(pad, float("nan")), v.masked_fill(pad, 1e6)
+
+    out = run_both(T, seed=5, key_mask=mask, corrupt=corrupt)
+    err = errors(out)
+    assert max(err.values()) <= 1e-5, err
+    y, _, _, dfq, dfk, dv = (x.detach() for x in out["kernel"])
+    assert torch.isfinite(y).all() and torch.isfinite(dfq).all()
+    assert float(y[1, :, :9].abs().max()) == 0.0  # no valid key yet: y = 0
+    assert float(dfk[1, :, :9].abs().max()) == 0.0 and float(dv[0, :, -5:].abs().max()) == 0.0
+
+
+def test_split_sequence_with_carried_state_equals_whole():
+    T = 75
+    fq, fk, v, _, _ = make_inputs(T, seed=11)
+    whole, (S, z) = chunk_linear_attention(fq, fk, v, output_final_state=True, chunk_size=16)
+    state, parts = None, []
+    for a, b in [(0, 1), (1, 40), (40, 75)]:
+        y, state = chunk_linear_attention(
+            fq[:, :, a:b], fk[:, :, a:b], v[:, :, a:b], state, output_final_state=True, chunk_size=16
+        )
+        parts.append(y)
+    assert rel(torch.cat(parts, 2), whole) <= 1e-5
+    assert rel(state[0], S) <= 1e-5 and rel(state[1], z) <= 1e-5
+
+
+def test_step_matches_reference():
+    b = 3
+    g = torch.Generator().manual_seed(21)
+    fq, fk = (torch.rand(b, H, F, generator=g).to(DEVICE) for _ in range(2))
+    v = torch.randn(b, H, DV, generator=g).to(DEVICE)
+    S = torch.rand(b, H, F, DV, generator=g).to(DEVICE)
+    z = torch.rand(b, H, F, generator=g).to(DEVICE) + 0.5
+    mask = torch.tensor([True, False, True], device=DEVICE)
+    fk[1] = float("nan")  # a padding token's features must not reach the state
+    state = dataclass_state(S, z)
+    y_ref, new = hybrid_step(fq, fq, v, fq, fk, None, 0, 1.0, mask, state)
+    y, S1, z1 = linear_step(fq, fk, v, S, z, key_mask=mask)
+    assert rel(y, y_ref) <= 1e-6 and rel(S1, new.S) <= 1e-6 and rel(z1, new.z) <= 1e-6
+    assert torch.equal(S1[1], S[1]) and torch.equal(z1[1], z[1])
+    S2, z2 = S.clone(), z.clone()
+    y2, S3, z3 = linear_step(fq, fk, v, S2, z2, key_mask=mask, inplace=True)
+    assert S3.data_ptr() == S2.data_ptr() and torch.equal(S2, S1) and torch.equal(z2, z1) and torch.equal(y2, y)
+
+
+def dataclass_state(S, z):
+    b, h, f, dv = S.shape
+    state = HybridState.empty(b, h, f, dv, f, device=S.device)
+    state.S, state.z = S, z
+    return state
+
+
+def test_steps_continue_the_chunked_form():
+    """Prefill with the chunked kernel, then decode token by token: the same outputs as the
+    chunked kernel over the whole sequence."""
+    T, P = 24, 19
+    fq, fk, v, _, _ = make_inputs(T, seed=13)
+    whole, _ = chunk_linear_attention(fq, fk, v, chunk_size=16)
+    _, (S, z) = chunk_linear_attention(fq[:, :, :P], fk[:, :, :P], v[:, :, :P], output_final_state=True, chunk_size=16)
+    ys = []
+    for t in range(P, T):
+        y, S, z = linear_step(fq[:, :, t], fk[:, :, t], v[:, :, t], S, z)
+        ys.append(y)
+    assert rel(torch.stack(ys, 2), whole[:, :, P:]) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 37])
+def test_hedgehog_feature_map(T, dtype):
+    D, Fh = 12, 10
+    torch.manual_seed(T)
+    fmap = HedgehogFeatureMap(3, D, Fh).to(DEVICE)
+    with torch.no_grad():
+        fmap.weight.add_(torch.randn_like(fmap.weight) * 0.5)  # off the identity
+    x = (torch.randn(B, 3, T, D) * 2).to(device=DEVICE, dtype=dtype)
+    g = torch.randn(B, 3, T, 2 * Fh).to(DEVICE)
+    results = []
+    for fn in (lambda x: fmap(x), lambda x: hedgehog_feature_map(x, fmap.weight)):
+        xl = x.clone().requires_grad_()
+        fmap.weight.grad = None
+        phi = fn(xl)
+        (phi * g).sum().backward()
+        results.append((phi, xl.grad, fmap.weight.grad.clone()))
+    (phi_ref, dx_ref, dw_ref), (phi, dx, dw) = results
+    assert phi.dtype == phi_ref.dtype == torch.float32 and dx.dtype == dtype
+    tol = (1e-5, 1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 2e-2, 2e-2)
+    errs = rel(phi, phi_ref), rel(dx, dx_ref), rel(dw, dw_ref)
+    assert all(e <= t for e, t in zip(errs, tol)), errs
+
+
+class _Spy:
+    def __init__(self, monkeypatch, module, name):
+        self.calls = 0
+        fn = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+
+def test_dispatch(monkeypatch):
+    import linearize.kernels.linear as linear
+
+    T = 20
+    fq, fk, v, _, _ = make_inputs(T, seed=17)
+    q = torch.randn(B, H, T, 8, device=DEVICE)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    mask[1, :3] = False
+    chunk, step = _Spy(monkeypatch, linear, "chunk_linear_attention"), _Spy(monkeypatch, linear, "linear_step")
+
+    def call(**kw):
+        return hybrid_attention(q, q, v, fq, fk, None, 0, 1.0, key_mask=mask, output_state=True, **kw)
+
+    monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
+    y_ref, s_ref = call()
+    assert chunk.calls == 0
+    monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
+    call()
+    assert chunk.calls == (1 if DEVICE == "cuda" else 0)  # auto: Triton on CUDA only
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    y, s = call()
+    assert chunk.calls >= 1
+    assert y.dtype == torch.float32 and rel(y, y_ref) <= 1e-5 and rel(s.S, s_ref.S) <= 1e-5 and rel(s.z, s_ref.z) <= 1e-5
+    for name in ("k", "v", "fk", "mask", "sink_k", "sink_v", "sink_mask"):
+        assert getattr(s, name).shape == getattr(s_ref, name).shape, name
+    # decode: one token with a state goes to the fused step, and equals the reference step
+    one = [x[:, :, :1] for x in (q, v, fq, fk)]
+    y1, s1 = hybrid_attention(one[0], one[0], one[1], one[2], one[3], None, 0, 1.0, key_mask=mask[:, :1], state=s,
+                              output_state=True)
+    assert step.calls == 1
+    monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
+    y1_ref, s1_ref = hybrid_attention(one[0], one[0], one[1], one[2], one[3], None, 0, 1.0, key_mask=mask[:, :1],
+                                      state=s_ref, output_state=True)
+    assert rel(y1, y1_ref) <= 1e-5 and rel(s1.S, s1_ref.S) <= 1e-5 and rel(s1.z, s1_ref.z) <= 1e-5
+    # forcing Triton where it has no kernel is an error, not a silent fallback
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    with pytest.raises(ValueError, match="no Triton kernel for window=4"):
+        hybrid_attention(q, q, v, fq, fk, torch.full((H,), 0.1, device=DEVICE), 4, 1.0)
+    monkeypatch.setenv("LINEARIZE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="LINEARIZE_KERNELS must be one of"):
+        call()
+
+
+def test_bad_arguments_say_what_to_fix():
+    fq, fk, v, S0, z0 = make_inputs(8, seed=1)
+    with pytest.raises(ValueError, match="v must be"):
+        chunk_linear_attention(fq, fk, v[:, :, :4])
+    with pytest.raises(ValueError, match="initial_state must be"):
+        chunk_linear_attention(fq, fk, v, (S0, z0[..., :3]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_linear_attention(fq, fk, v, chunk_size=48)
+    with pytest.raises(ValueError, match="key_mask must be"):
+        chunk_linear_attention(fq, fk, v, key_mask=torch.ones(B, 9, dtype=torch.bool, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- real shapes, on the GPU
+
+
+def _hedgehog_like(shape, device, dtype):
+    """Features as a Hedgehog map gives them: two softmaxes of F/2 each."""
+    z = torch.randn(*shape[:-1], shape[-1] // 2, device=device) * 2
+    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).to(dtype)
+
+
+def check_bf16_against_reference(b, h, T, f, dv, device):
+    """bf16 kernel vs the fp32 reference, initial state in and final state out, every gradient."""
+    torch.manual_seed(0)
+    fq, fk = (_hedgehog_like((b, h, T, f), device, torch.bfloat16) for _ in range(2))
+    v = torch.randn(b, h, T, dv, device=device).to(torch.bfloat16)
+    S0 = torch.rand(b, h, f, dv, device=device)
+    z0 = torch.rand(b, h, f, device=device) + 0.5
+    dy, dS, dz = (torch.randn(s, device=device) for s in (v.shape, S0.shape, z0.shape))
+    out = {}
+    for impl in ("kernel", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, S0, z0)]
+        a, k_, c, s, z = leaves
+        if impl == "kernel":
+            y, (S, Z) = chunk_linear_attention(a, k_, c, (s, z), output_final_state=True)
+        else:
+            y, S, Z = reference(a, k_, c, s, z)
+        ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
+        out[impl] = [y, S, Z, *(l.grad for l in leaves)]
+    err = errors(out)
+    assert err["y"] <= 1e-2 and err["S"] <= 1e-4 and err["z"] <= 1e-4, err
+    assert max(err[n] for n in NAMES[3:]) <= 2e-2, err
+    return err
+
+
+def test_bf16_hedgehog_features_small():
+    """The GPU test's code at a small shape (two chunks of 64, F = 32)."""
+    check_bf16_against_reference(1, 2, 100, 32, 16, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+def test_gpu_chunk_real_shapes_bf16():
+    check_bf16_against_reference(2, 8, 4096, 128, 64, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+def test_gpu_step_and_hedgehog_real_shapes():
+    check_step_and_hedgehog(b=16, h=32, f=128, dv=128, d=128, T=4096, device="cuda")
+
+
+def check_step_and_hedgehog(b, h, f, dv, d, T, device):
+    """A decode step of a batch, and the Hedgehog map (fp32 and bf16 inputs, fp32 map)."""
+    torch.manual_seed(1)
+    fq, fk = (_hedgehog_like((b, h, f), device, torch.float32) for _ in range(2))
+    v = torch.randn(b, h, dv, device=device)
+    S = torch.rand(b, h, f, dv, device=device)
+    z = torch.rand(b, h, f, device=device) + 0.5
+    keep = torch.ones(b, dtype=torch.bool, device=device)
+    y_ref, new = hybrid_step(fq, fq, v, fq, fk, None, 0, 1.0, keep, dataclass_state(S, z))
+    y, S1, z1 = linear_step(fq, fk, v, S, z)
+    assert rel(y, y_ref) <= 1e-5 and rel(S1, new.S) <= 1e-6 and rel(z1, new.z) <= 1e-6
+
+    heads = min(h, 8)
+    fmap = HedgehogFeatureMap(heads, d, f // 2).to(device)
+    with torch.no_grad():
+        fmap.weight.add_(torch.randn_like(fmap.weight) * 0.1)
+    x = torch.randn(2, heads, T, d, device=device)
+    g = torch.randn(2, heads, T, f, device=device)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        res = []
+        for fn in (fmap, lambda t: hedgehog_feature_map(t, fmap.weight)):
+            xl = x.to(dtype).clone().requires_grad_()
+            fmap.weight.grad = None
+            phi = fn(xl)
+            (phi * g).sum().backward()
+            res.append((phi, xl.grad, fmap.weight.grad.clone()))
+        errs = [rel(a, b_) for a, b_ in zip(res[1], res[0])]
+        assert max(errs) <= tol, (dtype, errs)
