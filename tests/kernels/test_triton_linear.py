@@ -1,7 +1,7 @@
 """The Triton kernels equal their PyTorch references: chunked linear attention (forward, final
 state, every gradient), the decode step, the fused Hedgehog map, and the dispatcher.
 
-Without CUDA the kernels run in Triton's CPU interpreter (``conftest.py`` sets
+Without CUDA the kernels run in Triton's CPU interpreter (``tests/conftest.py`` sets
 ``TRITON_INTERPRET=1``), on tiny shapes; with CUDA the same tests run compiled on the GPU, and
 the ``gpu`` tests add real shapes. Errors are relative, ``||a - b|| / ||b||``, against the fp32
 reference. Tolerances: 1e-5 for fp32 inputs (every product in fp32 in the kernels too). For
