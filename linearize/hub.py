@@ -103,8 +103,15 @@ def prepare_upload(folder: str | Path, staging: str | Path, repo_id: str | None 
     """Write the exact folder that would be uploaded: the model folder plus its README.md."""
     from .io import atomic_folder, read_config
 
-    folder = Path(folder)
+    folder, staging = Path(folder), Path(staging)
     read_config(folder)  # a clear error if this is not a converted-model folder
+    inner, outer = folder.resolve(), staging.resolve()
+    if outer == inner or inner in outer.parents or outer in inner.parents:
+        raise PushError(f"the upload folder {staging} must lie outside the model folder {folder} (and not contain it)")
+    if staging.exists() and any(staging.iterdir()) and not (
+        (staging / "README.md").is_file() or (staging / "linearize.json").is_file()
+    ):
+        raise PushError(f"{staging} exists and is not an earlier upload folder; name a new or empty folder for the dry run")
     card = model_card(folder, repo_id)
 
     def write(tmp: Path):

@@ -128,3 +128,16 @@ def test_loading_an_uncached_hub_id_offline_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match=r"someone/nothing-here is not a local folder, and the Hub repo could not be fetched"):
         load("someone/nothing-here")
+
+
+def test_dry_run_never_replaces_an_unrelated_folder(converted_folder, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(PushError, match="is not an earlier upload folder"):
+        push(converted_folder, "a/b", dry_run_dir=tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(PushError, match="must lie outside the model folder"):
+        push(converted_folder, "a/b", dry_run_dir=converted_folder / "upload")
+    push(converted_folder, "a/b", dry_run_dir=tmp_path / "dry")
+    push(converted_folder, "a/b", dry_run_dir=tmp_path / "dry")  # an earlier upload folder is replaced
+    assert (tmp_path / "dry" / "README.md").is_file()
