@@ -367,6 +367,9 @@ def _bwd_config(F: int, DV: int, chunk_size: int, heads: int):
     C, BF, BV, _ = _fwd_config(F, DV, chunk_size, heads)
     BDV = _pow2(DV)
     BK = 32 if (BDV > 128 or BF > 128) else min(BF, 64)
+    sms = _sms()
+    while sms and BK > 16 and heads * 2 * triton.cdiv(F, BK) < sms:
+        BK //= 2
     return min(chunk_size, 64 if BF <= 128 else 32), BF, BK, BV, BDV
 
 
