@@ -1,8 +1,8 @@
 """The Triton kernels equal their PyTorch references: chunked linear attention (forward, final
 state, every gradient), the decode step, the fused Hedgehog map, and the dispatcher.
 
-Without CUDA the kernels run in Triton's CPU interpreter (``tests/conftest.py`` sets
-``TRITON_INTERPRET=1``), on tiny shapes; with CUDA the same tests run compiled on the GPU, and
+Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set below),
+on tiny shapes; with CUDA the same tests run compiled on the GPU, and
 the ``gpu`` tests add real shapes. Errors are relative, ``||a - b|| / ||b||``, against the fp32
 reference. Tolerances: 1e-5 for fp32 inputs (every product in fp32 in the kernels too). For
 bf16 inputs the reference gets the same bf16-rounded inputs, so the differences are the
@@ -13,8 +13,15 @@ inputs are bf16, 2^-9 relative each), plus the 16-bit operands ``A = fq fk^T``, 
 to 1e-2 on ``dx`` of the Hedgehog map; 1e-2 and 2e-2 are asserted.
 """
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined (``@triton.jit``, run when the kernel
+# module is first imported), so it is set before the imports below. With CUDA the kernels compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
@@ -135,6 +142,15 @@ def test_bf16_inputs(offset):
     assert err["y"] <= 1e-2, err
     assert err["S"] <= 1e-5 and err["z"] <= 1e-5, err  # sums of exact products of bf16 inputs, in fp32
     assert max(err[n] for n in NAMES[3:]) <= 2e-2, err
+
+
+def test_fp16_inputs():
+    """fp16 inputs are computed with fp32 products (fp16 could not hold the state); the outputs
+    and gradients are fp16, so their own rounding (2^-11) is what remains."""
+    out = run_both(63, seed=4, dtype=torch.float16, init=True)
+    assert out["kernel"][0].dtype == out["kernel"][3].dtype == torch.float16
+    err = errors(out)
+    assert max(err.values()) <= 2e-3, err
 
 
 def test_padding_keys():
@@ -289,6 +305,38 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "fast")
     with pytest.raises(ValueError, match="LINEARIZE_KERNELS must be one of"):
         call()
+
+
+def test_hedgehog_student_through_the_kernels(monkeypatch):
+    """A tiny Llama with Hedgehog students (left-padded batch): logits, the gradients of the
+    feature maps, and greedy decoding through the cache (the fused step) are the same with the
+    Triton kernels as with the reference."""
+    from conftest import converted_model, token_ids
+
+    import linearize.kernels.linear as linear
+    from linearize import ConversionSpec, students
+
+    chunk, step = _Spy(monkeypatch, linear, "chunk_linear_attention"), _Spy(monkeypatch, linear, "linear_step")
+    model = converted_model("llama", ConversionSpec("hedgehog"), seed=0).to(DEVICE)
+    x = token_ids(2, 20, seed=1).to(DEVICE)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    real = mask.bool()
+    params = [p for s in students(model).values() for _, p in s.student_parameters()]
+    results = {}
+    for kernels in ("reference", "triton"):
+        monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
+        model.zero_grad()
+        logits = model(x, attention_mask=mask).logits
+        logits[real].float().pow(2).mean().backward()
+        with torch.no_grad():
+            tokens = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        results[kernels] = (logits[real].detach(), [p.grad.clone() for p in params], tokens)
+    (l_ref, g_ref, t_ref), (l_tri, g_tri, t_tri) = results["reference"], results["triton"]
+    assert rel(l_tri, l_ref) <= 1e-5
+    assert max(rel(a, b) for a, b in zip(g_tri, g_ref)) <= 1e-4
+    assert t_tri.tolist() == t_ref.tolist()
+    assert chunk.calls >= 6 and step.calls >= 3 * 5  # 3 layers: forward, prefill; a step per new token
 
 
 def test_bad_arguments_say_what_to_fix():

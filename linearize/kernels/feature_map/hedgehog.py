@@ -165,9 +165,9 @@ def hedgehog_feature_map(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch
 
     Returns:
         ``phi [B, H, T, 2F]``: the softmax over ``z = x W_h`` in the first ``F`` features, over
-        ``-z`` in the last ``F``. Differentiable in ``x`` and ``weight``. ``x W_h`` takes fp32
-        operands when both are fp32, else bf16/fp16 ones with fp32 accumulation; the softmaxes
-        are fp32. ``D, F <= 256``.
+        ``-z`` in the last ``F``. Differentiable in ``x`` and ``weight``. ``x W_h`` takes bf16
+        operands when ``x`` or ``weight`` is bf16 (fp32 accumulation), else fp32 ones; the
+        softmaxes are fp32. ``D, F <= 256``.
 
     Example::
 

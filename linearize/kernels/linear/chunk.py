@@ -26,11 +26,12 @@ running state in fp32 registers, so no per-chunk state goes through memory:
   plus the final state's gradient, which seeds ``dS`` and ``dz``; what ``dS, dz`` hold after the
   first chunk is the initial state's gradient.
 
-Precision: state and accumulation in fp32. With fp32 inputs every product is full fp32
-(``input_precision="ieee"``). With bf16/fp16 inputs the products run on 16-bit tensor cores;
-bf16 inputs are exact there, and every fp32 operand that meets them (the running state, the
+Precision: state and accumulation in fp32. With fp32 (or fp16) inputs every product is full fp32
+(``input_precision="ieee"``). With bf16 inputs the products run on bf16 tensor cores; the
+inputs are exact there, and every fp32 operand that meets them (the running state, the
 normaliser, ``A`` in ``A v``, ``dn = dy / d`` where it meets ``v``) is split into ``hi + lo``
-halves (:func:`_dot_split`), which keeps those products at about fp32 accuracy. This matters
+bf16 halves (:func:`_dot_split`), which keeps those products to about 2^-16 relative instead of
+bf16's 2^-8. This matters
 beyond the forward: ``dfq`` and ``dfk`` are differences of two large terms (``S_t dn_t`` against
 ``z_t dd_t``, ``dS v`` against ``dz``) whenever the values share a common offset, and a state
 rounded to bf16 (or tf32) turned into errors of 10-20% there. Only products whose result is not
@@ -83,10 +84,10 @@ def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
 @triton.jit
 def _dot_split(a, b, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr, SPLIT_A: tl.constexpr,
                SPLIT_B: tl.constexpr):
-    """``a @ b`` for fp32 operands at about fp32 accuracy on 16-bit tensor cores: each operand that
-    is split is written as ``hi + lo`` (both ``DT``), and the products ``hi hi``, ``hi lo`` and
-    ``lo hi`` are summed (the ``lo lo`` term is below fp32 rounding). An operand that is already
-    exact in ``DT`` (a bf16 input) needs no split. With ``DT = fp32`` a single fp32 product."""
+    """``a @ b`` for fp32 operands on bf16 tensor cores, to about 2^-16 relative: each operand that
+    is split is written as ``hi + lo`` (both ``DT``), and ``hi hi``, ``hi lo`` and ``lo hi`` are
+    summed (``lo lo`` is smaller still). An operand already exact in ``DT`` (a bf16 input) needs
+    no split. With ``DT = fp32`` a single fp32 product."""
     if DT == tl.float32:
         out = _dot(a, b, DT, PREC, EMULATE)
     else:
@@ -329,12 +330,9 @@ def _pow2(n: int) -> int:
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp32 when every input is fp32; otherwise the half-precision type among them (bf16 wins)."""
-    dtypes = {t.dtype for t in tensors}
-    for dt in (torch.bfloat16, torch.float16):
-        if dt in dtypes:
-            return dt
-    return torch.float32
+    """The operand type of the products: bf16 when any input is bf16, else fp32 (fp16 inputs are
+    computed like fp32 ones: fp16 cannot hold a long sequence's state, and they are rare here)."""
+    return torch.bfloat16 if any(t.dtype == torch.bfloat16 for t in tensors) else torch.float32
 
 
 def _dot_config(dtype: torch.dtype):
@@ -369,6 +367,9 @@ def _bwd_config(F: int, DV: int, chunk_size: int, heads: int):
     C, BF, BV, _ = _fwd_config(F, DV, chunk_size, heads)
     BDV = _pow2(DV)
     BK = 32 if (BDV > 128 or BF > 128) else min(BF, 64)
+    sms = _sms()
+    while sms and BK > 16 and heads * 2 * triton.cdiv(F, BK) < sms:
+        BK //= 2
     return min(chunk_size, 64 if BF <= 128 else 32), BF, BK, BV, BDV
 
 
@@ -498,9 +499,13 @@ def chunk_linear_attention(
     Returns:
         ``(y [B, H, T, Dv], (S [B, H, F, Dv] fp32, z [B, H, F] fp32) or None)``.
 
-    Gradients flow to ``fq``, ``fk``, ``v`` and the initial state. Products take fp32 operands
-    when every input is fp32, else bf16/fp16 operands with fp32 accumulation; the state is fp32.
+    Gradients flow to ``fq``, ``fk``, ``v`` and the initial state (a query that sees no valid key
+    passes none). Products take fp32 operands unless an input is bf16; then bf16 operands, with
+    every fp32 operand whose product cancels later (the state, the normaliser) split into two
+    bf16 halves; accumulation and state are fp32 either way (see the module docstring).
     ``F <= 256`` and ``Dv <= 256``. Denominators are clamped at 1e-30 as in the reference.
+    ``chunk_size`` only sets how the work is cut (the result is the same); with ``F > 128`` the
+    kernels use at most 32 so that a program's tiles stay in registers.
 
     Example::
 

@@ -1,0 +1,340 @@
+"""Attention speed on one GPU: our Triton linear attention against softmax attention (SDPA's
+flash and cuDNN backends) and fla's chunk_linear_attn, all measured in the same run.
+
+    python benchmarks/attention.py --out runs/bench/attention.json      # full grid, a few minutes
+    python benchmarks/attention.py --quick                              # a small subset, < 1 min
+
+Grid: batch 1 and 8, 32 heads, head size 64 and 128 (the linear attention's feature size equals
+the head size), T = 2K ... 64K, bf16, causal; forward ("fwd") and forward + backward ("fwd+bwd",
+the gradient of ``(out * do).sum()``). Times are medians of ``triton.testing.do_bench`` in ms.
+Each backend runs in its own try/except: one that fails or runs out of memory is reported as
+such and the rest go on.
+
+Backends:
+
+* ``sdpa_flash`` / ``sdpa_cudnn``: ``F.scaled_dot_product_attention(is_causal=True)`` under
+  ``torch.nn.attention.sdpa_kernel`` (FlashAttention-2 / cuDNN); the softmax baseline is the
+  faster of the two;
+* ``fla``: ``fla.ops.linear_attn.chunk_linear_attn(normalize=True)``, inputs ``[B, T, H, D]``,
+  when fla can be imported;
+* ``ours``: ``linearize.kernels.linear.chunk_linear_attention`` (``[B, H, T, D]``), one column
+  per ``--chunk`` size;
+* ``ours+hh``: the fused Hedgehog feature maps (``linearize.kernels.feature_map``, ``D/2`` per
+  softmax, so ``D`` features) on raw q and k, then ours; ``torch_hh+ours``: the same maps in
+  plain PyTorch (``HedgehogFeatureMap``) then ours. (Not with ``--quick``.)
+
+The memory floor of a pass is the time to move its tensors once at 3.35e12 B/s (H100 SXM HBM3):
+q, k, v, o for the forward; those plus do, dq, dk, dv for forward + backward. ``ours_TB/s`` is
+that byte count over our measured time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HBM_BYTES_PER_S = 3.35e12
+HEADS = 32
+
+
+def do_bench(fn, quick):
+    import triton.testing
+
+    kwargs = dict(warmup=10, rep=30) if quick else dict(warmup=25, rep=100)
+    try:
+        return float(triton.testing.do_bench(fn, return_mode="median", **kwargs))
+    except TypeError:  # older triton: quantiles instead of return_mode
+        return float(triton.testing.do_bench(fn, quantiles=[0.5], **kwargs)[0])
+
+
+def floor_ms(B, T, D, mode):
+    tensors = 4 if mode == "fwd" else 8
+    return tensors * B * HEADS * T * D * 2 / HBM_BYTES_PER_S * 1e3
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def sdpa_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+    def make(q, k, v):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return run, (q, k, v)
+
+    return make
+
+
+def fla_backend():
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    extra = {}
+    params = inspect.signature(chunk_linear_attn).parameters
+    if "head_first" in params:  # older fla: say the layout explicitly
+        extra["head_first"] = False
+
+    def make(q, k, v):
+        qt, kt, vt = (x.transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad) for x in (q, k, v))
+
+        def run():
+            o, _ = chunk_linear_attn(qt, kt, vt, normalize=True, **extra)
+            return o
+
+        return run, (qt, kt, vt)
+
+    return make
+
+
+def ours_backend(chunk):
+    from linearize.kernels.linear import chunk_linear_attention
+
+    def make(q, k, v):
+        def run():
+            y, _ = chunk_linear_attention(q, k, v, chunk_size=chunk)
+            return y
+
+        return run, (q, k, v)
+
+    return make
+
+
+def hedgehog_backend(fused):
+    from linearize.feature_maps import HedgehogFeatureMap
+    from linearize.kernels.feature_map import hedgehog_feature_map
+    from linearize.kernels.linear import chunk_linear_attention
+
+    def make(q, k, v):
+        D = q.shape[-1]
+        maps = [HedgehogFeatureMap(HEADS, D, D // 2).to(q.device) for _ in range(2)]
+        with torch.no_grad():
+            for m in maps:
+                m.weight.normal_(0, D**-0.5)
+        xq, xk = (torch.randn_like(q).requires_grad_(q.requires_grad) for _ in range(2))
+
+        def run():
+            if fused:
+                fq, fk = hedgehog_feature_map(xq, maps[0].weight, q.dtype), hedgehog_feature_map(xk, maps[1].weight, q.dtype)
+            else:
+                fq, fk = maps[0](xq).to(q.dtype), maps[1](xk).to(q.dtype)
+            y, _ = chunk_linear_attention(fq, fk, v, chunk_size=64)
+            return y
+
+        return run, (xq, xk, v, maps[0].weight, maps[1].weight)
+
+    return make
+
+
+def available_backends(args):
+    """``{name: factory}``, plus ``{name: reason}`` for those that cannot run here."""
+    backends, missing = {}, {}
+    for name in ("sdpa_flash", "sdpa_cudnn"):
+        try:
+            backends[name] = sdpa_backend(name)
+        except Exception as e:  # noqa: BLE001 - any failure only removes this baseline
+            missing[name] = repr(e)
+    if not args.no_fla:
+        try:
+            backends["fla"] = fla_backend()
+        except Exception as e:  # noqa: BLE001
+            missing["fla"] = repr(e)
+    for c in args.chunk:
+        try:
+            backends[f"ours_c{c}"] = ours_backend(c)
+        except Exception as e:  # noqa: BLE001
+            missing[f"ours_c{c}"] = repr(e)
+    if not args.quick:
+        for name, fused in (("ours+hh", True), ("torch_hh+ours", False)):
+            try:
+                backends[name] = hedgehog_backend(fused)
+            except Exception as e:  # noqa: BLE001
+                missing[name] = repr(e)
+    return backends, missing
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(make, q, k, v, mode, quick):
+    """Median ms of one backend, or a short string saying why not."""
+    try:
+        run, leaves = make(q, k, v)
+        if mode == "fwd":
+            with torch.no_grad():
+                run()
+                return do_bench(run, quick)
+        out = run()
+        do = torch.randn_like(out)
+
+        def step():
+            for x in leaves:
+                x.grad = None
+            run().backward(do)
+
+        step()
+        return do_bench(step, quick)
+    except torch.cuda.OutOfMemoryError:
+        return "oom"
+    except Exception as e:  # noqa: BLE001 - report and go on
+        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def fits(B, T, D, mode):
+    """Whether the largest backend's tensors (about 16 [B, H, T, D] bf16 tensors for fwd+bwd, 8
+    for fwd, counting fp32 copies and fla's per-chunk states) fit in free memory."""
+    free, _ = torch.cuda.mem_get_info()
+    need = (8 if mode == "fwd" else 16) * B * HEADS * T * D * 2
+    return need < 0.9 * free
+
+
+def grid(args):
+    if args.quick:
+        return [(1, 128, T) for T in (2048, 8192)]
+    return [(B, D, T) for B in (1, 8) for D in (64, 128) for T in (2048, 4096, 8192, 16384, 32768, 65536)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="batch 1, head size 128, T = 2K and 8K only")
+    parser.add_argument("--chunk", type=int, nargs="+", default=None, help="our chunk sizes (default: 64; full: 32 64)")
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--no-fla", action="store_true", help="leave fla out")
+    args = parser.parse_args(argv)
+    if args.chunk is None:
+        args.chunk = [64] if args.quick else [32, 64]
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    backends, missing = available_backends(args)
+    env = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=_version("triton"),
+        fla=_version("fla") or _version("flash-linear-attention"),
+        python=platform.python_version(),
+        heads=HEADS,
+        dtype="bfloat16",
+        hbm_bytes_per_s=HBM_BYTES_PER_S,
+        missing_backends=missing,
+    )
+    print("# " + ", ".join(f"{k}={v}" for k, v in env.items() if k != "missing_backends"))
+    for name, why in missing.items():
+        print(f"# {name}: unavailable ({why})")
+    records = []
+    started = time.time()
+    for mode in args.modes:
+        for B, D, T in grid(args):
+            if not fits(B, T, D, mode):
+                records.append(dict(mode=mode, B=B, D=D, T=T, skipped="does not fit in GPU memory"))
+                continue
+            q, k, v = (torch.rand(B, HEADS, T, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            if mode == "fwd+bwd":
+                for x in (q, k, v):
+                    x.requires_grad_()
+            rec = dict(mode=mode, B=B, D=D, T=T, floor_ms=floor_ms(B, T, D, mode), ms={})
+            for name, make in backends.items():
+                rec["ms"][name] = measure(make, q, k, v, mode, args.quick)
+            del q, k, v
+            _ratios(rec, args.chunk)
+            records.append(rec)
+            print(_row(rec, list(backends), header=len(records) == 1), flush=True)
+    print(f"# {time.time() - started:.0f} s")
+    print()
+    print(table(records, list(backends)))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(env=env, results=records), indent=1))
+        print(f"# wrote {args.out}")
+
+
+def _version(module):
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _ms(x):
+    return x if isinstance(x, float) else None
+
+
+def _ratios(rec, chunks):
+    """Speed-ups of our best chunk size over the softmax baseline and fla, and bandwidth."""
+    ms = rec["ms"]
+    ours = [t for c in chunks if (t := _ms(ms.get(f"ours_c{c}"))) is not None]
+    softmax = [t for n in ("sdpa_flash", "sdpa_cudnn") if (t := _ms(ms.get(n))) is not None]
+    fla = _ms(ms.get("fla"))
+    if ours:
+        best = min(ours)
+        rec["ours_ms"] = best
+        rec["ours_TBps"] = rec["floor_ms"] * HBM_BYTES_PER_S / 1e12 / best
+        rec["ours_vs_floor"] = best / rec["floor_ms"]
+        if softmax:
+            rec["speedup_vs_sdpa"] = min(softmax) / best
+        if fla is not None:
+            rec["speedup_vs_fla"] = fla / best
+
+
+def _cell(x, width=10):
+    if isinstance(x, float):
+        s = f"{x:.3f}" if x < 100 else f"{x:.1f}"
+    elif x is None:
+        s = "-"
+    else:
+        s = "oom" if x == "oom" else "err"
+    return s.rjust(width)
+
+
+COLUMNS = [("ours_TBps", "ours_TB/s"), ("ours_vs_floor", "x_floor"), ("speedup_vs_sdpa", "vs_sdpa"),
+           ("speedup_vs_fla", "vs_fla")]
+
+
+def _row(rec, names, header=False):
+    head = f"{'mode':8}{'B':>3}{'D':>5}{'T':>7}{'floor':>9}" + "".join(n.rjust(14) for n in names)
+    head += "".join(label.rjust(11) for _, label in COLUMNS)
+    if "skipped" in rec:
+        line = f"{rec['mode']:8}{rec['B']:>3}{rec['D']:>5}{rec['T']:>7}   ({rec['skipped']})"
+    else:
+        line = f"{rec['mode']:8}{rec['B']:>3}{rec['D']:>5}{rec['T']:>7}{rec['floor_ms']:>9.3f}"
+        line += "".join(_cell(rec["ms"].get(n), 14) for n in names)
+        line += "".join(_cell(rec.get(key), 11) for key, _ in COLUMNS)
+    return (head + "\n" + line) if header else line
+
+
+def table(records, names):
+    """All rows under one header; times in ms, ratios > 1 mean ours is faster."""
+    lines = [_row(records[0], names, header=True)] if records else []
+    lines += [_row(r, names) for r in records[1:]]
+    errors = [(r["mode"], r["B"], r["D"], r["T"], n, t) for r in records for n, t in r.get("ms", {}).items()
+              if isinstance(t, str) and t != "oom"]
+    for mode, B, D, T, n, t in errors:
+        lines.append(f"# {n} at {mode} B={B} D={D} T={T}: {t}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
