@@ -6,9 +6,10 @@ the recurrent step for decoding) and, where one exists, a fused kernel on CUDA.
 
 Kernels (``LINEARIZE_KERNELS``):
 
-* ``auto`` (default): the Triton kernels of :mod:`linearize.kernels.linear` for plain linear
-  attention (``window == 0`` and no sinks) on CUDA tensors when ``triton`` can be imported; the
-  PyTorch reference otherwise;
+* ``auto`` (default): the PyTorch reference, for now. The Triton kernels of
+  :mod:`linearize.kernels.linear` pass every test under the interpreter, but compiled on an H100
+  their real-shape test (B=2, H=8, T=4096, bf16) hits an illegal memory access; until it passes
+  they run only when asked for;
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
   need ``TRITON_INTERPRET=1``); an error if ``triton`` cannot be imported or the attention has
@@ -88,7 +89,7 @@ def _use_triton(tensors, window, sinks, state) -> bool:
                 "(only plain linear attention: window 0, no sinks); unset LINEARIZE_KERNELS to use the reference"
             )
         return True
-    return supported and all(t.is_cuda for t in tensors) and triton_available()
+    return False  # auto: the reference until the compiled kernels pass their GPU tests (see above)
 
 
 def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):

@@ -282,7 +282,7 @@ def test_dispatch(monkeypatch):
     assert chunk.calls == 0
     monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
     call()
-    assert chunk.calls == (1 if DEVICE == "cuda" else 0)  # auto: Triton on CUDA only
+    assert chunk.calls == 0  # auto: the reference until the compiled kernels pass their GPU tests
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
     y, s = call()
     assert chunk.calls >= 1
