@@ -33,11 +33,15 @@ def text_tokens(tokenizer, path) -> torch.Tensor:
 def token_nll(model, ids: torch.Tensor, segment: int = 512) -> torch.Tensor:
     """Per-target next-token NLL of one sequence ``ids: [T]`` -> ``[T - 1]`` (target ``t + 1``
     predicted from tokens ``0..t``), computed segment by segment through the cache."""
+    import inspect
+
     device = next(model.parameters()).device
     ids = ids.to(device)[None]  # [1, T]
+    # transformers 5.24 names the cache argument `cache`; 5.17 `past_key_values`
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache, logits = None, []
     for start in range(0, ids.shape[1], segment):
-        out = model(input_ids=ids[:, start:start + segment], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, start:start + segment], use_cache=True, **({name: cache} if cache is not None else {}))
         cache = out.past_key_values
         logits.append(out.logits[0].float())
     logits = torch.cat(logits)[:-1]  # [T - 1, V]
