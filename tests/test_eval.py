@@ -170,6 +170,10 @@ def test_unknown_suite_and_unusable_model_folder_are_clear_errors(tmp_path, caps
         load_any(str(tmp_path / "empty"))
     assert main(["eval", "m", "--suite", "bogus", "--out", str(tmp_path / "o")]) == 2
     assert "unknown suite 'bogus'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "empty"), "--suite", "passkey", "--out", str(tmp_path / "o")]) == 2
+    assert "neither a converted model" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere.gguf"), "--suite", "passkey", "--out", str(tmp_path / "o")]) == 2
+    assert "GGUF file not found" in capsys.readouterr().err
     assert main(["eval", "m", "--suite", "task-file", "--out", str(tmp_path / "o")]) == 2
     assert "needs --task-file" in capsys.readouterr().err
 

@@ -51,13 +51,25 @@ def load_any(name: str, device: str | None = None, dtype: str | None = None):
     from ..models import load_teacher
 
     path = Path(name).expanduser()
+    check_model(name)
     if (path / CONFIG_NAME).is_file():
         return load(path, device=device, dtype=dtype, return_tokenizer=True)
+    model, tokenizer, _ = load_teacher(name, dtype=dtype or "float32", device=device)
+    return model, tokenizer
+
+
+def check_model(name: str) -> None:
+    """Fail early, before any model is run, on a model name that cannot be loaded."""
+    from ..io import CONFIG_NAME
+    from ..models import resolve_model
+
+    path = Path(name).expanduser()
+    if (path / CONFIG_NAME).is_file():
+        return
     if path.is_dir() and not (path / "config.json").is_file():
         raise EvalError(f"{name} is a folder but neither a converted model (no {CONFIG_NAME}) "
                         "nor a transformers model folder (no config.json)")
-    model, tokenizer, _ = load_teacher(name, dtype=dtype or "float32", device=device)
-    return model, tokenizer
+    resolve_model(name)
 
 
 def check_options(suite: str, opts: EvalOptions) -> None:
@@ -143,6 +155,9 @@ def run_eval(models: list[str], suite: str, out, opts: EvalOptions | None = None
 
     opts = opts or EvalOptions()
     check_options(suite, opts)
+    if loader is None:
+        for name in models:
+            check_model(name)
     loader = loader or (lambda name: load_any(name, device=opts.device, dtype=opts.dtype))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
