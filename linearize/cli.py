@@ -92,6 +92,36 @@ def _recipes(args) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _eval(args) -> int:
+    from .eval.runner import EvalOptions, run_eval
+
+    opts = EvalOptions(
+        samples=args.samples, seed=args.seed, max_new_tokens=args.max_new_tokens, haystack=args.haystack,
+        task_files=args.task_file or [], text=args.text, max_chunks=args.max_chunks, segment=args.segment,
+        limit=args.limit, num_fewshot=args.num_fewshot, data_dir=args.data_dir, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype,
+    )
+    for key in ("lengths", "depths", "niah_tasks", "tasks"):
+        if getattr(args, key) is not None:
+            setattr(opts, key, getattr(args, key))
+    out = args.out or f"eval-{args.suite}"
+    report = run_eval(args.models, args.suite, out, opts)
+    print(f"report: {out}/report.json, {out}/report.md")
+    return 0 if all(e["status"] == "ok" for e in report["models"].values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linearize", description="Turn a pretrained LLM into a linear-attention model by distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="a Hub token (default: the logged-in one, or HF_TOKEN)")
     p.add_argument("--revision", default=None)
     p.set_defaults(func=_push)
+    p = sub.add_parser("eval", help="evaluate converted models and teachers side by side",
+                       description="Run one evaluation suite on every MODEL and write report.json, report.md "
+                                   "and plots into --out. MODEL: a converted-model folder, or anything convert "
+                                   "accepts (Hub id, model folder, .gguf, smollm2-135m-instruct).")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--suite", required=True, help="passkey | niah | task-file | ppl-by-length | lm-eval")
+    p.add_argument("--out", default=None, help="report folder (default: eval-SUITE)")
+    p.add_argument("--lengths", type=_ints, default=None, help="context lengths in tokens, e.g. 1024,2048")
+    p.add_argument("--depths", type=_floats, default=None, help="needle depths in 0..1, e.g. 0,0.5,1")
+    p.add_argument("--samples", type=int, default=3, help="samples per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy tokens to generate (default: passkey 10, else 32)")
+    p.add_argument("--haystack", default=None, help="niah: real-text haystack (.json {'text'}, .txt, or a folder of .txt)")
+    p.add_argument("--niah-tasks", type=_names, default=None, help="niah_single_1,niah_single_2,niah_single_3 (default: all)")
+    p.add_argument("--task-file", action="append", help="task-file: a JSONL file of {input, target, ...} (repeatable)")
+    p.add_argument("--text", default=None, help="ppl-by-length: the text file")
+    p.add_argument("--max-chunks", type=int, default=4, help="ppl-by-length: chunks per length")
+    p.add_argument("--segment", type=int, default=512, help="ppl-by-length: tokens per forward (through the cache)")
+    p.add_argument("--tasks", type=_names, default=None, help="lm-eval: task names, e.g. piqa (default: piqa)")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: items per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--data-dir", default=None, help="lm-eval: local data folder (e.g. with piqa/valid.jsonl, valid-labels.lst)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("recipes", help="list the built-in recipes, or show one")
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -151,14 +207,15 @@ def main(argv=None) -> int:
     from .hub import PushError
     from .plan import BudgetError
     from .training import NonFiniteLossError, StageOutOfMemoryError
+    from .eval.runner import EvalError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)
-    except (RecipeError, ModelLoadError, NonFiniteLossError, StageOutOfMemoryError, RunError, FileNotFoundError,
-            BudgetError, PushError) as err:
+    except (RecipeError, ModelLoadError, EvalError, NonFiniteLossError, StageOutOfMemoryError, RunError,
+            FileNotFoundError, BudgetError, PushError) as err:
         print(f"linearize: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:

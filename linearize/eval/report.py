@@ -1,0 +1,159 @@
+"""The report files of ``linearize eval``: ``report.json``, ``report.md`` and PNG plots
+(matplotlib; skipped with a note when it is not installed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+PRIMARY = ("accuracy", "acc", "ppl", "exact_match")
+
+
+def primary_metric(metrics: dict) -> tuple[str, float] | None:
+    for key in PRIMARY:
+        if key in metrics and isinstance(metrics[key], (int, float)):
+            return key, metrics[key]
+    return None
+
+
+def _fmt(name: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.2f}" if name == "ppl" else f"{value:.3f}"
+
+
+def tasks_of(report: dict) -> list[str]:
+    tasks: list[str] = []
+    for entry in report["models"].values():
+        for t in entry["tasks"]:
+            if t not in tasks:
+                tasks.append(t)
+    return tasks
+
+
+def markdown(report: dict) -> str:
+    tasks = tasks_of(report)
+    metric_names = {}
+    for entry in report["models"].values():
+        for t, r in entry["tasks"].items():
+            p = primary_metric(r["metrics"])
+            if p:
+                metric_names.setdefault(t, p[0])
+    head = ["model"] + [f"{t} ({metric_names.get(t, '')})" if metric_names.get(t) else t for t in tasks]
+    lines = [f"## linearize eval: {report['suite']}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for label, entry in report["models"].items():
+        if entry["status"] != "ok":
+            cells = ["failed"] * len(tasks)
+        else:
+            cells = []
+            for t in tasks:
+                p = primary_metric(entry["tasks"][t]["metrics"]) if t in entry["tasks"] else None
+                cells.append(_fmt(p[0], p[1]) if p else "n/a")
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    for label, entry in report["models"].items():
+        if entry["status"] != "ok":
+            lines += ["", f"**{label}** failed: {entry['error']}"]
+    for t in tasks:  # accuracy by length, where a task has lengths
+        lengths = sorted({v for e in report["models"].values() if t in e["tasks"]
+                          for v in e["tasks"][t]["metrics"].get("by", {}).get("length", {})})
+        if not lengths:
+            continue
+        lines += ["", f"### {t}: accuracy by length (tokens)", "",
+                  "| model | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
+        for label, e in report["models"].items():
+            by = e["tasks"].get(t, {}).get("metrics", {}).get("by", {}).get("length", {})
+            lines.append("| " + " | ".join([label] + [_fmt("accuracy", by.get(n)) for n in lengths]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, out) -> None:
+    from .runner import jsonable
+
+    out = Path(out)
+    _atomic_write(out / "report.json", json.dumps(jsonable(report), indent=1) + "\n")
+    _atomic_write(out / "report.md", markdown(report))
+    try:
+        import matplotlib
+    except ImportError:
+        print("linearize eval: matplotlib is not installed, no plots (pip install 'linearize[eval]')", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    plot_heatmaps(report, out)
+    plot_perplexity(report, out)
+
+
+def plot_heatmaps(report: dict, out: Path) -> list[Path]:
+    """One PNG a task: accuracy over length x depth, one panel a model."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for t in tasks_of(report):
+        grids = {}
+        for label, e in report["models"].items():
+            rows = e["tasks"].get(t, {}).get("results", [])
+            if not rows or not all("length" in r and "depth" in r and "correct" in r for r in rows):
+                continue
+            cells: dict = {}
+            for r in rows:
+                cells.setdefault((r["depth"], r["length"]), []).append(r["correct"])
+            grids[label] = cells
+        if not grids:
+            continue
+        fig, axes = plt.subplots(1, len(grids), figsize=(1.2 + 3.2 * len(grids), 3.2), squeeze=False)
+        for ax, (label, cells) in zip(axes[0], grids.items()):
+            depths = sorted({d for d, _ in cells})
+            lengths = sorted({n for _, n in cells})
+            grid = [[sum(cells[(d, n)]) / len(cells[(d, n)]) if (d, n) in cells else float("nan") for n in lengths]
+                    for d in depths]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    if not math.isnan(v):
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel("depth")
+            ax.set_title(label if len(label) < 40 else "..." + label[-37:], fontsize=9)
+        fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
+        fig.suptitle(t)
+        path = out / f"{t}_heatmap.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_perplexity(report: dict, out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for label, e in report["models"].items():
+        rows = [r for t in e["tasks"].values() for r in t.get("results", []) if "ppl" in r and r.get("chunks")]
+        if rows:
+            series[label] = sorted(rows, key=lambda r: r["length"])
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for label, rows in series.items():
+        line, = ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o", label=f"{label} (all tokens)")
+        ax.plot([r["length"] for r in rows], [r["ppl_last_quarter"] for r in rows], marker="x", linestyle="--",
+                color=line.get_color(), label=f"{label} (last quarter)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    path = out / "ppl_by_length.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
