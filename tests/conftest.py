@@ -9,6 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernel tests (tests/kernels/test_triton_linear.py) run in Triton's CPU
+# interpreter. Triton decides that when it is first imported, and importing the project already
+# imports it (through torch._dynamo), so the switch is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -9,8 +9,8 @@ bf16 inputs the reference gets the same bf16-rounded inputs, so the differences 
 kernels' own roundings: mostly the bf16 outputs themselves (``y`` and the gradients of bf16
 inputs are bf16, 2^-9 relative each), plus the 16-bit operands ``A = fq fk^T``, ``P`` and
 ``dn`` in the products whose result does not cancel. Seen in the interpreter: 3e-3 to 4e-3 on
-``y``, 4e-3 to 7e-3 on the gradients (also with values offset by 3, where ``dfq`` cancels), up
-to 1e-2 on ``dx`` of the Hedgehog map; 1e-2 and 2e-2 are asserted.
+``y``, 4e-3 to 7e-3 on the gradients (also with values offset by 3, where ``dfq`` cancels), 5e-3
+on the Hedgehog map's bf16 ``dx``; 1e-2 and 2e-2 are asserted.
 """
 
 import os
@@ -18,12 +18,13 @@ import os
 import pytest
 import torch
 
-# Triton reads TRITON_INTERPRET when a kernel is defined (``@triton.jit``, run when the kernel
-# module is first imported), so it is set before the imports below. With CUDA the kernels compile.
+# Triton reads TRITON_INTERPRET when it is imported and when a kernel is defined (``@triton.jit``),
+# so it must be set before triton is first imported: tests/conftest.py does it for the suite, and
+# this line for a run of this file alone. With CUDA the kernels compile.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from linearize.feature_maps import HedgehogFeatureMap  # noqa: E402
 from linearize.kernels import (  # noqa: E402
@@ -38,6 +39,9 @@ from linearize.kernels.linear.chunk import interpreting  # noqa: E402
 
 if interpreting():
     DEVICE = "cpu"
+    if type(triton.language.zeros).__name__ == "JITFunction":  # defined before the switch was on
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment",
+                    allow_module_level=True)
 elif torch.cuda.is_available():
     DEVICE = "cuda"
 else:
@@ -124,17 +128,17 @@ def test_chunk_matches_reference_fp32(T, init):
 
 
 def test_chunk_sizes_agree():
-    """Chunks of 64 (the default; T = 100 is one full chunk and a partial one) and of 16 give
-    the reference's results alike."""
+    """Asking for chunks of 64 (the default) gives the reference's results as 16 does. (With fp32
+    products the kernels take 16 tokens at a time whatever is asked; the bf16 tests run 64.)"""
     err = errors(run_both(100, seed=7, init=True, chunk_size=64))
     assert max(err.values()) <= 1e-5, err
 
 
-@pytest.mark.parametrize("offset", [0.0, 3.0])
-def test_bf16_inputs(offset):
+@pytest.mark.parametrize("offset,chunk_size", [(0.0, 16), (3.0, 64)])
+def test_bf16_inputs(offset, chunk_size):
     """bf16 inputs; with values offset by 3 the gradients of the features are small differences of
     large terms, which a state rounded to bf16 would get wrong by 10-20%."""
-    out = run_both(100, seed=3, dtype=torch.bfloat16, init=True, offset=offset)
+    out = run_both(100, seed=3, dtype=torch.bfloat16, init=True, offset=offset, chunk_size=chunk_size)
     y, S, z, dfq, dfk, dv, dS0, dz0 = out["kernel"]
     assert y.dtype == dfq.dtype == dfk.dtype == dv.dtype == torch.bfloat16
     assert S.dtype == z.dtype == dS0.dtype == torch.float32
@@ -247,7 +251,8 @@ def test_hedgehog_feature_map(T, dtype):
         results.append((phi, xl.grad, fmap.weight.grad.clone()))
     (phi_ref, dx_ref, dw_ref), (phi, dx, dw) = results
     assert phi.dtype == phi_ref.dtype == torch.float32 and dx.dtype == dtype
-    tol = (1e-5, 1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 2e-2, 2e-2)
+    # bf16: phi and dW come out in fp32 (the map's dtype), dx in bf16, rounded to 2^-9
+    tol = (1e-5, 1e-5, 1e-5) if dtype == torch.float32 else (1e-4, 1e-2, 1e-4)
     errs = rel(phi, phi_ref), rel(dx, dx_ref), rel(dw, dw_ref)
     assert all(e <= t for e, t in zip(errs, tol)), errs
 
@@ -419,7 +424,7 @@ def check_step_and_hedgehog(b, h, f, dv, d, T, device):
         fmap.weight.add_(torch.randn_like(fmap.weight) * 0.1)
     x = torch.randn(2, heads, T, d, device=device)
     g = torch.randn(2, heads, T, f, device=device)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         res = []
         for fn in (fmap, lambda t: hedgehog_feature_map(t, fmap.weight)):
             xl = x.to(dtype).clone().requires_grad_()

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear.chunk import _DOT_DTYPES, _dot, _dot_config, compute_dtype, interpreting
+from ..linear.chunk import _DOT_DTYPES, _dot_config, _dot_split, compute_dtype, interpreting
 
 MAX_DIM = 256
 
@@ -30,7 +30,7 @@ MAX_DIM = 256
 @triton.jit
 def _softmaxes(x, w, o_f, F, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     """``softmax(x w)`` and ``softmax(-x w)`` over the valid features ``o_f < F``."""
-    z = _dot(x, w, DT, PREC, EMULATE)  # [BT, BF]
+    z = _dot_split(x, w, DT, PREC, EMULATE, False, True)  # [BT, BF]; x exact, w split
     valid = (o_f < F)[None, :]
     zp = tl.where(valid, z, float("-inf"))
     zn = tl.where(valid, -z, float("-inf"))
@@ -92,27 +92,37 @@ def _bwd_kernel(
         g_p = tl.load(p_g, mask=m_g, other=0.0).to(tl.float32)
         g_q = tl.load(p_g + F, mask=m_g, other=0.0).to(tl.float32)
         dz = p * (g_p - tl.sum(g_p * p, 1)[:, None]) - q * (g_q - tl.sum(g_q * q, 1)[:, None])  # [BT, BF]
-        b_dx = _dot(dz, b_wT, DT, PREC, EMULATE)  # [BT, BD]
+        b_dx = _dot_split(dz, b_wT, DT, PREC, EMULATE, True, True)  # [BT, BD]
         tl.store(dx + i_bh * T * D + o_t[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m_td)
-        dW += _dot(b_xT, dz, DT, PREC, EMULATE)
+        dW += _dot_split(b_xT, dz, DT, PREC, EMULATE, False, True)
     tl.store(dw_part + (i_s * tl.num_programs(1) + i_bh) * D * F + o_d[:, None] * F + o_f[None, :], dW,
              mask=m_d[:, None] & m_f[None, :])
 
 
-def _blocks(D, F):
+def _blocks(D, F, dtype):
+    """``(BT forward, BT backward, BD, BF, backward warps)``: token blocks small enough for the
+    tiles to stay in registers (checked by compiling for sm_90); fp32 products need smaller ones."""
     BD, BF = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(F))
-    BT = 64 if BD * BF <= 128 * 128 else 32
-    return BT, BD, BF
+    if dtype == torch.float32:
+        return 16, 16, BD, BF, 8
+    return 64, 32, BD, BF, (4 if BD * BF <= 128 * 64 else 8)
+
+
+def _fwd_warps(BD, BF, dtype):
+    # fp32: ptxas (Triton 3.6) spills heavily at some tile/warp pairs; these were checked not to
+    return (4 if BF >= 128 else 8) if dtype == torch.float32 else 4
 
 
 def hedgehog_fwd(x, w, out_dtype):
     B, H, T, D = x.shape
     F = w.shape[-1]
-    DT, PREC, EMULATE = _dot_config(compute_dtype(x, w))
+    dtype = compute_dtype(x, w)
+    DT, PREC, EMULATE = _dot_config(dtype)
     out = torch.empty(B, H, T, 2 * F, device=x.device, dtype=out_dtype)
-    BT, BD, BF = _blocks(D, F)
+    BT, _, BD, BF, _ = _blocks(D, F, dtype)
     _fwd_kernel[(triton.cdiv(T, BT), B * H)](
-        x, w, out, H, T, D, F, BT=BT, BD=BD, BF=BF, DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4
+        x, w, out, H, T, D, F, BT=BT, BD=BD, BF=BF, DT=DT, PREC=PREC, EMULATE=EMULATE,
+        num_warps=_fwd_warps(BD, BF, dtype),
     )
     return out
 
@@ -120,8 +130,9 @@ def hedgehog_fwd(x, w, out_dtype):
 def hedgehog_bwd(x, w, dout):
     B, H, T, D = x.shape
     F = w.shape[-1]
-    DT, PREC, EMULATE = _dot_config(compute_dtype(x, w))
-    BT, BD, BF = _blocks(D, F)
+    dtype = compute_dtype(x, w)
+    DT, PREC, EMULATE = _dot_config(dtype)
+    _, BT, BD, BF, num_warps = _blocks(D, F, dtype)
     n_blocks = triton.cdiv(T, BT)
     # enough programs to fill the GPU, each with a run of token blocks to amortise its dW
     if x.is_cuda and not interpreting():
@@ -135,7 +146,7 @@ def hedgehog_bwd(x, w, dout):
     dw_part = torch.empty(NS, B, H, D, F, device=x.device, dtype=torch.float32)
     _bwd_kernel[(NS, B * H)](
         x, w, dout, dx, dw_part, H, T, D, F, per,
-        BT=BT, BD=BD, BF=BF, DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4,
+        BT=BT, BD=BD, BF=BF, DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps,
     )
     return dx, dw_part.sum((0, 1)).to(w.dtype)
 
@@ -165,8 +176,9 @@ def hedgehog_feature_map(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch
 
     Returns:
         ``phi [B, H, T, 2F]``: the softmax over ``z = x W_h`` in the first ``F`` features, over
-        ``-z`` in the last ``F``. Differentiable in ``x`` and ``weight``. ``x W_h`` takes bf16
-        operands when ``x`` or ``weight`` is bf16 (fp32 accumulation), else fp32 ones; the
+        ``-z`` in the last ``F``. Differentiable in ``x`` and ``weight``. With bf16 ``x`` the
+        products run on bf16 tensor cores with the fp32 operands (``weight``, ``dz``) split into
+        two bf16 halves, to about 2^-16 relative; with fp32 (or fp16) inputs they are fp32. The
         softmaxes are fp32. ``D, F <= 256``.
 
     Example::

@@ -347,12 +347,16 @@ def _sms() -> int | None:
     return None
 
 
-def _fwd_config(F: int, DV: int, chunk_size: int, heads: int):
+def _fwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat16):
     """``(C, BF, BV, num_warps)`` of the forward kernel. The chunk and the block of value columns
     are chosen so that a program's tiles (``[C, BF]`` features, ``[BF, BV]`` state) stay in
-    registers (checked by compiling for sm_90: no spills at F = 64 and 256, a few bytes at 128),
-    then ``BV`` shrinks while ``B * H`` programs per block would leave multiprocessors idle."""
+    registers (checked by compiling for sm_90 with Triton 3.6: at most about 100 bytes a thread
+    spilled, except with fp32 products at F = 256), then ``BV`` shrinks while ``B * H`` programs
+    per block would leave multiprocessors idle. fp32 products (fp32 inputs) need the smallest
+    tiles."""
     BF = _pow2(F)
+    if dtype == torch.float32:
+        return min(chunk_size, 16), BF, 16, (8 if BF >= 128 else 4)
     C = min(chunk_size, max(16, 8192 // BF))
     BV = min(_pow2(DV), 64, max(16, triton.next_power_of_2(262144 // (BF * C) + 1) // 2))
     sms = _sms()
@@ -361,11 +365,13 @@ def _fwd_config(F: int, DV: int, chunk_size: int, heads: int):
     return C, BF, BV, (8 if BF * BV >= 8192 else 4)
 
 
-def _bwd_config(F: int, DV: int, chunk_size: int, heads: int):
+def _bwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat16):
     """``(C, BF, BK, BV, BDV)`` of the backward kernel (8 warps): ``dfq``/``dfk`` programs take
     ``BK`` features and every value column, ``dv`` programs ``BV`` columns and every feature."""
-    C, BF, BV, _ = _fwd_config(F, DV, chunk_size, heads)
+    C, BF, BV, _ = _fwd_config(F, DV, chunk_size, heads, dtype)
     BDV = _pow2(DV)
+    if dtype == torch.float32:
+        return C, BF, 16, 16, BDV
     BK = 32 if (BDV > 128 or BF > 128) else min(BF, 64)
     sms = _sms()
     while sms and BK > 16 and heads * 2 * triton.cdiv(F, BK) < sms:
@@ -399,7 +405,7 @@ def linear_attention_fwd(
     z = torch.empty(B, H, F, device=v.device, dtype=torch.float32) if output_final_state else None
     store_y32 = keep_fp32_output and y.dtype != torch.float32
     y32 = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32) if store_y32 else None
-    C, BF, BV, num_warps = _fwd_config(F, DV, chunk_size, B * H)
+    C, BF, BV, num_warps = _fwd_config(F, DV, chunk_size, B * H, dtype)
     _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
         fq, fk, v, y, y32, d, S0, z0, S, z, T, F, DV,
         C=C, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
@@ -428,7 +434,7 @@ def linear_attention_bwd(fq, fk, v, y, d, dy, S0=None, z0=None, dS=None, dz=None
     want_dinit = want_dinit and has_init
     dS0 = torch.empty(B, H, F, DV, device=v.device, dtype=torch.float32) if want_dinit else None
     dz0 = torch.empty(B, H, F, device=v.device, dtype=torch.float32) if want_dinit else None
-    C, BF, BK, BV, BDV = _bwd_config(F, DV, chunk_size, B * H)
+    C, BF, BK, BV, BDV = _bwd_config(F, DV, chunk_size, B * H, dtype)
     NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
     _bwd_kernel[(2 * NK + NV, B * H)](
         fq, fk, v, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dS0, dz0, T, F, DV,
@@ -504,8 +510,9 @@ def chunk_linear_attention(
     every fp32 operand whose product cancels later (the state, the normaliser) split into two
     bf16 halves; accumulation and state are fp32 either way (see the module docstring).
     ``F <= 256`` and ``Dv <= 256``. Denominators are clamped at 1e-30 as in the reference.
-    ``chunk_size`` only sets how the work is cut (the result is the same); with ``F > 128`` the
-    kernels use at most 32 so that a program's tiles stay in registers.
+    ``chunk_size`` only sets how the work is cut (the result is the same); it is an upper bound:
+    with ``F > 128`` the kernels take at most 32 tokens at a time, with fp32 products 16, so that
+    a program's tiles stay in registers.
 
     Example::
 
