@@ -4,10 +4,6 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Triton reads TRITON_INTERPRET when a kernel is defined (when its module is imported), so it is
-# set before any test imports one: without CUDA the kernels run in Triton's CPU interpreter.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Without a GPU the Triton kernel tests (tests/kernels/test_triton_linear.py) run in Triton's CPU
 # interpreter. Triton decides that when it is first imported, and importing the project already
