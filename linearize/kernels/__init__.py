@@ -8,8 +8,8 @@ Kernels (``LINEARIZE_KERNELS``):
 
 * ``auto`` (default): the PyTorch reference, for now. The Triton kernels of
   :mod:`linearize.kernels.linear` pass every test under the interpreter, but compiled on an H100
-  their real-shape test (B=2, H=8, T=4096, bf16) hits an illegal memory access; until it passes
-  they run only when asked for;
+  the backward still hits an illegal memory access in one bf16 case (T=100 with an initial
+  state, chunk 64); until every test passes there too they run only when asked for;
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
   need ``TRITON_INTERPRET=1``); an error if ``triton`` cannot be imported or the attention has

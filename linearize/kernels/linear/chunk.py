@@ -372,10 +372,9 @@ def _bwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
     BDV = _pow2(DV)
     if dtype == torch.float32:
         return C, BF, 16, 16, BDV
+    # BK stays at 32-64: spreading dfq/dfk over more programs with BK = 16 when B * H is small
+    # compiles on sm_90 into an illegal memory access (seen at F=128, Dv=64, B*H=16, bf16).
     BK = 32 if (BDV > 128 or BF > 128) else min(BF, 64)
-    sms = _sms()
-    while sms and BK > 16 and heads * 2 * triton.cdiv(F, BK) < sms:
-        BK //= 2
     return min(chunk_size, 64 if BF <= 128 else 32), BF, BK, BV, BDV
 
 
