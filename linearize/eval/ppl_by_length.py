@@ -42,7 +42,7 @@ def token_nll(model, ids: torch.Tensor, segment: int = 512) -> torch.Tensor:
     cache, logits = None, []
     for start in range(0, ids.shape[1], segment):
         out = model(input_ids=ids[:, start:start + segment], use_cache=True, **({name: cache} if cache is not None else {}))
-        cache = out.past_key_values
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
         logits.append(out.logits[0].float())
     logits = torch.cat(logits)[:-1]  # [T - 1, V]
     return F.cross_entropy(logits, ids[0, 1:], reduction="none").cpu()
