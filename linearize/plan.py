@@ -182,6 +182,14 @@ def choose_layers(errors: dict[int, float], m: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- measuring
+def transfer_stage(recipe):
+    """The recipe's first attention_transfer stage: its data and settings calibrate the plan."""
+    stage = next((s for s in recipe.stages if s.stage == "attention_transfer"), None)
+    if stage is None:
+        raise ValueError("planning needs a recipe with an attention_transfer stage (its data and settings)")
+    return stage
+
+
 def measure_layers(model, adapter, recipe, blocks, calibration_steps: int, seed: int = 0, log=print) -> dict:
     """Convert every layer, fit briefly, and measure each layer's held-out transfer error."""
     from .cache import student_cache_layer
@@ -190,9 +198,7 @@ def measure_layers(model, adapter, recipe, blocks, calibration_steps: int, seed:
 
     spec = ConversionSpec(recipe.students.kind, "all", recipe.students.settings)
     convert_model(model, spec)
-    stage = next((s for s in recipe.stages if s.stage == "attention_transfer"), None)
-    if stage is None:
-        raise ValueError("planning needs a recipe with an attention_transfer stage (its data and settings)")
+    stage = transfer_stage(recipe)
     held = max(1, min(stage.val_blocks or 4, len(blocks) // 4))
     fit = dataclasses.replace(stage, steps=calibration_steps, tokens=None, val_blocks=0, eval_every=0, checkpoint_every=0)
     before = measure_transfer(model, adapter, blocks[:held], stage.batch_size)
@@ -220,6 +226,7 @@ def plan(recipe, budget: Budget, measured: dict, costs: LayerCosts) -> dict:
     converted = [i for i in range(costs.num_layers) if i not in softmax]
     return {
         "budget": dataclasses.asdict(budget) | {"text": budget.describe()},
+        "student": recipe.students.kind,
         "softmax_layers": softmax,
         "converted_layers": converted,
         "cost": plan_cost(len(softmax), budget, costs),
@@ -233,13 +240,9 @@ def plan(recipe, budget: Budget, measured: dict, costs: LayerCosts) -> dict:
 def plan_table(result: dict) -> str:
     rows = ["layer | error after fit | choice", "----- | --------------- | ------"]
     for i in sorted(result["errors_after"]):
-        choice = "softmax (largest errors)" if i in result["softmax_layers"] else recipe_kind(result)
+        choice = "softmax (largest errors)" if i in result["softmax_layers"] else result["student"]
         rows.append(f"{i:>5} | {result['errors_after'][i]:15.4f} | {choice}")
     return "\n".join(rows)
-
-
-def recipe_kind(result: dict) -> str:
-    return result.get("student", "student")
 
 
 def planned_recipe(base: dict, result: dict) -> str:
@@ -313,14 +316,11 @@ def run_plan(model_name, base_recipe, budget_text: str, out_dir, calibration_ste
     seed_everything(base_recipe.seed)
     model, tokenizer, source = load_teacher(model_name or base_recipe.model, dtype=base_recipe.precision,
                                             device=pick_device(device or base_recipe.device))
-    stage = next((s for s in base_recipe.stages if s.stage == "attention_transfer"), None)
-    if stage is None:
-        raise ValueError("planning needs a recipe with an attention_transfer stage (its data and settings)")
+    stage = transfer_stage(base_recipe)
     blocks = pack(get_texts(stage.data, model, tokenizer, source.reference), tokenizer, stage.seq_len)
     measured = measure_layers(model, adapter_for(model.config), base_recipe, blocks, calibration_steps, base_recipe.seed, log)
     costs = layer_costs(model, measured["spec"], measured["state_bytes"])
     result = plan(base_recipe, budget, measured, costs)
-    result["student"] = base_recipe.students.kind
     base = base_recipe.to_dict()
     if model_name:
         base["model"] = model_name
