@@ -246,10 +246,6 @@ class Blocks:
             index = slice(index, index + 1)
         return Blocks(self.input_ids[index], self.attention_mask[index])
 
-    @property
-    def seq_len(self) -> int:
-        return self.input_ids.shape[1]
-
     def tokens(self) -> int:
         """Real (non-padding) tokens."""
         return int(self.attention_mask.sum())

@@ -126,10 +126,6 @@ class Checkpoints:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def summary(self) -> dict | None:
-        path = self.folder / self.SUMMARY
-        return json.loads(path.read_text()) if path.is_file() else None
-
     def load(self) -> dict | None:
         if not self.exists():
             return None
