@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,20 +84,42 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class DataPathError(ValueError):
+    """A data path names an environment variable that is not set."""
+
+
+def resolve_path(path: str) -> Path:
+    """``path`` with ``~`` and environment variables (``$LINEARIZE_DATA``, ``${HOME}``) expanded."""
+    expanded = os.path.expandvars(os.path.expanduser(path))
+    missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if missing:
+        raise DataPathError(
+            f"the data path {path!r} uses ${missing[0]}, which is not set: export {missing[0]}=/path/to/the/folder"
+        )
+    return Path(expanded)
+
+
+def _prompt_of(row: dict) -> str:
+    text = row.get("instruction") or row.get("prompt") or row.get("text")
+    if not isinstance(text, str):
+        raise ValueError(f"a prompt row needs an 'instruction', 'prompt' or 'text' string, got keys {sorted(row)}")
+    return f"{text}\n\n{row['input']}" if row.get("input") else text
+
+
 def _read_prompts(path: str) -> list[str]:
+    """Prompts from a file: one per line, JSON lines, or a JSON array of rows (Alpaca's format:
+    ``instruction`` plus an optional ``input``)."""
+    file = resolve_path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file not found: {file}")
+    text = file.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return [_prompt_of(row) for row in json.loads(text)]
     prompts = []
-    for line in Path(path).expanduser().read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            row = json.loads(line)
-            text = row.get("instruction") or row.get("prompt") or row.get("text")
-            if row.get("input"):
-                text = f"{text}\n\n{row['input']}"
-            prompts.append(text)
-        else:
-            prompts.append(line)
+        if line:
+            prompts.append(_prompt_of(json.loads(line)) if line.startswith("{") else line)
     return prompts
 
 
@@ -110,7 +133,7 @@ def teacher_prompts(spec) -> list[str]:
 
 
 @torch.no_grad()
-def generate_teacher_texts(model, tokenizer, spec, model_reference: str, batch_size: int = 16) -> list[str]:
+def generate_teacher_texts(model, tokenizer, spec, model_reference: str) -> list[str]:
     """Sample ``spec.samples`` texts from the teacher (prompt and answer, with the chat
     template's markup), cached on disk by every setting that determines them."""
     from tqdm.auto import tqdm
@@ -131,8 +154,8 @@ def generate_teacher_texts(model, tokenizer, spec, model_reference: str, batch_s
     torch.manual_seed(spec.seed)
     try:
         with attention_mode(model, "teacher"):
-            for start in tqdm(range(0, len(prompts), batch_size), desc="teacher writes text", unit="batch"):
-                batch = [_format_prompt(tokenizer, p, spec.chat_template) for p in prompts[start : start + batch_size]]
+            for start in tqdm(range(0, len(prompts), spec.batch_size), desc="teacher writes text", unit="batch"):
+                batch = [_format_prompt(tokenizer, p, spec.chat_template) for p in prompts[start : start + spec.batch_size]]
                 enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 out = model.generate(
                     **enc,
@@ -189,7 +212,7 @@ def load_texts(spec, tokenizer=None) -> list[str]:
                 "Offline, only data sets already in the local Hugging Face cache load; or point the recipe at local files."
             ) from None
     else:
-        files = _data_files(Path(spec.path).expanduser(), suffixes)
+        files = _data_files(resolve_path(spec.path), suffixes)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     fmt = getattr(spec, "format", "text")
@@ -222,7 +245,30 @@ def format_chat(tokenizer, turns: list[dict], chat_template: bool = True) -> str
     return "\n".join(f"{t['role']}: {t['content']}" for t in turns)
 
 
-def get_texts(spec, model=None, tokenizer=None, model_reference: str = "") -> list[str]:
+def passkey_texts(spec, tokenizer, seq_len: int) -> list[str]:
+    """``spec.samples`` passkey-retrieval texts with their answers, each at most ``spec.length``
+    (default ``seq_len``) tokens with EOS: the evaluation's format (:mod:`linearize.eval.passkey`)
+    with the key at a uniformly random depth. Keys and depths come from ``spec.seed`` in a stream
+    of their own, apart from the evaluation's."""
+    from .eval.haystack import fit_units
+    from .eval.passkey import passkey_prompt
+
+    length = spec.length or seq_len
+    rng = random.Random(f"train-passkey-{spec.seed}")
+    texts, hint = [], 64
+    for _ in range(spec.samples):
+        key, depth = str(rng.randint(10000, 99999)), rng.random()
+        answer = f" {key}."
+        room = length - len(tokenizer(answer, add_special_tokens=False)["input_ids"]) - 1  # the answer and EOS
+        hint, prompt = fit_units(tokenizer, lambda n: passkey_prompt(n, depth, key), room, start=hint)
+        hint = max(hint, 1)
+        texts.append(prompt + answer)
+    return texts
+
+
+def get_texts(spec, model=None, tokenizer=None, model_reference: str = "", seq_len: int = 1024) -> list[str]:
+    if spec.source == "passkey":
+        return passkey_texts(spec, tokenizer, seq_len)
     if spec.source == "teacher":
         if model is None:
             raise ValueError("teacher-generated data needs the teacher model")
@@ -290,6 +336,41 @@ def pack(texts: list[str], tokenizer, seq_len: int) -> Blocks:
     if pad:
         mask[-pad:] = 0
     return Blocks(ids, mask.view(n, seq_len))
+
+
+def pack_each(texts: list[str], tokenizer, seq_len: int) -> Blocks:
+    """One right-padded block per text (a text longer than ``seq_len`` raises)."""
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    ids = torch.full((len(texts), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(texts), seq_len, dtype=torch.long)
+    for i, text in enumerate(texts):
+        row = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        if len(row) > seq_len:
+            raise ValueError(f"a {len(row)}-token text does not fit one {seq_len}-token block")
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return Blocks(ids, mask)
+
+
+def concat_blocks(parts: list[Blocks]) -> Blocks:
+    return Blocks(torch.cat([b.input_ids for b in parts]), torch.cat([b.attention_mask for b in parts]))
+
+
+def build_blocks(data, tokenizer, seq_len: int, model=None, model_reference: str = "", log=None) -> Blocks:
+    """The blocks of a stage's ``data``: one source or a list of them (a mix), each source packed
+    on its own (``passkey`` samples one a block, the others as a stream) and the blocks joined.
+    With ``log``, a mix reports the tokens each source gives."""
+    specs = data if isinstance(data, list) else [data]
+    parts = []
+    for spec in specs:
+        texts = get_texts(spec, model, tokenizer, model_reference, seq_len)
+        parts.append(pack_each(texts, tokenizer, seq_len) if spec.source == "passkey" else pack(texts, tokenizer, seq_len))
+    if log is not None and len(parts) > 1:
+        total = sum(b.tokens() for b in parts)
+        log("data mix: " + ", ".join(f"{spec.source}{' ' + Path(spec.path).name if spec.path else ''} "
+                                     f"{b.tokens():,} tokens ({b.tokens() / total:.0%})" for spec, b in zip(specs, parts)))
+    return parts[0] if len(parts) == 1 else concat_blocks(parts)
 
 
 def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:

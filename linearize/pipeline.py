@@ -21,7 +21,7 @@ import torch
 from . import io
 from .architectures import adapter_for
 from .convert import ConversionSpec, convert_model, load_student_state_dict, student_state_dict
-from .data import get_texts, pack
+from .data import build_blocks
 from .distributed import current as current_distributed
 from .eval.perplexity import perplexity
 from .lora import has_lora, load_lora_state_dict, lora_state_dict
@@ -94,8 +94,7 @@ class ConvertRun:
         return measure_transfer(self.model, self.adapter, self.eval_blocks, batch_size=4)
 
     def _blocks(self, data, seq_len):
-        texts = get_texts(data, self.model, self.tokenizer, self.source.reference)
-        return pack(texts, self.tokenizer, seq_len)
+        return build_blocks(data, self.tokenizer, seq_len, self.model, self.source.reference, log=self.log)
 
     # ------------------------------------------------------------------ checkpoints
     def _previous_checkpoint(self) -> dict | None:

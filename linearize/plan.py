@@ -308,7 +308,7 @@ def _plot(path: Path, result: dict) -> None:
 def run_plan(model_name, base_recipe, budget_text: str, out_dir, calibration_steps: int = 10, device=None, log=print):
     """Measure, choose and write a plan. Returns ``(result, recipe_path)``."""
     from .architectures import adapter_for
-    from .data import get_texts, pack
+    from .data import build_blocks
     from .models import load_teacher
     from .pipeline import pick_device, seed_everything
 
@@ -317,7 +317,7 @@ def run_plan(model_name, base_recipe, budget_text: str, out_dir, calibration_ste
     model, tokenizer, source = load_teacher(model_name or base_recipe.model, dtype=base_recipe.precision,
                                             device=pick_device(device or base_recipe.device))
     stage = transfer_stage(base_recipe)
-    blocks = pack(get_texts(stage.data, model, tokenizer, source.reference), tokenizer, stage.seq_len)
+    blocks = build_blocks(stage.data, tokenizer, stage.seq_len, model, source.reference)
     measured = measure_layers(model, adapter_for(model.config), base_recipe, blocks, calibration_steps, base_recipe.seed, log)
     costs = layer_costs(model, measured["spec"], measured["state_bytes"])
     result = plan(base_recipe, budget, measured, costs)

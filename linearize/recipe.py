@@ -32,12 +32,17 @@ class DataSpec:
     """Where a stage's text comes from.
 
     ``teacher``: text the teacher writes itself, answering built-in prompts (or the prompts in
-    ``path``: one per line, or JSON lines with an ``instruction`` field), sampled and cached;
-    ``text`` / ``jsonl`` / ``parquet``: local files or folders read through ``datasets``
-    (``field`` names the text column); ``hub``: a Hub data set id in ``path``.
+    ``path``: one per line, JSON lines with an ``instruction`` field, or an Alpaca-style JSON
+    array), sampled and cached; ``text`` / ``jsonl`` / ``parquet``: local files or folders read
+    through ``datasets`` (``field`` names the text column); ``hub``: a Hub data set id in
+    ``path``; ``passkey``: synthetic passkey-retrieval samples of ``length`` tokens with the
+    answer (the key at a random depth of repeated filler), one block each, as LAWCAT trains on.
+
+    A path may name environment variables (``$LINEARIZE_DATA/alpaca/...``). A stage's ``data``
+    is one such mapping or a list of them: the mix, each source packed on its own.
     """
 
-    source: Literal["teacher", "text", "jsonl", "parquet", "hub"]
+    source: Literal["teacher", "text", "jsonl", "parquet", "hub", "passkey"]
     path: str | None = None
     field: str = "text"
     split: str = "train"
@@ -48,6 +53,8 @@ class DataSpec:
     chat_template: bool = True  # format prompts/instructions with the tokenizer's chat template
     format: Literal["text", "alpaca", "messages"] = "text"  # files/hub: plain text, instruction rows, or chat turns
     max_documents: int | None = None
+    batch_size: int = 16  # teacher: prompts answered together
+    length: int | None = None  # passkey: tokens per sample (default: the stage's seq_len)
 
 
 @dataclass
@@ -64,7 +71,7 @@ class StageSpec:
     """What every training stage shares: data, batches, length, optimiser, schedule, checkpoints."""
 
     stage: str
-    data: DataSpec
+    data: Union[DataSpec, list[DataSpec]]
     seq_len: int = 1024
     batch_size: int = 8  # blocks per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
@@ -117,7 +124,7 @@ STAGES = {"attention_transfer": AttentionTransferStage, "lora": LoraStage}
 class EvalSpec:
     """Held-out perplexity of teacher and student, side by side, after the stages."""
 
-    data: DataSpec
+    data: Union[DataSpec, list[DataSpec]]
     seq_len: int = 256
     max_blocks: int = 16
 
@@ -247,7 +254,7 @@ def parse_dataclass(cls, data: dict, file: str, path: str = ""):
     return cls(**kwargs)
 
 
-_POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "tokens", "samples", "max_new_tokens", "max_blocks", "rank")
+_POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "tokens", "samples", "max_new_tokens", "max_blocks", "rank", "length")
 _NON_NEGATIVE = ("val_blocks", "eval_every", "checkpoint_every", "warmup_steps", "mse_weight", "ce_weight",
                  "weight_decay", "max_grad_norm")
 
@@ -326,17 +333,35 @@ def _parse_stages(data, file):
         if len(stage.betas) != 2:
             _fail(file, f"{path}.betas", f"expected two numbers, got {stage.betas!r}")
         _check_ranges(stage, file, path)
-        _check_ranges(stage.data, file, f"{path}.data")
-        _check_data(stage.data, file, f"{path}.data")
+        _check_data_specs(stage.data, file, f"{path}.data", stage.seq_len)
         stages.append(stage)
     return stages
 
 
+def _check_data_specs(data, file, path, seq_len: int):
+    specs = data if isinstance(data, list) else [data]
+    if not specs:
+        _fail(file, path, "an empty list: give at least one data source")
+    for i, spec in enumerate(specs):
+        sub = f"{path}.{i}" if isinstance(data, list) else path
+        _check_ranges(spec, file, sub)
+        _check_data(spec, file, sub)
+        if spec.source == "passkey" and spec.length is not None and spec.length > seq_len:
+            _fail(file, f"{sub}.length", f"a passkey sample is one block: length {spec.length} exceeds seq_len {seq_len}")
+
+
 def _check_data(data: DataSpec, file, path):
+    from .data import DataPathError, resolve_path
+
     if data.source in ("text", "jsonl", "parquet", "hub") and not data.path:
         _fail(file, f"{path}.path", f"source '{data.source}' needs a path (a file, a folder, or for 'hub' a data set id)")
-    if data.source in ("text", "jsonl", "parquet") and not Path(data.path).expanduser().exists():
-        _fail(file, f"{path}.path", f"data file or folder not found: {data.path}")
+    if data.path and data.source != "hub":
+        try:
+            resolved = resolve_path(data.path)
+        except DataPathError as err:
+            _fail(file, f"{path}.path", str(err))
+        if not resolved.exists():
+            _fail(file, f"{path}.path", f"data file or folder not found: {resolved}")
 
 
 def parse_recipe(data, file: str = "<dict>") -> Recipe:
@@ -352,7 +377,7 @@ def parse_recipe(data, file: str = "<dict>") -> Recipe:
     rest = parse_dataclass(Recipe, {**data, "students": {}, "stages": []}, file)
     if rest.eval is not None:
         _check_ranges(rest.eval, file, "eval")
-        _check_data(rest.eval.data, file, "eval.data")
+        _check_data_specs(rest.eval.data, file, "eval.data", rest.eval.seq_len)
     return dataclasses.replace(rest, students=students, stages=stages, source=file)
 
 

@@ -80,3 +80,54 @@ def test_offline_uncached_hub_data_set_fails_with_a_clear_message(monkeypatch, t
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(RuntimeError, match=r"could not load the Hub data set 'someone/nothing-here' \(split 'train'\).*Offline"):
         load_texts(DataSpec(source="hub", path="someone/nothing-here"))
+
+
+def test_passkey_samples_are_one_block_each_with_their_answer(tokenizer):
+    from linearize.data import build_blocks, passkey_texts
+
+    spec = DataSpec(source="passkey", samples=6, seed=3)
+    texts = passkey_texts(spec, tokenizer, seq_len=96)
+    assert texts == passkey_texts(spec, tokenizer, seq_len=96)  # a pure function of the spec
+    assert texts != passkey_texts(DataSpec(source="passkey", samples=6, seed=4), tokenizer, seq_len=96)
+    for text in texts:
+        key = text.rsplit(" ", 1)[1].rstrip(".")
+        assert len(key) == 5 and key.isdigit()
+        assert text.count(key) == 3  # twice in the hidden line, once as the answer
+        assert text.endswith(f"What is the pass key? The pass key is {key}.")
+    blocks = build_blocks(spec, tokenizer, 96)
+    assert len(blocks) == 6
+    lengths = blocks.attention_mask.sum(1)
+    assert bool((lengths <= 96).all()) and bool((lengths > 96 - 8).all())  # filled to within one filler unit
+    last = blocks.input_ids.gather(1, (lengths - 1)[:, None]).squeeze(1)
+    assert bool((last == tokenizer.eos_token_id).all())  # each sample ends in its own block
+
+
+def test_a_mix_joins_each_source_packed_on_its_own(tokenizer, tmp_path):
+    from linearize.data import build_blocks
+
+    (tmp_path / "a.txt").write_text(synthetic_text(50, seed=1))
+    text_spec = DataSpec(source="text", path=str(tmp_path / "a.txt"))
+    key_spec = DataSpec(source="passkey", samples=3)
+    alone = [build_blocks(text_spec, tokenizer, 80), build_blocks(key_spec, tokenizer, 80)]
+    mix = build_blocks([text_spec, key_spec], tokenizer, 80)
+    assert len(mix) == len(alone[0]) + len(alone[1])
+    assert torch.equal(mix.input_ids, torch.cat([alone[0].input_ids, alone[1].input_ids]))
+    assert mix.tokens() == alone[0].tokens() + alone[1].tokens()
+
+
+def test_prompts_from_an_alpaca_json_array(tmp_path):
+    from linearize.data import _read_prompts
+
+    rows = [{"instruction": "Sort these", "input": "b a", "output": "a b"}, {"instruction": "Say hi", "input": "", "output": "hi"}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows))
+    assert _read_prompts(str(tmp_path / "alpaca.json")) == ["Sort these\n\nb a", "Say hi"]
+
+
+def test_data_paths_expand_environment_variables(tmp_path, monkeypatch):
+    from linearize.data import DataPathError, resolve_path
+
+    monkeypatch.setenv("LINEARIZE_TEST_DATA", str(tmp_path))
+    assert resolve_path("$LINEARIZE_TEST_DATA/x.txt") == tmp_path / "x.txt"
+    monkeypatch.delenv("LINEARIZE_TEST_DATA")
+    with pytest.raises(DataPathError, match=r"\$LINEARIZE_TEST_DATA, which is not set: export LINEARIZE_TEST_DATA="):
+        resolve_path("${LINEARIZE_TEST_DATA}/x.txt")

@@ -23,10 +23,38 @@ def write(tmp_path, text, name="r.yaml"):
     return str(path)
 
 
+def fake_data_folder(root, recipe_file):
+    """Create, under ``root``, every ``$LINEARIZE_DATA/...`` path a recipe names (a folder when the
+    name has no suffix), so the recipe's checks pass without the real data."""
+    import re
+
+    for rel in set(re.findall(r"\$LINEARIZE_DATA/([^\s,}]+)", recipe_file.read_text())):
+        target = root / rel
+        if target.suffix:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("[]")
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+
+
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
-def test_builtin_recipes_validate(name):
+def test_builtin_recipes_validate(name, tmp_path, monkeypatch):
+    fake_data_folder(tmp_path, builtin_recipes()[name])
+    monkeypatch.setenv("LINEARIZE_DATA", str(tmp_path))
     recipe = load_recipe(name)
     assert recipe.stages and recipe.students.kind
+
+
+def test_a_recipe_on_a_data_folder_says_which_variable_to_set(monkeypatch):
+    monkeypatch.delenv("LINEARIZE_DATA", raising=False)
+    with pytest.raises(RecipeError, match=r"key 'stages\.0\.data\.0\.path': .*\$LINEARIZE_DATA, which is not set: export LINEARIZE_DATA="):
+        load_recipe("lolcats")
+
+
+def test_a_data_mix_parses_to_a_list_of_sources(tmp_path):
+    text = GOOD.replace("data: {source: teacher, samples: 4}", "data: [{source: teacher, samples: 4}, {source: passkey, samples: 2, length: 100}]")
+    stage = load_recipe(write(tmp_path, text)).stages[0]
+    assert [d.source for d in stage.data] == ["teacher", "passkey"] and stage.data[1].length == 100
 
 
 def test_good_recipe_parses_with_types(tmp_path):
@@ -66,6 +94,9 @@ BAD = [
     ("lora dropout range", GOOD + "  - {stage: lora, data: {source: teacher}, steps: 5, dropout: 1.5}\n", r"key 'stages\.1\.dropout': must lie in \[0, 1\), got 1\.5"),
     ("lora targets type", GOOD + "  - {stage: lora, data: {source: teacher}, steps: 5, target_modules: q_proj}\n", r"key 'stages\.1\.target_modules': expected a list of strings, got 'q_proj'"),
     ("negative sinks", GOOD.replace("window_size: 64", "window_size: 64, sink_size: -1"), r"key 'students\.sink_size': must be >= 0, got -1"),
+    ("unknown key in a mix", GOOD.replace("{source: teacher, samples: 4}", "[{source: teacher}, {source: passkey, sample: 4}]"), r"key 'stages\.0\.data\.1\.sample': unknown key\. Did you mean 'samples'\?"),
+    ("empty mix", GOOD.replace("{source: teacher, samples: 4}", "[]"), r"key 'stages\.0\.data': an empty list"),
+    ("passkey longer than a block", GOOD.replace("{source: teacher, samples: 4}", "{source: passkey, length: 200}"), r"key 'stages\.0\.data\.length': a passkey sample is one block: length 200 exceeds seq_len 128"),
     ("unknown feature map", GOOD.replace("window_size: 64", "feature_map: cosine"), r"key 'students\.feature_map': unknown feature map 'cosine'"),
 ]
 

@@ -4,7 +4,8 @@ line "The pass key is 12345. Remember it. 12345 is the pass key." at a chosen de
 filler, then "What is the pass key? The pass key is". Greedy generation; a sample is correct
 when its 5-digit key appears in the continuation.
 
-The prompt is plain text, without the chat template, for base and chat models alike (as
+Lines are joined with newlines; at depth 0 or 1 the empty filler part is left out rather than
+leaving a blank line. The prompt is plain text, without the chat template, for base and chat models alike (as
 Landmark Attention and LAWCAT do). Each prompt has at most ``length`` tokens and less than one
 filler sentence fewer (see :mod:`.haystack`).
 """
@@ -26,7 +27,7 @@ def key_line(key: str) -> str:
 
 def passkey_prompt(filler_units: int, depth: float, key: str) -> str:
     before, after = place(cycle(NOISE, filler_units), key_line(key), depth)
-    return "\n".join([TASK, before, key_line(key), after, QUESTION])
+    return "\n".join(part for part in (TASK, before, key_line(key), after, QUESTION) if part)
 
 
 def passkey_key(seed: int, length: int, depth: float, index: int) -> str:
