@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_names, default=None, help="lm-eval: task names, e.g. piqa (default: piqa)")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: items per task")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
-    p.add_argument("--data-dir", default=None, help="lm-eval: local data folder (e.g. with piqa/valid.jsonl, valid-labels.lst)")
+    p.add_argument("--data-dir", default=None,
+                   help="lm-eval: local data folder for piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
+                        "lambada_openai (layout: README, Evaluating)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")

@@ -293,3 +293,173 @@ def test_lm_eval_piqa_parity_with_the_harness_hf_model_type(base, tmp_path):
         assert theirs["acc,none"] == ours["metrics"]["acc"] and theirs["acc_norm,none"] == ours["metrics"]["acc_norm"]
     per_item = [s["acc"] for s in ours["samples"]]
     assert sum(per_item) / 20 == ours["metrics"]["acc"]
+
+
+# --- lm-eval tasks from local files in the shared data's formats: the harness's own task functions on
+# the converted rows give the prompts the harness builds from the original rows (computed by hand here).
+
+ARC_ROWS = [
+    {"query": "Question: Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide", "helium", "neon"], "gold": 1},
+    {"query": "Question: What is 2 + 2?", "choices": ["3", "4", "5"], "gold": 0},
+]
+HELLASWAG_ITEMS = [  # header, gold, endings, as hellaswag_val_full.txt has them
+    ("Roof shingle removal: A man is sitting on a roof. he", "3",
+     ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+      "starts pulling up roofing on a roof."]),
+    ("Computers and Electronics: How to reboot: a guide. Find the [portrait] button.", "0",
+     ["Press it [twice].", "Wait.", "Unplug it.", "Call someone."]),
+]
+WINOGRANDE_ROWS = [
+    {"context_options": ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"],
+     "continuation": "always got the easier cases.", "gold": 1},
+    {"context_options": ["Bobby used his pen rather than the pencil because the pen", "Bobby used his pen rather than the pencil because the pencil"],
+     "continuation": "was full of ink.", "gold": 0},
+    {"context_options": ["Anna", "Maria"], "continuation": "'s car broke down.", "gold": 0},
+]
+LAMBADA_ROWS = [{"text": "He opened the door and saw his old friend Tom"}, {"text": "\"Run,\" she said.\n\nSo they ran home"}]
+
+
+def _write_shared_formats(folder):
+    """A few rows of each task, in the file formats of shared/data (SOURCES.md)."""
+    (folder / "arc").mkdir(parents=True)
+    for task in ("arc_easy", "arc_challenge"):
+        (folder / "arc" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC_ROWS))
+    (folder / "hellaswag").mkdir()
+    (folder / "hellaswag" / "hellaswag_val_full.txt").write_text(
+        "".join("\n".join([header, gold, *endings]) + "\n" for header, gold, endings in HELLASWAG_ITEMS))
+    (folder / "winogrande").mkdir()
+    (folder / "winogrande" / "winogrande.jsonl").write_text("".join(json.dumps(r) + "\n" for r in WINOGRANDE_ROWS))
+    (folder / "lambada_openai").mkdir()
+    (folder / "lambada_openai" / "lambada_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LAMBADA_ROWS))
+    return folder
+
+
+NEW_LOCAL = ["arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai"]
+
+
+@pytest.fixture(scope="module")
+def local_harness_tasks(tmp_path_factory):
+    """The harness's task objects for the generated YAMLs, and the requests each builds (zero-shot)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from linearize.eval.harness import write_local_tasks
+
+    root = tmp_path_factory.mktemp("lm_eval_local")
+    names = write_local_tasks(_write_shared_formats(root / "data"), NEW_LOCAL, root / "tasks")
+    assert names == {t: f"{t}_local" for t in NEW_LOCAL}
+    loaded = TaskManager(include_path=str(root / "tasks")).load(list(names.values()))["tasks"]
+    tasks = {t: loaded[names[t]] for t in NEW_LOCAL}
+    for task in tasks.values():
+        task.build_all_requests(limit=None)
+    return tasks
+
+
+def _docs(task):
+    return list(task.test_docs() if task.has_test_docs() else task.validation_docs())
+
+
+def _requests(task):
+    """[(context, continuation) for each request] per document, in document order."""
+    by_doc = {}
+    for inst in task.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst.arguments)
+    return [by_doc[i] for i in sorted(by_doc)]
+
+
+@pytest.mark.parametrize("task, split", [("arc_easy", "test"), ("arc_challenge", "test"), ("hellaswag", "validation"),
+                                         ("winogrande", "validation"), ("lambada_openai", "test")])
+def test_local_task_reads_the_split_the_harness_scores(local_harness_tasks, task, split):
+    t = local_harness_tasks[task]
+    assert (t.has_test_docs(), t.has_validation_docs(), t.has_training_docs()) == (split == "test", split == "validation", False)
+    assert len(_docs(t)) == {"hellaswag": 2, "winogrande": 3, "lambada_openai": 2}.get(task, 2)
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge"])
+def test_local_arc_prompts_equal_the_harness_prompts_for_the_original_rows(local_harness_tasks, task):
+    t = local_harness_tasks[task]
+    docs = _docs(t)
+    assert [t.doc_to_text(d) for d in docs] == ["Question: Which gas do plants take in?\nAnswer:", "Question: What is 2 + 2?\nAnswer:"]
+    assert [t.doc_to_choice(d) for d in docs] == [r["choices"] for r in ARC_ROWS]
+    assert [t.doc_to_target(d) for d in docs] == [1, 0]
+    assert _requests(t)[0] == [("Question: Which gas do plants take in?\nAnswer:", " " + c) for c in ARC_ROWS[0]["choices"]]
+    assert docs[1]["choices"]["label"] == ["A", "B", "C"] and docs[1]["answerKey"] == "A"
+
+
+def test_local_hellaswag_query_and_endings_after_the_harness_processing(local_harness_tasks):
+    t = local_harness_tasks["hellaswag"]
+    docs = _docs(t)
+    # the harness's process_docs puts back ": " between label and context; its preprocess removes what
+    # the file's narrower tag removal left in brackets and collapses the double space that leaves
+    assert [t.doc_to_text(d) for d in docs] == ["Roof shingle removal: A man is sitting on a roof. he",
+                                                "Computers and Electronics: How to reboot: a guide. Find the button."]
+    assert t.doc_to_choice(docs[0]) == HELLASWAG_ITEMS[0][2]
+    assert t.doc_to_choice(docs[1]) == ["Press it .", "Wait.", "Unplug it.", "Call someone."]
+    assert [t.doc_to_target(d) for d in docs] == [3, 0]
+    assert docs[1]["activity_label"] == "Computers and Electronics"
+    assert _requests(t)[0][3] == ("Roof shingle removal: A man is sitting on a roof. he", " starts pulling up roofing on a roof.")
+
+
+def test_local_winogrande_rebuilds_the_partial_scoring_contexts_and_continuation(local_harness_tasks):
+    t = local_harness_tasks["winogrande"]
+    docs = _docs(t)
+    for doc, row, requests in zip(docs, WINOGRANDE_ROWS, _requests(t)):
+        assert t.doc_to_choice(doc) == row["context_options"]
+        assert t.doc_to_target(doc) == row["continuation"]
+        assert t.doc_to_text(doc) == row["gold"]  # partial scoring: the gold is the index of the context
+        assert requests == [(c, " " + row["continuation"]) for c in row["context_options"]]
+    assert [(d["sentence"], d["option1"], d["option2"], d["answer"]) for d in docs] == [
+        ("Sarah was a much better surgeon than Maria so _ always got the easier cases.", "Sarah", "Maria", "2"),
+        ("Bobby used his pen rather than the pencil because the _ was full of ink.", "pen", "pencil", "1"),
+        ("_'s car broke down.", "Anna", "Maria", "1"),
+    ]
+
+
+def test_local_lambada_context_and_last_word(local_harness_tasks):
+    t = local_harness_tasks["lambada_openai"]
+    assert _requests(t) == [[("He opened the door and saw his old friend", " Tom")],
+                            [("\"Run,\" she said.\n\nSo they ran", " home")]]
+
+
+@pytest.mark.parametrize("task, missing", [("arc_easy", "arc/arc_easy.jsonl"), ("arc_challenge", "arc/arc_challenge.jsonl"),
+                                           ("hellaswag", "hellaswag/hellaswag_val_full.txt"),
+                                           ("winogrande", "winogrande/winogrande.jsonl"),
+                                           ("lambada_openai", "lambada_openai/lambada_test.jsonl"),
+                                           ("piqa", "piqa/valid.jsonl")])
+def test_a_missing_local_file_names_the_file_and_the_folder_contents(tmp_path, task, missing):
+    pytest.importorskip("lm_eval")
+    from linearize.eval.harness import write_local_tasks
+
+    with pytest.raises(FileNotFoundError) as err:
+        write_local_tasks(tmp_path / "data", [task], tmp_path / "tasks")
+    folder = missing.split("/")[0]
+    assert str(tmp_path / "data" / missing) in str(err.value) and f"DATA_DIR/{folder}/" in str(err.value)
+
+
+def test_lm_eval_local_winogrande_and_lambada_end_to_end(base, tmp_path):
+    """The harness's metrics on the tiny model agree with its per-sample results."""
+    pytest.importorskip("lm_eval")
+    from linearize.eval.harness import evaluate_lm_eval
+
+    w = lambda *idx: " ".join(WORDS[i] for i in idx)  # noqa: E731
+    data = tmp_path / "data"
+    (data / "winogrande").mkdir(parents=True)
+    rows = [{"context_options": [w(5, 6, 7 + i), w(5, 6, 20 + i)], "continuation": w(30 + i, 40), "gold": i % 2} for i in range(6)]
+    (data / "winogrande" / "winogrande.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "lambada_openai").mkdir()
+    (data / "lambada_openai" / "lambada_test.jsonl").write_text("".join(json.dumps({"text": w(8, 9, 10, 11 + i)}) + "\n" for i in range(5)))
+    model, tokenizer = load_any(str(base))
+    report = evaluate_lm_eval(model, tokenizer, ["winogrande", "lambada_openai"], limit=5, data_dir=data, batch_size=4)
+
+    wino = report["winogrande"]
+    assert len(wino["samples"]) == 5 and {"acc", "acc_stderr"} <= set(wino["metrics"])
+    picked = [max(range(2), key=lambda i: s["responses"][i][0]) for s in sorted(wino["samples"], key=lambda s: s["doc_id"])]
+    assert [s["acc"] for s in sorted(wino["samples"], key=lambda s: s["doc_id"])] == [float(p == r["gold"]) for p, r in zip(picked, rows)]
+    assert wino["metrics"]["acc"] == pytest.approx(sum(p == r["gold"] for p, r in zip(picked, rows)) / 5)
+
+    lam = report["lambada_openai"]
+    assert len(lam["samples"]) == 5 and {"perplexity", "acc"} <= set(lam["metrics"])
+    ll = [s["responses"][0][0] for s in lam["samples"]]
+    assert all(x < 0 for x in ll)
+    assert lam["metrics"]["perplexity"] == pytest.approx(math.exp(-sum(ll) / 5), rel=1e-6)
+    assert lam["metrics"]["acc"] == pytest.approx(sum(s["responses"][0][1] for s in lam["samples"]) / 5)
