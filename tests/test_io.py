@@ -78,3 +78,26 @@ def test_saving_replaces_an_old_folder_only_when_complete(base_folder, tmp_path)
 def test_loading_a_folder_that_is_not_a_converted_model_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a linearize model folder"):
         load(tmp_path)
+
+
+def test_a_moved_base_model_is_named_at_load_time(tmp_path):
+    import shutil
+
+    from linearize.models import load_teacher
+
+    base = make_base_folder(tmp_path / "base")
+    model, tokenizer, source = load_teacher(str(base))
+    convert_model(model, ConversionSpec("hedgehog", layers=[1]))
+    x = torch.randint(1, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).logits
+    out = save(model, tmp_path / "converted", tokenizer, source.reference)
+    shutil.move(str(base), str(tmp_path / "moved"))
+    from linearize.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"which cannot be loaded here .*name it: linearize.load\(path, base_model=\.\.\.\)"):
+        load(out)
+    loaded = load(out, base_model=str(tmp_path / "moved"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, expected)
+    assert loaded.linearize_base == str(tmp_path / "moved")

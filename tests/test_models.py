@@ -38,3 +38,13 @@ def test_unsupported_architecture_from_a_folder(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")), unk_token="a").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'gpt2' is not supported; linearize converts these model types: llama, mistral, qwen2, qwen3"):
         load_teacher(str(tmp_path))
+
+
+def test_a_copy_of_the_embedded_gguf_is_recorded_under_the_embedded_name(tmp_path):
+    embedded = resolve_model(DEFAULT_MODEL).gguf_file
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / embedded.name).symlink_to(embedded)
+    assert resolve_model(str(tmp_path / "copy" / embedded.name)).reference == DEFAULT_MODEL
+    (tmp_path / embedded.name).write_bytes(b"GGUF not the same bytes")  # same name, other content
+    other = resolve_model(str(tmp_path / embedded.name))
+    assert other.kind == "gguf" and other.reference == str((tmp_path / embedded.name).resolve())
