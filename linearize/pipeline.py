@@ -22,7 +22,7 @@ from . import io
 from .architectures import adapter_for
 from .convert import ConversionSpec, convert_model, load_student_state_dict, student_state_dict
 from .data import get_texts, pack
-from .distributed import current as current_distributed
+from .distributed import current as current_distributed, local_parameter_bytes
 from .eval.perplexity import perplexity
 from .lora import has_lora, load_lora_state_dict, lora_state_dict, merged_weights
 from .models import load_teacher
@@ -93,7 +93,11 @@ class ConvertRun:
                 self.eval_blocks = self._blocks(r.eval.data, r.eval.seq_len)[: r.eval.max_blocks]
         if self.dist.fsdp:  # every process keeps 1/N of the teacher; the students and adapters come after
             self.model = self.dist.shard(self.model)
-            self.log(f"FSDP: the teacher's weights are sharded over {self.dist.world_size} processes")
+        held = local_parameter_bytes(self.model)
+        self.report["teacher_bytes_per_process"] = held
+        if self.dist.fsdp:
+            self.log(f"FSDP: the teacher's weights are sharded over {self.dist.world_size} processes "
+                     f"({held / 2**20:.1f} MiB on each)")
 
     def _heldout_transfer(self) -> dict:
         return measure_transfer(self.model, self.adapter, self.eval_blocks, batch_size=4)
