@@ -37,9 +37,11 @@ def workdir(tmp_path_factory):
 
 
 def command(root, out, *extra, fsdp=True):
-    # no dropout (its masks depend on how rows are split) and a moderate LoRA lr, as for data parallel
+    # no dropout (its masks depend on how rows are split) and a moderate LoRA lr, as for data parallel;
+    # the adapters saved merged into the weights they adapt, which under FSDP are gathered from the shards
     cmd = [sys.executable, "-m", "linearize", "convert", str(root / "base"), "--recipe", str(root / "r.yaml"),
-           "--set", "stages.1.dropout=0.0", "--set", "stages.1.lr=3.0e-3", "--out", str(root / out), *extra]
+           "--set", "stages.1.dropout=0.0", "--set", "stages.1.lr=3.0e-3", "--set", "stages.1.merge=true",
+           "--out", str(root / out), *extra]
     if fsdp:
         cmd += ["--accelerate-config", str(FSDP_CONFIG), "--num-processes", "2"]
     return cmd
@@ -75,7 +77,7 @@ def test_fsdp_gives_the_single_process_loss_curve_and_files(single, sharded):
     # the saved artifact: the same files, keys and shapes; values within 1e-4 relative per tensor
     assert sorted(p.name for p in single.iterdir()) == sorted(p.name for p in sharded.iterdir())
     assert json.loads((single / "linearize.json").read_text()) == json.loads((sharded / "linearize.json").read_text())
-    for name in ("students.safetensors", "lora.safetensors"):
+    for name in ("students.safetensors", "merged.safetensors"):
         a, b = load_file(str(single / name)), load_file(str(sharded / name))
         assert a.keys() == b.keys(), name
         for k in a:
@@ -92,7 +94,7 @@ def test_killed_fsdp_run_resumes_to_the_same_weights(workdir, sharded):
     resumed = run(command(workdir, "stopped", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "lora: resuming at step" in resumed.stdout + resumed.stderr
-    for name in ("students.safetensors", "lora.safetensors"):
+    for name in ("students.safetensors", "merged.safetensors"):
         a, b = load_file(str(sharded / name)), load_file(str(workdir / "stopped" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
