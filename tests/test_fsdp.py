@@ -124,3 +124,21 @@ def test_a_failure_in_one_fsdp_process_stops_the_run_with_its_error(workdir, tmp
     assert "injected failure in process 1" in result.stderr
     assert "linearize: error: a process failed" in result.stderr
     assert not (workdir / "failed").exists()
+
+
+def test_the_launch_options_are_not_passed_on_to_the_processes():
+    from linearize.cli import _without_launch_options
+
+    argv = ["convert", "m", "--num-processes", "2", "--recipe", "r.yaml", "--accelerate-config=f.yaml",
+            "--out", "o", "--accelerate-config", "g.yaml", "--num-processes=4"]
+    assert _without_launch_options(argv) == ["convert", "m", "--recipe", "r.yaml", "--out", "o"]
+
+
+def test_an_fsdp1_config_is_refused(monkeypatch):
+    from linearize.distributed import Distributed
+
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    dist = Distributed()
+    dist.fsdp = True
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        dist.shard(torch.nn.Linear(2, 2))
