@@ -34,8 +34,6 @@ import argparse
 import gc
 import inspect
 import json
-import math
-import os
 import platform
 import sys
 import time

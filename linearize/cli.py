@@ -20,23 +20,54 @@ def _launch(num_processes: int, argv: list[str]) -> int:
     return 0
 
 
+def _launch_accelerate(config_file: str, num_processes: int | None, argv: list[str]) -> int:
+    """Run ``linearize convert`` through ``accelerate launch --config_file FILE`` (FSDP, or any
+    other set-up the file describes); ``num_processes`` overrides the file's."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    cmd = ["--config_file", config_file]
+    if num_processes:
+        cmd += ["--num_processes", str(num_processes)]
+    try:
+        launch_command(launch_command_parser().parse_args([*cmd, "-m", "linearize", *argv]))
+    except Exception as err:  # a failing process stops them all; its error is printed above
+        print(f"linearize: error: a process failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+_LAUNCH_OPTIONS = ("--num-processes", "--accelerate-config")
+
+
+def _without_launch_options(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:  # the same command, less the options that launched it
+        if skip:
+            skip = False
+        elif a in _LAUNCH_OPTIONS:
+            skip = True
+        elif not a.startswith(tuple(f"{o}=" for o in _LAUNCH_OPTIONS)):
+            out.append(a)
+    return out
+
+
 def _convert(args) -> int:
     import os
+    from pathlib import Path
 
     from .pipeline import ConvertRun
     from .recipe import RecipeError, load_recipe
 
-    if args.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        argv, skip = [], False
-        for a in args.argv:  # the same command, less --num-processes
-            if skip:
-                skip = False
-            elif a == "--num-processes":
-                skip = True
-            elif not a.startswith("--num-processes="):
-                argv.append(a)
+    launched = "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched and (args.num_processes > 1 or args.accelerate_config):
+        if args.accelerate_config and not Path(args.accelerate_config).is_file():
+            raise FileNotFoundError(f"--accelerate-config: no file {args.accelerate_config}")
         if args.recipe != "auto":
             load_recipe(args.recipe, overrides=args.set or [], model=args.model)  # fail early, once
+        argv = _without_launch_options(args.argv)
+        if args.accelerate_config:
+            return _launch_accelerate(args.accelerate_config, args.num_processes if args.num_processes > 1 else None, argv)
         return _launch(args.num_processes, argv)
 
     if args.recipe == "auto":
@@ -139,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="data-parallel over N processes on this machine (one a GPU; gloo over CPU processes "
                         "without GPUs); the same as `accelerate launch --multi_gpu --num_processes N -m linearize convert ...`")
+    p.add_argument("--accelerate-config", metavar="FILE", default=None,
+                   help="launch through `accelerate launch --config_file FILE` (e.g. examples/accelerate/fsdp.yaml: "
+                        "FSDP, the teacher's weights sharded over the processes); --num-processes overrides the file's")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the result with a model card")
     p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: write the upload to OUT.hub/ instead")
     p.add_argument("--resume", action="store_true",

@@ -64,11 +64,13 @@ def atomic_folder(out_dir: Path, write) -> Path:
 def save(
     model, out_dir, tokenizer=None, base_model: str | None = None, recipe: dict | None = None,
     report: dict | None = None, extra_files: dict[str, str] | None = None, merge_lora: bool = False,
+    merged: dict[str, torch.Tensor] | None = None,
 ):
     """Save a converted model's trained parts and how to rebuild it. Returns the folder.
 
     With LoRA adapters, ``merge_lora`` saves them merged into the weights they adapt instead
-    of as separate adapters."""
+    of as separate adapters (``merged``: those weights computed already, as a sharded model
+    must, on every process together)."""
     from .lora import has_lora, lora_settings, lora_state_dict, merged_weights
 
     spec: ConversionSpec = model.linearize_spec
@@ -89,7 +91,7 @@ def save(
     if has_lora(model):
         config["lora"] = {**lora_settings(model), "merged": merge_lora}
         if merge_lora:
-            lora_files[MERGED_NAME] = merged_weights(model)
+            lora_files[MERGED_NAME] = merged if merged is not None else merged_weights(model)
         else:
             lora_files[LORA_NAME] = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
 

@@ -90,13 +90,17 @@ def lora_disabled(model):
 
 def merged_weights(model) -> dict[str, torch.Tensor]:
     """``W + (alpha / r) B A`` of every adapted module, keyed as in the plain model
-    (``model.layers.0.self_attn.q_proj.weight``). The model itself is not changed."""
+    (``model.layers.0.self_attn.q_proj.weight``). The model itself is not changed. Under FSDP
+    the sharded base weights are gathered: every process must call it."""
+    from .distributed import full_tensor
+
     out = {}
     with torch.no_grad():
         for name, m in _lora_layers(model):
             base = m.get_base_layer()
             delta = m.get_delta_weight(ADAPTER).to(torch.float32)
-            out[f"{name}.weight"] = (base.weight.float() + delta).to(base.weight.dtype).detach().cpu().contiguous()
+            weight = full_tensor(base.weight)
+            out[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype).detach().cpu().contiguous()
     return out
 
 

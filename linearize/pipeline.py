@@ -22,9 +22,9 @@ from . import io
 from .architectures import adapter_for
 from .convert import ConversionSpec, convert_model, load_student_state_dict, student_state_dict
 from .data import build_blocks
-from .distributed import current as current_distributed
+from .distributed import current as current_distributed, local_parameter_bytes
 from .eval.perplexity import perplexity
-from .lora import has_lora, load_lora_state_dict, lora_state_dict
+from .lora import has_lora, load_lora_state_dict, lora_state_dict, merged_weights
 from .models import load_teacher
 from .recipe import Recipe
 from .stages.attention_transfer import AttentionTransfer, measure_transfer
@@ -78,17 +78,26 @@ class ConvertRun:
         r = self.recipe
         seed_everything(r.seed)
         started = time.perf_counter()
+        # under FSDP the teacher is loaded whole on the CPU, then sharded onto the devices (below)
+        load_device = "cpu" if self.dist.fsdp else self.device
         with self.dist.main_process_first():  # the first process fills the caches the others read
-            self.model, self.tokenizer, self.source = load_teacher(r.model, dtype=r.precision, device=self.device)
+            self.model, self.tokenizer, self.source = load_teacher(r.model, dtype=r.precision, device=load_device)
         self.adapter = adapter_for(self.model.config)
         self.log(f"teacher: {r.model} ({self.model.config.model_type}, {self.model.config.num_hidden_layers} layers, "
                  f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters) "
-                 f"loaded in {time.perf_counter() - started:.1f}s on {self.device}")
+                 f"loaded in {time.perf_counter() - started:.1f}s on {load_device}")
         with self.dist.main_process_first():
             self.stage_blocks = [self._blocks(stage.data, stage.seq_len) for stage in r.stages]
             self.eval_blocks = None
             if r.eval is not None:
                 self.eval_blocks = self._blocks(r.eval.data, r.eval.seq_len)[: r.eval.max_blocks]
+        if self.dist.fsdp:  # every process keeps 1/N of the teacher; the students and adapters come after
+            self.model = self.dist.shard(self.model)
+        held = local_parameter_bytes(self.model)
+        self.report["teacher_bytes_per_process"] = held
+        if self.dist.fsdp:
+            self.log(f"FSDP: the teacher's weights are sharded over {self.dist.world_size} processes "
+                     f"({held / 2**20:.1f} MiB on each)")
 
     def _heldout_transfer(self) -> dict:
         return measure_transfer(self.model, self.adapter, self.eval_blocks, batch_size=4)
@@ -197,10 +206,13 @@ class ConvertRun:
             self.log(perplexity_table(self.report))
         merge = any(s.stage == "lora" and s.merge for s in r.stages)
         self.report["processes"] = self.dist.world_size
+        self.report["fsdp"] = self.dist.fsdp
+        # merging reads the base weights, which under FSDP every process gathers together
+        merged = merged_weights(self.model) if merge and has_lora(self.model) and self.dist.fsdp else None
         if self.dist.is_main:
             self.report["checkpoint_bytes"] = self.checkpoints.nbytes()
             io.save(self.model, self.out_dir, self.tokenizer, self.source.reference, r.to_dict(), self.report,
-                    extra_files={"report.md": markdown_report(self.report)}, merge_lora=merge)
+                    extra_files={"report.md": markdown_report(self.report)}, merge_lora=merge, merged=merged)
             shutil.rmtree(self.checkpoints.folder, ignore_errors=True)
         self.dist.barrier()
         self.log(f"saved to {self.out_dir}  (load it with: linearize.load({str(self.out_dir)!r}))")

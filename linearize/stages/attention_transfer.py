@@ -24,12 +24,21 @@ from ..training import NonFiniteLossError, TrainingStage
 __all__ = ["AttentionTransfer", "NonFiniteLossError", "measure_transfer", "transfer_forward"]
 
 
+def _sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def transfer_forward(model, adapter, batch, mse_weight: float, ce_weight: float):
     """One forward in transfer mode on ``batch`` (:class:`Blocks` or token ids).
     Returns ``(loss, per-layer records)``."""
     batch = as_blocks(batch)
     with attention_mode(model, "transfer", attention_ce=ce_weight > 0):
-        adapter.decoder(model)(**batch.model_inputs(), use_cache=False)
+        if _sharded(model):  # FSDP runs from its root module: enter there (logits of one position only)
+            model(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
+        else:  # the decoder stack alone: no LM head
+            adapter.decoder(model)(**batch.model_inputs(), use_cache=False)
     records = {i: s.transfer_record for i, s in students(model).items()}
     terms = [mse_weight * r.mse + (ce_weight * r.ce if r.ce is not None else 0.0) for r in records.values()]
     return torch.stack(terms).mean(), records
