@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="lm-eval: local data folder for piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
                         "lambada_openai (layout: README, Evaluating)")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts a batch: lm-eval's batch size, and the generation suites' (passkey, niah, "
+                   "task-file), left-padded")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
     p.set_defaults(func=_eval)

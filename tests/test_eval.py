@@ -463,3 +463,23 @@ def test_lm_eval_local_winogrande_and_lambada_end_to_end(base, tmp_path):
     assert all(x < 0 for x in ll)
     assert lam["metrics"]["perplexity"] == pytest.approx(math.exp(-sum(ll) / 5), rel=1e-6)
     assert lam["metrics"]["acc"] == pytest.approx(sum(s["responses"][0][1] for s in lam["samples"]) / 5)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "lolcats"])
+def test_batched_generation_gives_each_prompt_what_it_gets_alone(base, word_tokenizer, kind):
+    from conftest import synthetic_text
+    from linearize import ConversionSpec, convert_model
+    from linearize.models import load_teacher
+
+    model, _, _ = load_teacher(str(base))
+    if kind != "teacher":
+        convert_model(model, ConversionSpec(kind, settings={"window_size": 4, "sink_size": 1}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "feature_map" in name:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+    samples = [{"input": synthetic_text(n, seed=n), "target": WORDS[1]} for n in (5, 23, 11, 30, 17)]
+    alone = score_samples(samples, ModelGenerator(model, word_tokenizer), max_new_tokens=6)
+    batched = score_samples(samples, ModelGenerator(model, word_tokenizer, batch_size=3), max_new_tokens=6, batch_size=3)
+    assert [r["output"] for r in batched] == [r["output"] for r in alone]
+    assert len({r["output"] for r in alone}) > 1  # the prompts lead to different continuations

@@ -24,27 +24,32 @@ def contains_target(output: str, target: str) -> bool:
 
 
 class ModelGenerator:
-    """Greedy continuation of prompts by a Hugging Face causal LM, one prompt at a time (prompts
-    of a grid differ in length, so no padding is ever needed).
+    """Greedy continuation of prompts by a Hugging Face causal LM, ``batch_size`` prompts at a
+    time, left-padded to the longest of the batch (the students are exactly padding-invariant;
+    :func:`score_samples` batches prompts of similar length, so padding stays short).
 
     The prompt is tokenized as plain text, without a chat template (as Landmark Attention and
     LAWCAT evaluate passkey retrieval), and the continuation is decoded as a whole, so a target
     split across several tokens is found."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, batch_size: int = 1):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         device = next(self.model.parameters()).device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         outputs = []
-        for prompt in prompts:
-            enc = self.tokenizer(prompt, return_tensors="pt").to(device)
+        for start in range(0, len(prompts), self.batch_size):
+            rows = [self.tokenizer(p)["input_ids"] for p in prompts[start : start + self.batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
             out = self.model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                pad_token_id=pad_id, use_cache=True,
             )
-            outputs.append(self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            outputs += [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
         return outputs
 
 
@@ -71,16 +76,25 @@ def summarize(results: list[dict]) -> dict:
 
 
 def score_samples(samples: Iterable[dict], generate: Generator, max_new_tokens: int,
-                  progress: bool = False, desc: str = "generate") -> list[dict]:
+                  progress: bool = False, desc: str = "generate", batch_size: int = 1) -> list[dict]:
     """Generate greedily for every sample and mark it correct when its target is contained in the
-    continuation. Returns one result a sample: its fields (less the prompt), ``output``, ``correct``."""
+    continuation. Returns one result a sample, in the samples' order: its fields (less the
+    prompt), ``output``, ``correct``. Prompts go to ``generate`` ``batch_size`` at a time, the
+    samples grouped by prompt length (longest first)."""
     from tqdm.auto import tqdm
 
     samples = list(samples)
+    order = sorted(range(len(samples)), key=lambda i: -samples[i].get("tokens", len(samples[i]["input"])))
+    outputs: dict[int, str] = {}
+    with tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            group = order[start : start + batch_size]
+            for i, output in zip(group, generate([samples[i]["input"] for i in group], max_new_tokens)):
+                outputs[i] = output
+            bar.update(len(group))
     results = []
-    for sample in tqdm(samples, desc=desc, unit="sample", disable=not progress):
-        (output,) = generate([sample["input"]], max_new_tokens)
+    for i, sample in enumerate(samples):
         result = {k: v for k, v in sample.items() if k != "input"}
-        result.update(output=output, correct=contains_target(output, sample["target"]))
+        result.update(output=outputs[i], correct=contains_target(outputs[i], sample["target"]))
         results.append(result)
     return results

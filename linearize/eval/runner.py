@@ -91,10 +91,10 @@ def check_options(suite: str, opts: EvalOptions) -> None:
             raise EvalError(f"unknown needle task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
 
 
-def _generation_task(samples, generate, max_new_tokens, desc, progress) -> dict:
+def _generation_task(samples, generate, max_new_tokens, desc, progress, batch_size=1) -> dict:
     from .generation import score_samples, summarize
 
-    results = score_samples(samples, generate, max_new_tokens, progress=progress, desc=desc)
+    results = score_samples(samples, generate, max_new_tokens, progress=progress, desc=desc, batch_size=batch_size)
     return {"metrics": summarize(results), "results": results}
 
 
@@ -103,25 +103,27 @@ def run_suite(suite: str, model, tokenizer, opts: EvalOptions, progress: bool = 
     model's greedy generation (tests drive the scoring with it)."""
     from .generation import ModelGenerator
 
-    generate = generate or (ModelGenerator(model, tokenizer) if model is not None else None)
+    generate = generate or (ModelGenerator(model, tokenizer, opts.batch_size) if model is not None else None)
     if suite == "passkey":
         from .passkey import passkey_samples
 
         samples = passkey_samples(tokenizer, opts.lengths, opts.depths, opts.samples, opts.seed)
-        return {"passkey": _generation_task(samples, generate, opts.max_new_tokens or 10, "passkey", progress)}
+        return {"passkey": _generation_task(samples, generate, opts.max_new_tokens or 10, "passkey", progress,
+                                            opts.batch_size)}
     if suite == "niah":
         from .niah import niah_samples
 
         return {
             task: _generation_task(
                 niah_samples(tokenizer, task, opts.lengths, opts.depths, opts.samples, opts.seed, opts.haystack),
-                generate, opts.max_new_tokens or 32, task, progress)
+                generate, opts.max_new_tokens or 32, task, progress, opts.batch_size)
             for task in opts.niah_tasks
         }
     if suite == "task-file":
         from .task_file import load_task_file
 
-        return {Path(f).stem: _generation_task(load_task_file(f), generate, opts.max_new_tokens or 32, Path(f).stem, progress)
+        return {Path(f).stem: _generation_task(load_task_file(f), generate, opts.max_new_tokens or 32, Path(f).stem, progress,
+                                                 opts.batch_size)
                 for f in opts.task_files}
     if suite == "ppl-by-length":
         from .ppl_by_length import ppl_by_length, text_tokens
