@@ -150,8 +150,9 @@ def plot_perplexity(report: dict, out: Path) -> Path | None:
         ax.plot([r["length"] for r in rows], [r["ppl_last_quarter"] for r in rows], marker="x", linestyle="--",
                 color=line.get_color(), label=f"{label} (last quarter)")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # a model that breaks down past some length would flatten every other line
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (log scale)")
     ax.legend(fontsize=7)
     path = out / "ppl_by_length.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
