@@ -360,10 +360,12 @@ def chunk_still_attention(
     if R == 0:
         D_S, D_z = D_S + sel_S, D_z + sel_z
     else:
-        D_S, D_z = D_S + _shift(sel_S, R), D_z + _shift(sel_z, R)  # chunk j evicts chunk j - R ...
+        D_S, D_z = D_S + _shift(sel_S, R), D_z + _shift(sel_z, R)  # chunk j evicts chunk j - R,
+    has_held = bool((state.sel_pos >= 0).any())
+    if R and has_held:
         held = state.sel_fk * (state.sel_pos >= 0)[..., None]
         st_S, st_z = _outer(held.view(B, H, R, K, F), state.sel_v.view(B, H, R, K, Dv))  # [B, H, R, F, Dv]
-        from_state = (torch.arange(N, device=dev) < R)[None, :] & (chunk_of >= 0)  # ... or a group the state holds
+        from_state = (torch.arange(N, device=dev) < R)[None, :] & (chunk_of >= 0)  # or, for j < R, a group the state holds
         group = torch.remainder(chunk_of, R)
         D_S = D_S + _pick(st_S, group) * from_state[:, None, :, None, None]
         D_z = D_z + _pick(st_z, group) * from_state[:, None, :, None]
@@ -381,7 +383,7 @@ def chunk_still_attention(
     visible = split & (n_idx[None, :] > n_idx[:, None] - 2 - R)
     vis = visible[None, None, :, :, None] & real[:, :, None]  # [B, H, N, N, K]
     keys, values, vis = [sk.flatten(2, 3)], [sv.flatten(2, 3)], [vis.flatten(3, 4)]
-    if bool((state.sel_pos >= 0).any()):
+    if has_held:
         alive = state.sel_pos // C + R - c[:, None, None] + 1  # [B, H, M]: virtual chunk that evicts it
         keys.append(state.sel_k)
         values.append(state.sel_v)
