@@ -95,6 +95,21 @@ def test_chunked_and_recurrent_equal_the_written_out_definition(C, K, M, T):
     assert s_chunk.count.tolist() == [T, max(T - 5, 0)]
 
 
+def test_chunked_gradients_equal_recurrent():
+    tensors = list(inputs(30, seed=9, pad=3))
+    mask = tensors.pop()
+    grads = []
+    for fn in (chunk_still_attention, recurrent_still_attention):
+        leaves = [t.clone().requires_grad_() for t in tensors]  # the reference computes in fp32
+        y, _ = fn(*leaves, D**-0.5, mask, chunk_size=4, tokens_per_chunk=2, budget=4)
+        do = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=y.dtype)
+        (y * do).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for name, a, b in zip("q k v fq fk g".split(), *grads):
+        assert b.abs().sum() > 0, name
+        assert relative_error(a, b) <= 1e-5, name
+
+
 def test_selected_set_is_identical_at_every_step_of_decoding():
     """Token by token, the recurrent state holds exactly the selected tokens (same slots, same
     ranks) that the chunked form gives for the same prefix; and selection really happens and
@@ -352,3 +367,14 @@ def test_npmap_inside_still_trains():
     # random tokens through a random tiny teacher: the linear share is hard to fit; 40 steps
     # take about a quarter off the loss (0.75x measured)
     assert after["loss"] <= 0.85 * before["loss"]
+
+
+def test_recipe_rejects_bad_settings_naming_the_key():
+    from linearize.recipe import RecipeError, parse_recipe
+
+    data = {"students": {"kind": "still", "tokens_per_chunk": 3, "selected_budget": 16},
+            "stages": [{"stage": "attention_transfer", "data": {"source": "teacher"}, "steps": 1}]}
+    with pytest.raises(RecipeError, match="key 'students': selected_budget must be a multiple of tokens_per_chunk \\(3\\)"):
+        parse_recipe(data, "bad.yaml")
+    data["students"]["selected_budget"] = 15
+    assert parse_recipe(data, "good.yaml").students.settings["selected_budget"] == 15

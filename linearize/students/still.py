@@ -69,6 +69,10 @@ class StillConfig:
     tokens_per_chunk: int = 4  # K: tokens each chunk keeps exact (the paper's 1/16 of 64)
     selected_budget: int = 256  # M: selected tokens kept per head (a multiple of K); older ones fold into S, z
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the setting unless ``1 <= K <= C`` and ``K`` divides ``M``."""
+        check_settings(self.chunk_size, self.tokens_per_chunk, self.selected_budget)
+
 
 class StillStudent(Student):
     kind = "still"
@@ -76,7 +80,7 @@ class StillStudent(Student):
 
     def __init__(self, attn, adapter, config, layer_idx):
         super().__init__(attn, adapter, config, layer_idx)
-        check_settings(config.chunk_size, config.tokens_per_chunk, config.selected_budget)
+        config.validate()
         H, D = self.num_heads, self.head_dim
         self.feature_map_q = build_feature_map(config.feature_map, H, D, config.feature_dim)
         self.feature_map_k = copy.deepcopy(self.feature_map_q)

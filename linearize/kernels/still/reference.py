@@ -44,6 +44,7 @@ stored; their outputs are zeros.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -233,9 +234,9 @@ def still_step(q, k, v, fq, fk, g, scale, key_mask, state: StillState, tokens_pe
     den = e.sum(-1) + (fq * state.z).sum(-1)
     y = (num / den.clamp_min(_TINY)[..., None]).masked_fill(~keep[:, None, None], 0.0)
 
-    state = StillState(**{**{f.name: getattr(state, f.name) for f in fields(state)},
-                          "count": state.count + keep.long(), "cur_q": cur[0], "cur_k": cur[1], "cur_v": cur[2],
-                          "cur_fk": cur[3], "cur_mask": cur[4]})
+    state = dataclasses.replace(
+        state, count=state.count + keep.long(), cur_q=cur[0], cur_k=cur[1], cur_v=cur[2], cur_fk=cur[3], cur_mask=cur[4]
+    )
     done = keep & (state.count % C == 0)
     if bool(done.any()):
         completed = _complete_chunk(state, cur, scale, tokens_per_chunk)
