@@ -72,5 +72,6 @@ def test_still_attention_transfer_cuts_held_out_mse_to_a_fifth(smol):
     AttentionTransfer(stage, model, adapter, train, seed=0, log=lambda *a, **k: None).run()
     after = measure_transfer(model, adapter, held_out, 4)
     ratios = {i: after["mse"][i] / before["mse"][i] for i in before["mse"]}
-    print("held-out MSE after / before, by layer:", {i: round(r, 3) for i, r in ratios.items()})
+    print("held-out MSE by layer, before -> after (ratio):",
+          {i: f"{before['mse'][i]:.3g} -> {after['mse'][i]:.3g} ({r:.3f})" for i, r in ratios.items()})
     assert max(ratios.values()) <= 0.2

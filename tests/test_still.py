@@ -239,7 +239,6 @@ def test_chunks_within_reach_are_the_teachers_attention():
         convert_model(model, ConversionSpec("still", settings=SMALL))
         got = model(x).logits
         longer = model(ids(2, 30)).logits
-        teacher_longer = None
         with attention_mode(model, "teacher"):
             teacher_longer = model(ids(2, 30)).logits
     assert (got - expected).abs().max() <= 1e-4

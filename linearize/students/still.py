@@ -3,13 +3,13 @@ linear attention on the rest, one shared normaliser.
 
 Meng et al., "STILL: Selecting Tokens for Intra-Layer Hybrid Attention to Linearize LLMs"
 (arXiv 2602.02180; public code ZacharyMeng/STILL, ``still/models/still/modeling_still.py``).
-Neither the paper's full text nor its code could be read here: the math below is the project
-design's reading of them (Sec. 3.1, token selection by self-saliency; Sec. 3.2, NP-Map; Sec.
-3.3, chunk-wise parallel training with delayed selection), so section numbers are given
-without equation numbers. Per head, with ``C = chunk_size`` (64) real tokens a chunk and
-``K = tokens_per_chunk`` (4, the paper's 1/16):
+Neither the paper's full text nor its code could be read here (only its abstract: the
+Self-Saliency Score, NP-Map, chunk-wise parallelisation with delayed selection): the math below
+is the project design's reading of them. Only NP-Map's section (Sec. 3.2) is known; the other
+section and equation numbers could not be checked, so none are given. Per head, with
+``C = chunk_size`` (64) real tokens a chunk and ``K = tokens_per_chunk`` (4, the paper's 1/16):
 
-    score_s = KL(p_s' || p_s) = -log(1 - p_s[s])      self-saliency (Sec. 3.1): p_s the softmax
+    score_s = KL(p_s' || p_s) = -log(1 - p_s[s])      self-saliency: p_s the softmax
                                                       attention of token s over its C-token sliding
                                                       window, p_s' the same without s's own term
     chunk n, once chunk n+1 is complete: its top-K tokens by score stay exact ("selected"),
@@ -31,13 +31,15 @@ Choices, where the sources leave room (or where we depart from them on purpose):
   chunk ``n`` writes group ``n mod (M / K)``, and the group's previous tokens (chunk
   ``n - M / K``, the oldest selected) fold into ``S, z``: they move from the exact terms to the
   linear ones, never out of the attention. The decode state is then fixed in size. With ``T``
-  up to ``(M / K + 1) * C`` nothing is evicted and the paper's attention is computed exactly;
+  up to ``(M / K + 2) * C`` no query sees an eviction and the paper's attention is computed exactly;
 * the self-saliency window is the chunk size, counted in real tokens (the first real token,
   alone in its window, scores ``+inf``); ties go to the earlier token;
 * the gate acts on the query side, on the linear numerator only (the denominator is shared
   and ungated), from the module input ``x_t``; ``W_g`` has no bias and starts all ones, as the
   design records for the paper's ``g_proj`` (so at initialisation one token's channels share
-  the gate ``sigmoid(sum_i x_ti)``);
+  the gate ``sigmoid(sum_i x_ti)``; in SmolLM2-135M these sums reach +-15, so some layers start
+  with the gate nearly shut and saturated: mean 0.05 in layer 14 on a sample sentence, 0.7 in
+  layer 0);
 * there is no window factor (LoLCATs' ``gamma``): exact and linear terms enter the normaliser
   as they are, with ``m_t`` the max over the exact scores only;
 * padding (``key_mask`` False) is skipped: chunks count real tokens only, and padding is never

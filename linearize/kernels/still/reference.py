@@ -167,11 +167,11 @@ def _outer(fk, v):
 
 
 # ----------------------------------------------------------------------------- recurrent form
-def _complete_chunk(state: StillState, cur, scale, K):
-    """The state after the chunk in ``cur`` (the state's cur buffers with the newest token in)
-    is complete: score it, split the previous chunk, shift. All rows, whether or not their chunk
-    completed (the caller keeps the result only where it did)."""
-    cur_q, cur_k, cur_v, cur_fk, cur_mask = cur
+def _complete_chunk(state: StillState, scale, K):
+    """The state once its current chunk is complete: score that chunk, split the previous one,
+    shift. Computed for all rows, whether or not their chunk completed (the caller keeps the
+    result only where it did)."""
+    cur_q, cur_k, cur_v, cur_fk, cur_mask = state.cur_q, state.cur_k, state.cur_v, state.cur_fk, state.cur_mask
     B, H, C, _ = cur_k.shape
     M = state.budget
     R = M // K
@@ -239,7 +239,7 @@ def still_step(q, k, v, fq, fk, g, scale, key_mask, state: StillState, tokens_pe
     )
     done = keep & (state.count % C == 0)
     if bool(done.any()):
-        completed = _complete_chunk(state, cur, scale, tokens_per_chunk)
+        completed = _complete_chunk(state, scale, tokens_per_chunk)
 
         def pick(new, old):
             return torch.where(done.view(B, *[1] * (old.dim() - 1)), new, old)
