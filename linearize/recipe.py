@@ -304,6 +304,11 @@ def _parse_students(data, file):
         _fail(file, "students.window_size", f"must be >= 1, got {config.window_size}")
     if getattr(config, "sink_size", 0) < 0:
         _fail(file, "students.sink_size", f"must be >= 0, got {config.sink_size}")
+    if hasattr(config, "validate"):  # a student's own checks of how its settings fit together
+        try:
+            config.validate()
+        except ValueError as err:
+            _fail(file, "students", str(err))
     from .feature_maps import FEATURE_MAPS
 
     if config.feature_map not in FEATURE_MAPS:

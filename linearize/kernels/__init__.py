@@ -1,7 +1,7 @@
 """Attention kernels and their PyTorch references.
 
 Students call :func:`hybrid_attention` (or :func:`gated_attention`, for decayed linear
-attention); it picks the form (chunked for prefill and training,
+attention, or :func:`still_attention`, for STILL's token-selecting hybrid); it picks the form (chunked for prefill and training,
 the recurrent step for decoding) and, where one exists, a fused kernel on CUDA.
 
 Kernels (``LINEARIZE_KERNELS``):
@@ -41,6 +41,7 @@ from .hybrid import (
     naive_hybrid_attention,
     recurrent_hybrid_attention,
 )
+from .still import StillState, chunk_still_attention, recurrent_still_attention
 
 __all__ = [
     "GatedState",
@@ -55,6 +56,10 @@ __all__ = [
     "hybrid_step",
     "naive_hybrid_attention",
     "recurrent_hybrid_attention",
+    "StillState",
+    "still_attention",
+    "chunk_still_attention",
+    "recurrent_still_attention",
 ]
 
 FORMS = ("auto", "chunk", "recurrent", "naive")
@@ -177,3 +182,25 @@ def gated_attention(fq, fk, v, g, key_mask=None, state=None, output_state=False,
         y, state = recurrent_gated_attention(fq, fk, v, g, key_mask, state)
         return y, (state if output_state else None)
     return chunk_gated_attention(fq, fk, v, g, key_mask, state, chunk_size=chunk_size, output_state=output_state)
+
+
+def still_attention(
+    q, k, v, fq, fk, g, scale, key_mask=None, state=None, output_state=False, form="auto", chunk_size=64,
+    tokens_per_chunk=4, budget=64,
+):
+    """STILL's hybrid attention (see :mod:`linearize.kernels.still`). ``q, k: [B, H, T, Dk]``,
+    ``v, g: [B, H, T, Dv]`` (``g``: the gate of the linear numerator), ``fq, fk: [B, H, T, F]``,
+    ``key_mask: [B, T]``; ``budget``: selected tokens kept per head.
+
+    Returns ``(y [B, H, T, Dv] fp32, StillState or None)``. ``form`` is ``auto`` (the
+    recurrent step for a single token with a state, chunked otherwise), ``chunk`` or
+    ``recurrent``; there is no quadratic form. Only the PyTorch reference exists so far.
+    """
+    form = _pick_form(form, q.shape[2], state)
+    settings = dict(chunk_size=chunk_size, tokens_per_chunk=tokens_per_chunk, budget=budget)
+    if form == "naive":
+        raise ValueError("STILL has no quadratic ('naive') form; use form='chunk' or 'recurrent'")
+    if form == "recurrent":
+        y, state = recurrent_still_attention(q, k, v, fq, fk, g, scale, key_mask, state, **settings)
+        return y, (state if output_state else None)
+    return chunk_still_attention(q, k, v, fq, fk, g, scale, key_mask, state, output_state=output_state, **settings)

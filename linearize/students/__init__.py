@@ -5,8 +5,9 @@ from .base import MODES, Student, TransferRecord, key_padding_mask, repeat_kv
 from .hedgehog import HedgehogConfig, HedgehogStudent
 from .lawcat import LawcatConfig, LawcatState, LawcatStudent
 from .lolcats import LolcatsConfig, LolcatsStudent
+from .still import StillConfig, StillStudent
 
-STUDENTS: dict[str, type[Student]] = {cls.kind: cls for cls in (HedgehogStudent, LolcatsStudent, LawcatStudent)}
+STUDENTS: dict[str, type[Student]] = {cls.kind: cls for cls in (HedgehogStudent, LolcatsStudent, LawcatStudent, StillStudent)}
 
 __all__ = [
     "MODES",
@@ -20,6 +21,8 @@ __all__ = [
     "LawcatStudent",
     "LolcatsConfig",
     "LolcatsStudent",
+    "StillConfig",
+    "StillStudent",
     "key_padding_mask",
     "repeat_kv",
 ]
