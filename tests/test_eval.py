@@ -483,3 +483,25 @@ def test_batched_generation_gives_each_prompt_what_it_gets_alone(base, word_toke
     batched = score_samples(samples, ModelGenerator(model, word_tokenizer, batch_size=3), max_new_tokens=6, batch_size=3)
     assert [r["output"] for r in batched] == [r["output"] for r in alone]
     assert len({r["output"] for r in alone}) > 1  # the prompts lead to different continuations
+
+
+def test_lm_eval_report_shows_the_literature_metric_an_average_and_every_metric():
+    from linearize.eval.report import markdown
+
+    def entry(hs_norm, piqa, lam):
+        return {"status": "ok", "tasks": {
+            "hellaswag": {"metrics": {"acc": 0.1, "acc_stderr": 0.01, "acc_norm": hs_norm, "acc_norm_stderr": 0.02}},
+            "piqa": {"metrics": {"acc": piqa, "acc_stderr": 0.03}},
+            "lambada_openai": {"metrics": {"acc": lam, "perplexity": 12.345, "perplexity_stderr": 1.5}}}}
+
+    report = {"suite": "lm-eval", "models": {"teacher": entry(0.4, 0.6, 0.5), "student": entry(0.3, 0.6, 0.3),
+                                              "broken": {"status": "failed", "error": "boom", "tasks": {}}}}
+    lines = markdown(report).splitlines()
+    assert lines[2] == "| model | hellaswag (acc_norm) | piqa (acc) | lambada_openai (acc) | average |"
+    assert lines[4] == "| teacher | 0.400 | 0.600 | 0.500 | 0.500 |"
+    assert lines[5] == "| student | 0.300 | 0.600 | 0.300 | 0.400 |"
+    assert lines[6] == "| broken | failed | failed | failed | failed |"
+    every = lines[lines.index("### every metric") + 2]
+    assert every.startswith("| model | hellaswag acc | hellaswag acc_norm | piqa acc | lambada_openai acc | lambada_openai perplexity |")
+    teacher_row = next(l for l in lines[lines.index("### every metric"):] if l.startswith("| teacher"))
+    assert "0.400 ± 0.020" in teacher_row and "12.35 ± 1.50" in teacher_row

@@ -10,19 +10,42 @@ import sys
 from pathlib import Path
 
 PRIMARY = ("accuracy", "acc", "ppl", "exact_match")
+# The metric the literature reports for these lm-eval tasks (length-normalised accuracy, as in
+# the LoLCATs and Hedgehog tables).
+PREFERRED = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm"}
 
 
-def primary_metric(metrics: dict) -> tuple[str, float] | None:
-    for key in PRIMARY:
+def primary_metric(metrics: dict, task: str | None = None) -> tuple[str, float] | None:
+    for key in (PREFERRED.get(task),) + PRIMARY:
         if key in metrics and isinstance(metrics[key], (int, float)):
             return key, metrics[key]
     return None
 
 
+def _all_metrics_table(report: dict, tasks: list[str]) -> list[str]:
+    """lm-eval: every metric of every task (``value ± stderr``), one row a model."""
+    columns = []
+    for t in tasks:
+        for entry in report["models"].values():
+            for k in entry.get("tasks", {}).get(t, {}).get("metrics", {}):
+                if not k.endswith("_stderr") and k != "sample_len" and (t, k) not in columns:
+                    columns.append((t, k))
+    lines = ["", "### every metric", "", "| " + " | ".join(["model"] + [f"{t} {k}" for t, k in columns]) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for label, entry in report["models"].items():
+        cells = []
+        for t, k in columns:
+            m = entry.get("tasks", {}).get(t, {}).get("metrics", {})
+            value, err = m.get(k), m.get(f"{k}_stderr")
+            cells.append("n/a" if value is None else _fmt(k, value) + (f" ± {_fmt(k, err)}" if isinstance(err, (int, float)) else ""))
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return lines
+
+
 def _fmt(name: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.2f}" if name == "ppl" else f"{value:.3f}"
+    return f"{value:.2f}" if "perplexity" in name or name == "ppl" else f"{value:.3f}"
 
 
 def tasks_of(report: dict) -> list[str]:
@@ -39,21 +62,31 @@ def markdown(report: dict) -> str:
     metric_names = {}
     for entry in report["models"].values():
         for t, r in entry["tasks"].items():
-            p = primary_metric(r["metrics"])
+            p = primary_metric(r["metrics"], t)
             if p:
                 metric_names.setdefault(t, p[0])
     head = ["model"] + [f"{t} ({metric_names.get(t, '')})" if metric_names.get(t) else t for t in tasks]
+    accuracies = [t for t in tasks if metric_names.get(t) not in (None, "ppl")]
+    average = report["suite"] == "lm-eval" and len(accuracies) > 1
+    if average:
+        head.append("average")
     lines = [f"## linearize eval: {report['suite']}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for label, entry in report["models"].items():
         if entry["status"] != "ok":
-            cells = ["failed"] * len(tasks)
+            cells = ["failed"] * (len(tasks) + average)
         else:
-            cells = []
+            cells, values = [], []
             for t in tasks:
-                p = primary_metric(entry["tasks"][t]["metrics"]) if t in entry["tasks"] else None
+                p = primary_metric(entry["tasks"][t]["metrics"], t) if t in entry["tasks"] else None
                 cells.append(_fmt(p[0], p[1]) if p else "n/a")
+                if t in accuracies:
+                    values.append(p[1] if p else None)
+            if average:  # over the accuracy tasks, only when the model has them all
+                cells.append(_fmt("acc", sum(values) / len(values)) if None not in values else "n/a")
         lines.append("| " + " | ".join([label] + cells) + " |")
+    if report["suite"] == "lm-eval":
+        lines += _all_metrics_table(report, tasks)
     for label, entry in report["models"].items():
         if entry["status"] != "ok":
             lines += ["", f"**{label}** failed: {entry['error']}"]
