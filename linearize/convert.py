@@ -19,11 +19,25 @@ class ConversionSpec:
 
     ``layers`` is ``"all"``, a list of layer indices, or ``{"every": k}`` (layers 0, k, 2k, ...)
     optionally with ``"offset"``; the other layers keep softmax attention.
+
+    ``per_layer`` maps a converted layer's index to its own settings: ``{5: {"window_size": 128}}``
+    changes some of ``settings`` for layer 5; ``{7: {"kind": "hedgehog", ...}}`` gives layer 7
+    another student, with only the settings given there (and that student's defaults).
     """
 
     kind: str = "lolcats"
     layers: object = "all"
     settings: dict = field(default_factory=dict)
+    per_layer: dict = field(default_factory=dict)
+
+    def __post_init__(self):  # JSON object keys are strings
+        self.per_layer = {int(i): dict(v) for i, v in (self.per_layer or {}).items()}
+
+    def layer_student(self, idx: int) -> tuple[str, dict]:
+        """The student kind and settings of layer ``idx``."""
+        own = dict(self.per_layer.get(idx, {}))
+        kind = own.pop("kind", self.kind)
+        return kind, ({**self.settings, **own} if kind == self.kind else own)
 
     def student_class(self) -> type[Student]:
         if self.kind not in STUDENTS:
@@ -37,7 +51,10 @@ class ConversionSpec:
         return resolve_layers(self.layers, num_layers)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "layers": self.layers, "settings": dict(self.settings)}
+        out = {"kind": self.kind, "layers": self.layers, "settings": dict(self.settings)}
+        if self.per_layer:
+            out["per_layer"] = {i: dict(v) for i, v in sorted(self.per_layer.items())}
+        return out
 
 
 def resolve_layers(layers, num_layers: int) -> list[int]:
@@ -60,10 +77,19 @@ def convert_model(model: nn.Module, spec: ConversionSpec) -> nn.Module:
     everything but the students' own parameters. Returns ``model``."""
     adapter = adapter_for(model.config)
     layers = adapter.layers(model)
-    cls, config = spec.student_class(), spec.student_config()
+    chosen = spec.layer_indices(len(layers))
+    stray = sorted(set(spec.per_layer) - set(chosen))
+    if stray:
+        raise ValueError(f"per-layer settings for layer(s) {stray}, which are not converted (layers: {spec.layers})")
+    built = {}
+    for idx in chosen:
+        kind, settings = spec.layer_student(idx)
+        if kind not in STUDENTS:
+            raise ValueError(f"layer {idx}: unknown student {kind!r}; choose one of {sorted(STUDENTS)}")
+        built[idx] = (STUDENTS[kind], STUDENTS[kind].Config(**settings))
     for p in model.parameters():
         p.requires_grad_(False)
-    for idx in spec.layer_indices(len(layers)):
+    for idx, (cls, config) in built.items():
         attn = adapter.attention(layers[idx])
         if isinstance(attn, Student):
             raise ValueError(f"layer {idx} is already a {attn.kind} student")

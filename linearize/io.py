@@ -165,7 +165,7 @@ def load(path, device: str | None = None, dtype: str | torch.dtype | None = None
             "if the base model moved, name it: linearize.load(path, base_model=...)"
         ) from None
     conv = config["conversion"]
-    convert_model(model, ConversionSpec(conv["kind"], conv["layers"], conv["settings"]))
+    convert_model(model, ConversionSpec(conv["kind"], conv["layers"], conv["settings"], conv.get("per_layer", {})))
     load_student_state_dict(model, load_file(str(Path(path) / WEIGHTS_NAME)))
     lora = config.get("lora")
     if lora:

@@ -162,7 +162,7 @@ class ConvertRun:
         self.setup()
         if self.eval_blocks is not None:
             self.report["teacher_perplexity"] = perplexity(self.model, self.eval_blocks, progress=self.dist.is_main, desc="teacher perplexity")
-        spec = ConversionSpec(r.students.kind, r.students.layers, r.students.settings)
+        spec = ConversionSpec(r.students.kind, r.students.layers, r.students.settings, r.students.per_layer)
         convert_model(self.model, spec)
         self.model.linearize_base = self.source.reference
         self.report["converted_layers"] = spec.layer_indices(self.model.config.num_hidden_layers)

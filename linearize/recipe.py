@@ -64,6 +64,7 @@ class StudentsSpec:
     kind: str = "lolcats"
     layers: Union[Literal["all"], list[int], dict] = "all"
     settings: dict = field(default_factory=dict)
+    per_layer: dict = field(default_factory=dict)  # {layer: {setting: value, optionally kind}}
 
 
 @dataclass
@@ -146,6 +147,8 @@ class Recipe:
         out = dataclasses.asdict(self)
         out.pop("source")
         out["students"] = {"kind": self.students.kind, "layers": self.students.layers, **self.students.settings}
+        if self.students.per_layer:
+            out["students"]["per_layer"] = {i: dict(v) for i, v in sorted(self.students.per_layer.items())}
         return out
 
 
@@ -298,22 +301,48 @@ def _parse_students(data, file):
                 _fail(file, "students.layers.every", f"expected an integer >= 1, got {layers.get('every')!r}")
         else:
             _fail(file, "students.layers", f"expected 'all', a list of layer indices or {{every: k}}, got {layers!r}")
-    config_cls = STUDENTS[kind].Config
-    config = parse_dataclass(config_cls, data, file, "students")
+    per_layer_raw = data.pop("per_layer", None) or {}
+    config = _parse_student_settings(STUDENTS[kind].Config, data, file, "students")
+    if not isinstance(per_layer_raw, dict):
+        _fail(file, "students.per_layer", f"expected a mapping of layer index to settings, got {per_layer_raw!r}")
+    per_layer = {}
+    for idx, own in per_layer_raw.items():
+        sub = f"students.per_layer.{idx}"
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            _fail(file, sub, f"expected a layer index (an integer >= 0) as the key, got {idx!r}")
+        if not isinstance(own, dict):
+            _fail(file, sub, f"expected a mapping of settings, got {own!r}")
+        own = dict(own)
+        own_kind = own.pop("kind", kind)
+        if own_kind not in STUDENTS:
+            _fail(file, f"{sub}.kind", f"unknown student {own_kind!r}; choose one of {', '.join(sorted(STUDENTS))}")
+        merged = {**data, **own} if own_kind == kind else own
+        _parse_student_settings(STUDENTS[own_kind].Config, merged, file, sub)
+        per_layer[idx] = ({"kind": own_kind} if own_kind != kind else {}) | own
+    if per_layer and isinstance(layers, list):
+        stray = sorted(set(per_layer) - set(layers))
+        if stray:
+            _fail(file, "students.per_layer", f"settings for layer(s) {stray}, which 'layers' does not convert ({layers})")
+    return StudentsSpec(kind=kind, layers=layers, settings=dataclasses.asdict(config), per_layer=per_layer)
+
+
+def _parse_student_settings(config_cls, data: dict, file, path):
+    """A student's settings, checked: known keys, types, ranges and the feature map."""
+    from .feature_maps import FEATURE_MAPS
+
+    config = parse_dataclass(config_cls, data, file, path)
     if getattr(config, "window_size", 1) < 1:
-        _fail(file, "students.window_size", f"must be >= 1, got {config.window_size}")
+        _fail(file, f"{path}.window_size", f"must be >= 1, got {config.window_size}")
     if getattr(config, "sink_size", 0) < 0:
-        _fail(file, "students.sink_size", f"must be >= 0, got {config.sink_size}")
+        _fail(file, f"{path}.sink_size", f"must be >= 0, got {config.sink_size}")
     if hasattr(config, "validate"):  # a student's own checks of how its settings fit together
         try:
             config.validate()
         except ValueError as err:
-            _fail(file, "students", str(err))
-    from .feature_maps import FEATURE_MAPS
-
+            _fail(file, path, str(err))
     if config.feature_map not in FEATURE_MAPS:
-        _fail(file, "students.feature_map", f"unknown feature map {config.feature_map!r}; choose one of {', '.join(sorted(FEATURE_MAPS))}")
-    return StudentsSpec(kind=kind, layers=layers, settings=dataclasses.asdict(config))
+        _fail(file, f"{path}.feature_map", f"unknown feature map {config.feature_map!r}; choose one of {', '.join(sorted(FEATURE_MAPS))}")
+    return config
 
 
 def _parse_stages(data, file):

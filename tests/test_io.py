@@ -101,3 +101,40 @@ def test_a_moved_base_model_is_named_at_load_time(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, expected)
     assert loaded.linearize_base == str(tmp_path / "moved")
+
+
+def test_per_layer_students_and_settings_convert_and_reload(tmp_path):
+    from conftest import logits_by_form, token_ids
+    from linearize.models import load_teacher
+
+    base = make_base_folder(tmp_path / "base")
+    model, tokenizer, source = load_teacher(str(base))
+    spec = ConversionSpec("lolcats", layers=[0, 1, 2], settings={"window_size": 4, "sink_size": 1},
+                          per_layer={1: {"window_size": 2}, 2: {"kind": "hedgehog", "feature_dim": 8}})
+    convert_model(model, spec)
+    s = students(model)
+    assert (s[0].kind, s[0].settings.window_size, s[0].settings.sink_size) == ("lolcats", 4, 1)
+    assert (s[1].kind, s[1].settings.window_size, s[1].settings.sink_size) == ("lolcats", 2, 1)
+    assert (s[2].kind, s[2].settings.feature_dim) == ("hedgehog", 8)
+    with torch.no_grad():
+        for st in s.values():
+            for _, p in st.student_parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    x = token_ids(2, 11)
+    forms = logits_by_form(model, x, forms=("chunk", "recurrent"))
+    assert torch.allclose(forms["chunk"], forms["recurrent"], atol=1e-5, rtol=1e-5)
+    out = save(model, tmp_path / "converted", tokenizer, source.reference)
+    assert json.loads((out / "linearize.json").read_text())["conversion"]["per_layer"] == {
+        "1": {"window_size": 2}, "2": {"kind": "hedgehog", "feature_dim": 8}}
+    loaded = load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    assert [(st.kind, st.settings) for st in students(loaded).values()] == [(st.kind, st.settings) for st in s.values()]
+
+
+def test_per_layer_settings_for_a_layer_that_is_not_converted_are_refused(base_folder):
+    from linearize.models import load_teacher
+
+    model, _, _ = load_teacher(str(base_folder))
+    with pytest.raises(ValueError, match=r"per-layer settings for layer\(s\) \[3\], which are not converted"):
+        convert_model(model, ConversionSpec("lolcats", layers=[0, 1], per_layer={3: {"window_size": 2}}))

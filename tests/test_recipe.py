@@ -51,6 +51,16 @@ def test_a_recipe_on_a_data_folder_says_which_variable_to_set(monkeypatch):
         load_recipe("lolcats")
 
 
+def test_per_layer_settings_parse_and_round_trip(tmp_path):
+    text = GOOD.replace("window_size: 64}", "window_size: 64, per_layer: {2: {window_size: 128}, 5: {kind: hedgehog, feature_dim: 32}}}")
+    r = load_recipe(write(tmp_path, text))
+    assert r.students.per_layer == {2: {"window_size": 128}, 5: {"kind": "hedgehog", "feature_dim": 32}}
+    assert r.to_dict()["students"]["per_layer"] == r.students.per_layer
+    saved = {k: v for k, v in r.to_dict().items() if k != "overrides"}
+    again = load_recipe(write(tmp_path, __import__("yaml").safe_dump(saved), name="again.yaml"))
+    assert again.students.per_layer == r.students.per_layer
+
+
 def test_a_data_mix_parses_to_a_list_of_sources(tmp_path):
     text = GOOD.replace("data: {source: teacher, samples: 4}", "data: [{source: teacher, samples: 4}, {source: passkey, samples: 2, length: 100}]")
     stage = load_recipe(write(tmp_path, text)).stages[0]
@@ -97,6 +107,10 @@ BAD = [
     ("unknown key in a mix", GOOD.replace("{source: teacher, samples: 4}", "[{source: teacher}, {source: passkey, sample: 4}]"), r"key 'stages\.0\.data\.1\.sample': unknown key\. Did you mean 'samples'\?"),
     ("empty mix", GOOD.replace("{source: teacher, samples: 4}", "[]"), r"key 'stages\.0\.data': an empty list"),
     ("passkey longer than a block", GOOD.replace("{source: teacher, samples: 4}", "{source: passkey, length: 200}"), r"key 'stages\.0\.data\.length': a passkey sample is one block: length 200 exceeds seq_len 128"),
+    ("unknown per-layer setting", GOOD.replace("window_size: 64}", "window_size: 64, per_layer: {3: {windw_size: 8}}}"), r"key 'students\.per_layer\.3\.windw_size': unknown key\. Did you mean 'window_size'\?"),
+    ("per-layer student kind", GOOD.replace("window_size: 64}", "window_size: 64, per_layer: {3: {kind: hedgehg}}}"), r"key 'students\.per_layer\.3\.kind': unknown student 'hedgehg'"),
+    ("per-layer other kind keeps no base setting", GOOD.replace("window_size: 64}", "window_size: 64, per_layer: {3: {kind: hedgehog, window_size: 8}}}"), r"key 'students\.per_layer\.3\.window_size': unknown key"),
+    ("per-layer layer not converted", GOOD.replace("layers: all, window_size: 64}", "layers: [0, 1], window_size: 64, per_layer: {5: {window_size: 8}}}"), r"key 'students\.per_layer': settings for layer\(s\) \[5\], which 'layers' does not convert"),
     ("unknown feature map", GOOD.replace("window_size: 64", "feature_map: cosine"), r"key 'students\.feature_map': unknown feature map 'cosine'"),
 ]
 
