@@ -104,6 +104,35 @@ def logits_by_form(model, x, forms=("chunk", "recurrent", "naive")) -> dict:
     return out
 
 
+# generate() settings that every student's cache must serve: greedy, sampling, beams (the cache
+# reordered) and several returns (the cache expanded).
+generate_options = pytest.mark.parametrize(
+    "options",
+    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False), dict(num_beams=2, num_return_sequences=2)],
+    ids=["greedy", "sampling", "beam", "beam-return-2"],
+)
+
+
+def greedy_by_rerun(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuation by re-running the parallel form on the whole sequence for every token."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    return seq
+
+
+def generate_with_and_without_cache(model, prompt: torch.Tensor, new_tokens: int, options: dict) -> list[list]:
+    """``generate()`` with the students' cache and without any, from the same seed."""
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                   use_cache=use_cache, **options).tolist())
+    return outs
+
+
 # The tiny tokenizer's words: WORDS[i] is token i; WORDS[0] is unknown/padding, WORDS[1] ends a text.
 WORDS = ["w" + chr(97 + i // 26) + chr(97 + i % 26) for i in range(97)]
 

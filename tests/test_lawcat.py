@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import logits_by_form, converted_model, relative_error, tiny_model, token_ids
+from conftest import converted_model, generate_options, generate_with_and_without_cache, logits_by_form, relative_error, tiny_model, token_ids
 from linearize import ConversionSpec, attention_mode, convert_model, students
 from linearize.cache import cache_nbytes
 from linearize.students import LawcatState, LawcatStudent
@@ -114,19 +114,12 @@ def test_padding_contributes_nothing():
     assert relative_error(padded[:, 6:], alone) <= 1e-5
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False), dict(num_beams=2, num_return_sequences=2)],
-    ids=["greedy", "sampling", "beam", "beam-return-2"],
-)
+@generate_options
 def test_generate_with_state_equals_generate_without_cache(options):
     model = converted("qwen3")
     prompt = ids(2, 9, seed=5)
-    outs = []
-    for use_cache in (True, False):
-        torch.manual_seed(0)
-        outs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, use_cache=use_cache, **options))
-    assert outs[0].tolist() == outs[1].tolist()
+    with_cache, without = generate_with_and_without_cache(model, prompt, 10, options)
+    assert with_cache == without
 
 
 def test_cache_size_does_not_grow_with_context():

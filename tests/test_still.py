@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import converted_model, logits_by_form, relative_error, tiny_model, token_ids
+from conftest import (converted_model, generate_options, generate_with_and_without_cache, greedy_by_rerun, logits_by_form,
+                      relative_error, tiny_model, token_ids)
 from linearize import ConversionSpec, attention_mode, convert_model, students
 from linearize.architectures import adapter_for
 from linearize.cache import cache_nbytes
@@ -257,27 +258,15 @@ def test_generate_equals_parallel_rerun():
     model = converted("llama")
     prompt = ids(1, 11, seed=3)
     out = model.generate(prompt, max_new_tokens=32, do_sample=False)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(32):
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-    assert out.tolist() == seq.tolist()
+    assert out.tolist() == greedy_by_rerun(model, prompt, 32).tolist()
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False), dict(num_beams=2, num_return_sequences=2)],
-    ids=["greedy", "sampling", "beam", "beam-return-2"],
-)
+@generate_options
 def test_generate_with_state_equals_generate_without_cache(options):
     model = converted("qwen3")
     prompt = ids(2, 9, seed=5)
-    outs = []
-    for use_cache in (True, False):
-        torch.manual_seed(0)
-        outs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, use_cache=use_cache, **options))
-    assert outs[0].tolist() == outs[1].tolist()
+    with_cache, without = generate_with_and_without_cache(model, prompt, 24, options)
+    assert with_cache == without
 
 
 def test_left_padded_batch_generates_what_each_prompt_does_alone():

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from conftest import logits_by_form, FAMILIES, converted_model, relative_error, tiny_model, token_ids
+from conftest import (FAMILIES, converted_model, generate_options, generate_with_and_without_cache, greedy_by_rerun,
+                      logits_by_form, relative_error, tiny_model, token_ids)
 from linearize import ConversionSpec, attention_mode, convert_model, students
 from linearize.architectures import UnsupportedArchitectureError, adapter_for
 from linearize.cache import cache_nbytes
@@ -51,30 +52,18 @@ def test_generate_equals_parallel_rerun(kind):
     model = converted("llama", kind)
     prompt = ids(1, 11, seed=3)
     out = model.generate(prompt, max_new_tokens=32, do_sample=False)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(32):
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-    assert out.tolist() == seq.tolist()
+    assert out.tolist() == greedy_by_rerun(model, prompt, 32).tolist()
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
-@pytest.mark.parametrize(
-    "options",
-    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False), dict(num_beams=2, num_return_sequences=2)],
-    ids=["greedy", "sampling", "beam", "beam-return-2"],
-)
+@generate_options
 def test_generate_with_state_equals_generate_without_cache(kind, options):
     """The recurrent cache (reordered for beams, expanded for several returns) decodes exactly
     what re-running the parallel form on the whole sequence gives."""
     model = converted("qwen3", kind)
     prompt = ids(2, 9, seed=5)
-    outs = []
-    for use_cache in (True, False):
-        torch.manual_seed(0)
-        outs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, use_cache=use_cache, **options))
-    assert outs[0].tolist() == outs[1].tolist()
+    with_cache, without = generate_with_and_without_cache(model, prompt, 20, options)
+    assert with_cache == without
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
