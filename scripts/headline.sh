@@ -9,7 +9,9 @@
 # tasks, WikiText-2, haystacks), OUT, RECIPES ("lolcats hedgehog"), DEVICE (cuda), DTYPE (bfloat16),
 # LENGTHS (retrieval lengths), PPL_LENGTHS, LIMIT (lm-eval items a task; empty: all), BATCH (16),
 # STEPS ("convert retrieval ppl zeroshot fewshot"). A recipe whose output folder exists is not
-# converted again; an interrupted conversion resumes from its checkpoint.
+# converted again; an interrupted conversion resumes from its checkpoint. An entry of RECIPES may
+# carry overrides, NAME@KEY=VALUE[@KEY=VALUE...], converted into $OUT/NAME+VALUE...:
+#   RECIPES="hedgehog hedgehog@students.feature_map=npmap lolcats lawcat still"
 set -euo pipefail
 : "${MODEL:=smollm2-135m-instruct}" "${OUT:=runs/headline}" "${RECIPES:=lolcats hedgehog}"
 : "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${BATCH:=16}" "${LIMIT:=}"
@@ -18,17 +20,20 @@ set -euo pipefail
 : "${LINEARIZE_DATA:?set LINEARIZE_DATA to the data folder (alpaca/, haystack/, wikitext-2-raw/, piqa/, arc/, ...)}"
 export LINEARIZE_DATA
 mkdir -p "$OUT"
+folder() { local name=${1%%@*} rest=$1; while [[ $rest == *@* ]]; do rest=${rest#*@}; name+="+$(sed 's/^[^=]*=//; s/@.*//' <<<"$rest")"; done; echo "$OUT/$name"; }
 models=("$MODEL")
-for r in $RECIPES; do models+=("$OUT/$r"); done
+for r in $RECIPES; do models+=("$(folder "$r")"); done
 common=(--device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH")
 limit=(); [ -n "$LIMIT" ] && limit=(--limit "$LIMIT")
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if step convert; then
   for r in $RECIPES; do
-    [ -d "$OUT/$r" ] && { echo "$OUT/$r exists: not converted again"; continue; }
-    resume=(); [ -d "$OUT/$r.checkpoints" ] && resume=(--resume)
-    linearize convert "$MODEL" --recipe "$r" --out "$OUT/$r" --device "$DEVICE" "${resume[@]}"
+    dir=$(folder "$r"); sets=()
+    IFS=@ read -ra parts <<<"$r"; for kv in "${parts[@]:1}"; do sets+=(--set "$kv"); done
+    [ -d "$dir" ] && { echo "$dir exists: not converted again"; continue; }
+    resume=(); [ -d "$dir.checkpoints" ] && resume=(--resume)
+    linearize convert "$MODEL" --recipe "${parts[0]}" "${sets[@]}" --out "$dir" --device "$DEVICE" "${resume[@]}"
   done
 fi
 if step retrieval; then
