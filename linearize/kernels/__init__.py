@@ -7,13 +7,16 @@ the recurrent step for decoding) and, where one exists, a fused kernel on CUDA.
 Kernels (``LINEARIZE_KERNELS``):
 
 * ``auto`` (default): the PyTorch reference, for now. The Triton kernels of
-  :mod:`linearize.kernels.linear` pass every test under the interpreter, but compiled on an H100
-  the backward still hits an illegal memory access in one bf16 case (T=100 with an initial
-  state, chunk 64); until every test passes there too they run only when asked for;
+  :mod:`linearize.kernels.linear` (plain linear attention) and :mod:`linearize.kernels.hybrid`
+  (sliding window + linear, with sinks) pass every test under Triton's CPU interpreter, but no
+  kernel has yet passed its tests compiled on a GPU: the linear backward hit an illegal memory
+  access on an H100 in one bf16 case (T=100 with an initial state, chunk 64), and the hybrid
+  kernels have not run compiled at all. Until they pass there they run only when asked for;
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
-  need ``TRITON_INTERPRET=1``); an error if ``triton`` cannot be imported or the attention has
-  a window or sinks.
+  need ``TRITON_INTERPRET=1``): plain linear attention (window 0, no sinks) goes to the linear
+  kernels, any other window (up to 128) and sinks (up to 64) to the hybrid kernels; an error if
+  ``triton`` cannot be imported or the window or the sinks are larger.
 
 Triton replaces the chunked form and the one-token step; the quadratic ``naive`` form and the
 multi-token ``recurrent`` loop, which exist to check the others, always run the reference.
@@ -79,22 +82,24 @@ def kernel_choice() -> str:
     return choice
 
 
-def _use_triton(tensors, window, sinks, state) -> bool:
-    """Whether plain linear attention on ``tensors`` goes to the Triton kernels."""
+def _triton_kernels(window, sinks, state) -> str | None:
+    """Which Triton kernels take this attention: ``"linear"`` (window 0, no sinks), ``"hybrid"``,
+    or None for the PyTorch reference."""
     choice = kernel_choice()
-    if choice == "reference":
-        return False
-    supported = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
-    if choice == "triton":
-        if not triton_available():
-            raise RuntimeError("LINEARIZE_KERNELS=triton but triton cannot be imported: pip install triton")
-        if not supported:
-            raise ValueError(
-                f"LINEARIZE_KERNELS=triton: there is no Triton kernel for window={window}, sinks={sinks} "
-                "(only plain linear attention: window 0, no sinks); unset LINEARIZE_KERNELS to use the reference"
-            )
-        return True
-    return False  # auto: the reference until the compiled kernels pass their GPU tests (see above)
+    if choice != "triton":
+        return None  # reference; auto: the reference until the compiled kernels pass their GPU tests (see above)
+    if not triton_available():
+        raise RuntimeError("LINEARIZE_KERNELS=triton but triton cannot be imported: pip install triton")
+    from .hybrid.chunk import MAX_SINKS, MAX_WINDOW
+
+    if window > MAX_WINDOW or sinks > MAX_SINKS:
+        raise ValueError(
+            f"LINEARIZE_KERNELS=triton: there is no Triton kernel for window={window}, sinks={sinks} (the hybrid "
+            f"kernels take windows up to {MAX_WINDOW} and up to {MAX_SINKS} sinks); unset LINEARIZE_KERNELS to use "
+            "the reference"
+        )
+    plain = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
+    return "linear" if plain else "hybrid"
 
 
 def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
@@ -123,6 +128,29 @@ def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
     return y, dataclasses.replace(state, S=S, z=z)
 
 
+def _triton_hybrid(q, k, v, fq, fk, gamma, window, scale, key_mask, state, output_state, chunk_size, sinks):
+    """Sliding-window + linear attention through the Triton kernels, with the reference's
+    contract: ``(y [B, H, T, Dv] fp32, HybridState or None)``."""
+    from .hybrid import chunk, recurrent
+    from .hybrid.reference import _check_sinks
+
+    _check_sinks(sinks, gamma, state)
+    carried = () if state is None else (state.S, state.z, state.k, state.v, state.fk, state.sink_k, state.sink_v)
+    inputs = (q, k, v, fq, fk, *carried) + (() if gamma is None else (gamma,))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if q.shape[2] == 1 and state is not None and not needs_grad:  # decode: the fused step
+        mask = None if key_mask is None else key_mask[:, 0]
+        y, new = recurrent.triton_hybrid_step(
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], gamma, window, scale, mask, state
+        )
+        return y[:, :, None], (new if output_state else None)
+    size = max(c for c in chunk.CHUNK_SIZES if c <= max(chunk_size, 16))
+    return chunk.triton_chunk_hybrid_attention(
+        q, k, v, fq, fk, gamma, window, scale, key_mask, state, chunk_size=size, output_state=output_state,
+        sinks=sinks, output_dtype=torch.float32,
+    )
+
+
 def hybrid_attention(
     q, k, v, fq, fk, gamma, window, scale, key_mask=None, state=None, output_state=False, form="auto", chunk_size=64,
     sinks=0,
@@ -139,8 +167,11 @@ def hybrid_attention(
     form = _pick_form(form, q.shape[2], state)
     T = q.shape[2]
     triton_form = form == "chunk" or (form == "recurrent" and T == 1 and state is not None)
-    if triton_form and _use_triton((q, fq, fk, v), window, sinks, state):
+    kernels = _triton_kernels(window, sinks, state) if triton_form else None
+    if kernels == "linear":
         return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
+    if kernels == "hybrid":
+        return _triton_hybrid(q, k, v, fq, fk, gamma, window, scale, key_mask, state, output_state, chunk_size, sinks)
     if form == "naive":
         if state is not None or output_state:
             raise ValueError("the naive form takes and returns no state; use form='chunk' or 'recurrent'")

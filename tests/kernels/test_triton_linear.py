@@ -305,8 +305,8 @@ def test_dispatch(monkeypatch):
     assert rel(y1, y1_ref) <= 1e-5 and rel(s1.S, s1_ref.S) <= 1e-5 and rel(s1.z, s1_ref.z) <= 1e-5
     # forcing Triton where it has no kernel is an error, not a silent fallback
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
-    with pytest.raises(ValueError, match="no Triton kernel for window=4"):
-        hybrid_attention(q, q, v, fq, fk, torch.full((H,), 0.1, device=DEVICE), 4, 1.0)
+    with pytest.raises(ValueError, match="no Triton kernel for window=200"):
+        hybrid_attention(q, q, v, fq, fk, torch.full((H,), 0.1, device=DEVICE), 200, 1.0)
     monkeypatch.setenv("LINEARIZE_KERNELS", "fast")
     with pytest.raises(ValueError, match="LINEARIZE_KERNELS must be one of"):
         call()

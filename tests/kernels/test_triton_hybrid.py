@@ -1,0 +1,496 @@
+"""The Triton kernels of sliding-window + linear attention (with sinks) equal their PyTorch
+reference: the chunked kernel (outputs, new state, every gradient, the carried state's too), the
+decode step, the dispatcher, and a LoLCATs student end to end.
+
+Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set in
+tests/conftest.py and below), on tiny shapes; with CUDA the same tests run compiled, and the
+``gpu`` tests add real shapes. The oracle is ``chunk_hybrid_attention`` / ``hybrid_step`` of
+``linearize.kernels.hybrid`` in fp32, on fresh random inputs. Errors are relative,
+``||a - b|| / ||b||``. fp32 inputs: every product is fp32 in the kernels too, so the error is
+summation order (seen: at most 3e-6, on ``dgamma``, a sum over every query and key); 1e-5 is
+asserted. bf16 inputs: the reference gets the same bf16-rounded inputs, so what differs is the
+kernels' own rounding (see ``test_bf16_inputs_against_fp32_reference``).
+
+The maximum ``m_t`` of the softmax scores is not detached in the reference; the inputs are
+continuous random numbers, so the maximum is unique, where the kernels' gradient through it and
+PyTorch's ``amax`` gradient coincide (``test_tied_maxima`` covers ties).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from linearize.kernels import HybridState, chunk_hybrid_attention, hybrid_attention, hybrid_step  # noqa: E402
+from linearize.kernels.hybrid.chunk import triton_chunk_hybrid_attention  # noqa: E402
+from linearize.kernels.hybrid.recurrent import triton_hybrid_step  # noqa: E402
+from linearize.kernels.linear.chunk import interpreting  # noqa: E402
+
+if interpreting():
+    DEVICE = "cpu"
+    if type(triton.language.zeros).__name__ == "JITFunction":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment",
+                    allow_module_level=True)
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+B, H, DK, DV, F = 2, 2, 8, 12, 12  # Dv and F not powers of two
+STATE_FIELDS = ("S", "z", "k", "v", "fk", "sink_k", "sink_v")
+
+
+def rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    den = b.norm()
+    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+def make_inputs(T, seed, dtype=torch.float32, pad=3, dv=DV, device=DEVICE, k_offset=0.0, v_offset=0.0):
+    """``(q, k, v, fq, fk, gamma, mask)``; row 1 has ``pad`` tokens of left padding."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, T, DK, generator=g) * 1.5 for _ in range(2))
+    k = k + k_offset
+    v = torch.randn(B, H, T, dv, generator=g) + v_offset
+    fq, fk = (torch.rand(B, H, T, F, generator=g) for _ in range(2))
+    gamma = torch.rand(H, generator=g) * 0.8 + 0.1
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, : min(pad, T)] = False
+    q, k, v, fq, fk = (x.to(device=device, dtype=dtype) for x in (q, k, v, fq, fk))
+    return q, k, v, fq, fk, gamma.to(device), mask.to(device)
+
+
+def corrupt_padding(k, v, fk, mask):
+    """What a padding row holds must not matter: NaN keys and features, huge values. (Only the
+    values change: gradients pass through unchanged, as they do through the new state's raw keys.)"""
+    pad = ~mask[:, None, :, None]
+
+    def corrupt(x, value):
+        return x + (x.masked_fill(pad, value) - x).detach()
+
+    return corrupt(k, float("nan")), corrupt(v, 1e6), corrupt(fk, float("nan"))
+
+
+def run_both(T, window, sinks, seed, dtype=torch.float32, pad=3, state=None, chunk_size=16, **offsets):
+    """Outputs, new state and gradients of kernel and reference on the same inputs (the kernel's
+    padding keys corrupted), with random cotangents on ``y`` and on the new state's ``S, z`` and
+    window buffers. ``state``: a function returning a fresh carried state (leaves that require
+    grad), or None."""
+    q, k, v, fq, fk, gamma, mask = make_inputs(T, seed, dtype, pad, **offsets)
+    out = {}
+    for impl in ("kernel", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, fq, fk, gamma)]
+        carried = state() if state is not None else None
+        a, b_, c, d, e, g_ = leaves
+        if impl == "kernel":
+            b_, c, e = corrupt_padding(b_, c, e, mask)
+            y, new = triton_chunk_hybrid_attention(a, b_, c, d, e, g_, window, DK**-0.5, mask, carried,
+                                                   chunk_size=chunk_size, sinks=sinks)
+        else:
+            y, new = chunk_hybrid_attention(a, b_, c, d, e, g_, window, DK**-0.5, mask, carried, chunk_size=16,
+                                            sinks=sinks)
+        gen = torch.Generator().manual_seed(seed + 1000)
+        loss = (y.float() * torch.randn(y.shape, generator=gen).to(y.device)).sum()
+        for name in ("S", "z", "k", "v", "fk"):
+            x = getattr(new, name)
+            loss = loss + (x * torch.randn(x.shape, generator=gen).to(x.device)).sum()
+        loss.backward()
+        grads = {n: x.grad for n, x in zip(("dq", "dk", "dv", "dfq", "dfk", "dgamma"), leaves)}
+        if carried is not None:
+            grads.update({"d" + n: getattr(carried, n).grad for n in STATE_FIELDS})
+        out[impl] = dict(y=y, state=new, **grads)
+    return out
+
+
+def errors(out):
+    ker, ref = out["kernel"], out["reference"]
+    err = {n: rel(ker[n], ref[n]) for n in ker if n != "state" and ref[n] is not None}
+    for name in STATE_FIELDS:
+        a, r = getattr(ker["state"], name), getattr(ref["state"], name)
+        if name == "k":  # raw keys: a padding row keeps whatever the input held (NaN for the kernel)
+            a, r = (x.masked_fill(~ref["state"].mask[:, None, :, None], 0.0) for x in (a, r))
+        if r.numel():
+            err["state." + name] = rel(a, r)
+    assert torch.equal(ker["state"].mask, ref["state"].mask)
+    assert torch.equal(ker["state"].sink_mask, ref["state"].sink_mask)
+    return err
+
+
+def naive_hybrid(q, k, v, fq, fk, gamma, window, scale, mask, sinks, detach_max=False):
+    """The quadratic form in the inputs' own dtype (float64 here, where the reference computes
+    in fp32); with ``detach_max`` the gradient skips the term through ``m_t``."""
+    T = q.shape[2]
+    t, s = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
+    is_sink = mask & (mask.long().cumsum(1) - 1 < sinks)
+    soft = (s > t - window) | is_sink[:, None, None, :]
+    win = (s <= t) & soft & mask[:, None, None, :]
+    lin = (s <= t) & ~soft & mask[:, None, None, :]
+    a = (q @ k.transpose(-1, -2) * scale).masked_fill(~win, float("-inf"))
+    m = a.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    if detach_max:
+        m = m.detach()
+    w = (fq @ fk.transpose(-1, -2)).masked_fill(~lin, 0.0) + gamma[None, :, None, None] * torch.exp(a - m)
+    return (w @ v) / w.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def dgamma_float64(T, window, sinks, seed, pad=3):
+    """``dgamma`` of :func:`run_both`'s inputs and ``y`` cotangent, in float64 (the new state's
+    cotangents do not reach gamma)."""
+    q, k, v, fq, fk, gamma, mask = make_inputs(T, seed, pad=pad)
+    gamma = gamma.double().requires_grad_()
+    y = naive_hybrid(*(x.double() for x in (q, k, v, fq, fk)), gamma, window, DK**-0.5, mask, sinks)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1000)).to(y.device)
+    (y * dy).sum().backward()
+    return gamma.grad
+
+
+# ----------------------------------------------------------------------------- chunked kernel, fp32
+
+
+CASES = [(1, 8, 3), (15, 1, 0), (15, 5, 3), (40, 8, 0), (40, 0, 3), (63, 16, 3)]
+SLOW_CASES = [(63, 8, 0), (100, 5, 3), (100, 16, 0)]
+
+
+@pytest.mark.parametrize(
+    "T,window,sinks", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES]
+)
+def test_chunk_matches_reference_fp32(T, window, sinks):
+    """Awkward lengths, windows of 1, 5, 8 and a whole chunk (16), no window with sinks; left
+    padding; y, the new state and every gradient (cotangents on y and on the new state).
+    ``dgamma`` (one sum per head over every query and key, with terms of both signs) is compared
+    with its float64 value: the fp32 reference is itself up to 5e-6 away from it."""
+    seed = T * 10 + window + sinks
+    out = run_both(T, window, sinks, seed=seed)
+    err = errors(out)
+    assert out["kernel"]["y"].dtype == torch.float32
+    if window <= 1 and not sinks:
+        # one softmax term per query (its own key): q and k get no gradient, in both
+        assert float(out["reference"]["dq"].abs().max()) == 0.0 == float(out["kernel"]["dq"].abs().max())
+        del err["dq"], err["dk"]
+    if T == 1:
+        # the one real token is a sink, its only term (y = v): dgamma is zero up to rounding, in both
+        assert max(float(out[i]["dgamma"].abs().max()) for i in out) <= 1e-5
+        del err["dgamma"]
+    else:
+        err["dgamma"] = rel(out["kernel"]["dgamma"].double(), dgamma_float64(T, window, sinks, seed))
+    assert max(err.values()) <= 1e-5, err
+
+
+def test_gradient_through_the_window_max_is_not_dropped():
+    """The chunk test would catch a kernel that detached ``m_t``: on its inputs of the case
+    (63, 16, 3), the gradients of the reference and of the same function with ``m_t`` detached
+    differ by far more than its tolerance (the outputs do not)."""
+    T, window, sinks = 63, 16, 3
+    q, k, v, fq, fk, gamma, mask = make_inputs(T, seed=T * 10 + window + sinks)
+    dy = torch.randn(B, H, T, DV, generator=torch.Generator().manual_seed(T * 10 + window + sinks + 1000)).to(DEVICE)
+    results = []
+    for detach in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, gamma)]
+        y = naive_hybrid(leaves[0], leaves[1], v, fq, fk, leaves[2], window, DK**-0.5, mask, sinks, detach_max=detach)
+        (y * dy).sum().backward()
+        results.append((y, [x.grad for x in leaves]))
+    (y, grads), (y_det, grads_det) = results
+    y_ref, _ = chunk_hybrid_attention(q, k, v, fq, fk, gamma, window, DK**-0.5, mask, sinks=sinks)
+    assert rel(y, y_ref) <= 1e-5 and rel(y_det, y) <= 1e-6
+    assert min(rel(a, b) for a, b in zip(grads_det[:2], grads[:2])) > 0.05  # dq, dk
+    assert torch.allclose(grads_det[2], grads[2])  # dgamma does not involve m_t's gradient
+
+
+def test_tied_maxima():
+    """Two equal keys side by side tie for the maximum wherever both are in the window: PyTorch
+    splits the maximum's gradient between them, the kernel gives it to the earlier. Everything
+    that does not depend on the split is the same: y, dq, the pair's summed dk, every other key."""
+    T, window = 15, 5
+    q, k, v, fq, fk, gamma, mask = make_inputs(T, seed=3, pad=0)
+    k[:, :, 7] = k[:, :, 6]
+    dy = torch.randn(B, H, T, DV, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    out = []
+    for fn in (triton_chunk_hybrid_attention, chunk_hybrid_attention):
+        a, b_ = q.clone().requires_grad_(), k.clone().requires_grad_()
+        y, _ = fn(a, b_, v, fq, fk, gamma, window, DK**-0.5, mask, chunk_size=16, output_state=False)
+        (y * dy).sum().backward()
+        out.append((y, a.grad, b_.grad))
+    (y, dq, dk), (y_ref, dq_ref, dk_ref) = out
+    assert rel(y, y_ref) <= 1e-5 and rel(dq, dq_ref) <= 1e-5
+    pair = dk[:, :, 6] + dk[:, :, 7]
+    assert rel(pair, dk_ref[:, :, 6] + dk_ref[:, :, 7]) <= 1e-5
+    others = [i for i in range(T) if i not in (6, 7)]
+    assert rel(dk[:, :, others], dk_ref[:, :, others]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- carried state
+
+
+def reference_state(window, sinks, seed, prefix=7):
+    """A state after ``prefix`` tokens (row 1: 5 of them padding, so one of its 3 sink slots
+    stays free for the next call), every tensor a leaf that requires grad."""
+    q, k, v, fq, fk, gamma, mask = make_inputs(prefix, seed, pad=5)
+    _, state = chunk_hybrid_attention(q, k, v, fq, fk, gamma, window, DK**-0.5, mask, sinks=sinks)
+    return HybridState(**{
+        f: getattr(state, f).detach().clone().requires_grad_(getattr(state, f).is_floating_point())
+        for f in ("S", "z", "k", "v", "fk", "mask", "sink_k", "sink_v", "sink_mask")
+    })
+
+
+def test_carried_state_and_its_gradients():
+    """A state carried in (window keys, linear state, sink slots partly filled): y, the new
+    state and the gradients of the inputs and of every tensor of the carried state."""
+    window, sinks = 5, 3
+    out = run_both(30, window, sinks, seed=21, pad=2, state=lambda: reference_state(window, sinks, seed=22))
+    err = errors(out)
+    assert {"dS", "dz", "dk", "dsink_k"} <= set(err)
+    assert max(err.values()) <= 1e-5, err
+
+
+@pytest.mark.parametrize("window,sinks", [(5, 3), (16, 0)])
+def test_split_sequence_with_carried_state_equals_whole(window, sinks):
+    T = 45
+    q, k, v, fq, fk, gamma, mask = make_inputs(T, seed=31, pad=4)
+    kw = dict(chunk_size=16, sinks=sinks)
+    whole, final = triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, window, DK**-0.5, mask, **kw)
+    state, parts = None, []
+    for a, b_ in [(0, 2), (2, 3), (3, 26), (26, 45)]:
+        sl = slice(a, b_)
+        y, state = triton_chunk_hybrid_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl],
+                                                 gamma, window, DK**-0.5, mask[:, sl], state, **kw)
+        parts.append(y)
+    assert rel(torch.cat(parts, 2), whole) <= 1e-5
+    for name in STATE_FIELDS:
+        if getattr(final, name).numel():
+            assert rel(getattr(state, name), getattr(final, name)) <= 1e-5, name
+    assert torch.equal(state.mask, final.mask) and torch.equal(state.sink_mask, final.sink_mask)
+
+
+# ----------------------------------------------------------------------------- bf16
+
+
+@pytest.mark.parametrize("window,sinks", [(8, 3), (64, 4)])
+def test_bf16_inputs_against_fp32_reference(window, sinks):
+    """bf16 inputs against the fp32 reference on the same rounded inputs; keys and values offset
+    (by 2 and 3), so that dq (whose softmax weights' gradients sum to zero) and dfq, dfk (small
+    differences of large terms) cancel. What differs is the kernels' own rounding: y and the
+    gradients of bf16 inputs are bf16 (2^-9 = 2e-3 relative each), and the 16-bit operands of
+    the products whose result does not cancel (``q k^T``, ``fq fk^T``, ``da`` in ``dk``, ``dn``
+    in ``dv``) add about as much again; fp32 operands that would cancel are split into two bf16
+    halves (2^-16). Seen: 3e-3 on y and 3e-3 to 7e-3 on the gradients (the same without the
+    offsets); 1e-2 and 2e-2 are asserted. The new state ``S, z`` sums exact products of bf16
+    inputs in fp32: 1e-5. Chunks of 64: window 8 has linear terms inside a query's own chunk,
+    window 64 (LoLCATs') has none there."""
+    out = run_both(100, window, sinks, seed=41 + window, dtype=torch.bfloat16, chunk_size=64, k_offset=2.0,
+                   v_offset=3.0)
+    ker = out["kernel"]
+    assert ker["y"].dtype == ker["dq"].dtype == ker["dfk"].dtype == ker["dv"].dtype == torch.bfloat16
+    assert ker["state"].S.dtype == torch.float32
+    err = errors(out)
+    assert err["y"] <= 1e-2, err
+    assert err["state.S"] <= 1e-5 and err["state.z"] <= 1e-5, err
+    assert max(err[n] for n in ("dq", "dk", "dv", "dfq", "dfk", "dgamma")) <= 2e-2, err
+
+
+# ----------------------------------------------------------------------------- decode step
+
+
+@pytest.mark.parametrize("window,sinks,prefix", [(5, 3, 4), (0, 3, 1), (4, 0, 0)])
+def test_step_matches_reference(window, sinks, prefix):
+    """From a prefilled state (or none), six decode steps: while sink slots fill, the window
+    fills and then slides; row 1 padded early on, row 2 with a padding token mid-way (its
+    features NaN). Every step's y and whole new state equal ``hybrid_step``'s."""
+    b = 3
+    T = prefix + 6
+    g = torch.Generator().manual_seed(50 + window + prefix)
+    q, k = (torch.randn(b, H, T, DK, generator=g).to(DEVICE) * 1.5 for _ in range(2))
+    v = torch.randn(b, H, T, DV, generator=g).to(DEVICE)
+    fq, fk = (torch.rand(b, H, T, F, generator=g).to(DEVICE) for _ in range(2))
+    gamma = (torch.rand(H, generator=g) + 0.1).to(DEVICE)
+    mask = torch.ones(b, T, dtype=torch.bool, device=DEVICE)
+    mask[1, : prefix + 2] = False
+    mask[2, prefix + 1] = False
+    fk_ker = fk.masked_fill(~mask[:, None, :, None], float("nan"))
+    state = HybridState.empty(b, H, DK, DV, F, DEVICE, sinks)
+    if prefix:
+        _, state = chunk_hybrid_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], fq[:, :, :prefix],
+                                          fk[:, :, :prefix], gamma, window, DK**-0.5, mask[:, :prefix], sinks=sinks)
+    ref, ker = state, state
+    for t in range(prefix, T):
+        y_ref, ref = hybrid_step(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], gamma, window,
+                                 DK**-0.5, mask[:, t], ref)
+        y, ker = triton_hybrid_step(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk_ker[:, :, t], gamma, window,
+                                    DK**-0.5, mask[:, t], ker)
+        assert y.dtype == torch.float32 and rel(y, y_ref) <= 1e-6, t
+        for name in STATE_FIELDS:
+            a, r = getattr(ker, name), getattr(ref, name)
+            assert a.shape == r.shape, (t, name)
+            if r.numel():
+                assert rel(a, r) <= 1e-6, (t, name)
+        assert torch.equal(ker.mask, ref.mask) and torch.equal(ker.sink_mask, ref.sink_mask), t
+    assert ker.k.shape[2] == min(window, T) and int(ker.sink_mask.sum()) == min(sinks, T) + min(sinks, T - prefix - 2) + min(sinks, T - 1)
+
+
+# ----------------------------------------------------------------------------- dispatcher and student
+
+
+class _Spy:
+    def __init__(self, monkeypatch, module, name):
+        self.calls = 0
+        fn = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+
+def test_dispatch(monkeypatch):
+    """``triton`` sends any window or sinks to the hybrid kernels (the chunk for several tokens,
+    the step for one token with a state), ``reference`` and ``auto`` never; too long a window is
+    an error, not a silent fallback."""
+    from linearize.kernels.hybrid import chunk, recurrent
+
+    T, window, sinks = 20, 5, 2
+    q, k, v, fq, fk, gamma, mask = make_inputs(T, seed=61)
+    spy_chunk = _Spy(monkeypatch, chunk, "triton_chunk_hybrid_attention")
+    spy_step = _Spy(monkeypatch, recurrent, "triton_hybrid_step")
+
+    def call(t0, t1, state):
+        sl = slice(t0, t1)
+        return hybrid_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], gamma, window,
+                                DK**-0.5, key_mask=mask[:, sl], state=state, output_state=True, sinks=sinks)
+
+    results = {}
+    for choice in ("reference", "auto", "triton"):
+        monkeypatch.setenv("LINEARIZE_KERNELS", choice)
+        y, state = call(0, T - 1, None)
+        y1, state = call(T - 1, T, state)  # one token with a state: the decode step
+        results[choice] = (y, y1, state)
+        assert (spy_chunk.calls, spy_step.calls) == ((1, 1) if choice == "triton" else (0, 0)), choice
+    (y_ref, y1_ref, s_ref), (y, y1, s) = results["reference"], results["triton"]
+    assert y.dtype == y1.dtype == torch.float32
+    assert rel(y, y_ref) <= 1e-5 and rel(y1, y1_ref) <= 1e-5
+    assert all(rel(getattr(s, n), getattr(s_ref, n)) <= 1e-5 for n in STATE_FIELDS if getattr(s_ref, n).numel())
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    with pytest.raises(ValueError, match="no Triton kernel for window=200"):
+        hybrid_attention(q, k, v, fq, fk, gamma, 200, DK**-0.5)
+
+
+def test_lolcats_student_through_the_kernels(monkeypatch):
+    """A tiny Llama with a LoLCATs student in layer 1 (window 4, 2 sinks, 16 features; a
+    left-padded batch): logits, the gradients of the feature maps and of gamma, and greedy
+    decoding through the cache (prefill by the chunked kernel, then the fused step) are the same
+    with the Triton kernels as with the reference. (One layer, to keep the interpreter's time
+    down; the layers around it keep softmax attention.)"""
+    from conftest import converted_model, token_ids
+
+    from linearize import ConversionSpec, students
+    from linearize.kernels.hybrid import chunk, recurrent
+
+    spy_chunk = _Spy(monkeypatch, chunk, "triton_chunk_hybrid_attention")
+    spy_step = _Spy(monkeypatch, recurrent, "triton_hybrid_step")
+    spec = ConversionSpec("lolcats", layers=[1], settings=dict(window_size=4, sink_size=2, feature_dim=8))
+    model = converted_model("llama", spec, seed=0).to(DEVICE)
+    x = token_ids(2, 14, seed=1).to(DEVICE)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    real = mask.bool()
+    named = [(n, p) for s in students(model).values() for n, p in s.student_parameters()]
+    assert any("window_logit" in n for n, _ in named)
+    results = {}
+    for kernels in ("reference", "triton"):
+        monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
+        model.zero_grad()
+        logits = model(x, attention_mask=mask).logits
+        logits[real].float().pow(2).mean().backward()
+        with torch.no_grad():
+            tokens = model.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        results[kernels] = (logits[real].detach(), [p.grad.clone() for _, p in named], tokens)
+    (l_ref, g_ref, t_ref), (l_tri, g_tri, t_tri) = results["reference"], results["triton"]
+    assert rel(l_tri, l_ref) <= 1e-5
+    assert max(rel(a, b) for a, b in zip(g_tri, g_ref)) <= 1e-4
+    assert t_tri.tolist() == t_ref.tolist()
+    assert spy_chunk.calls == 2 and spy_step.calls == 3  # the student layer: forward, prefill; a step per new token
+
+
+def test_bad_arguments_say_what_to_fix():
+    q, k, v, fq, fk, gamma, mask = make_inputs(8, seed=1)
+    s = DK**-0.5
+    with pytest.raises(ValueError, match="window must be in 0 ... 128"):
+        triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 129, s)
+    with pytest.raises(ValueError, match="sinks must be in 0 ... 64"):
+        triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 4, s, sinks=65)
+    with pytest.raises(ValueError, match="needs gamma"):
+        triton_chunk_hybrid_attention(q, k, v, fq, fk, None, 4, s)
+    with pytest.raises(ValueError, match="chunk_size"):
+        triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 4, s, chunk_size=48)
+    with pytest.raises(ValueError, match="key_mask must be"):
+        triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 4, s, key_mask=mask[:, :5])
+    with pytest.raises(ValueError, match="fq and fk must"):
+        triton_chunk_hybrid_attention(q, k, v, fq, fk[..., :5], gamma, 4, s)
+    state = HybridState.empty(B, H, DK, DV, F, DEVICE)
+    state.k = torch.zeros(B, H, 6, DK, device=DEVICE)
+    with pytest.raises(ValueError, match="holds 6 window keys but window=4"):
+        triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 4, s, state=state)
+    with pytest.raises(ValueError, match="at least the state's 6 window rows"):
+        triton_hybrid_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], gamma, 4, s, None, state)
+
+
+# ----------------------------------------------------------------------------- real shapes, on the GPU
+
+
+def _hedgehog_like(shape, device, dtype):
+    """Features as a Hedgehog map gives them: two softmaxes of F/2 each."""
+    z = torch.randn(*shape[:-1], shape[-1] // 2, device=device) * 2
+    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("h", [9, 8])
+def test_gpu_chunk_real_shapes_bf16(h):
+    """B=2, T=4096, head dim 64, F=128, W=64, 4 sinks, left padding, bf16: y, the new state and
+    every gradient against the fp32 reference (same tolerances as the bf16 test above)."""
+    torch.manual_seed(0)
+    b, T, d, f, window, sinks = 2, 4096, 64, 128, 64, 4
+    q, k = (torch.randn(b, h, T, d, device="cuda").to(torch.bfloat16) for _ in range(2))
+    v = torch.randn(b, h, T, d, device="cuda").to(torch.bfloat16)
+    fq, fk = (_hedgehog_like((b, h, T, f), "cuda", torch.bfloat16) for _ in range(2))
+    gamma = torch.rand(h, device="cuda") * 0.8 + 0.1
+    mask = torch.ones(b, T, dtype=torch.bool, device="cuda")
+    mask[1, :100] = False
+    dy = torch.randn(b, h, T, d, device="cuda")
+    dS = torch.randn(b, h, f, d, device="cuda")
+    out = {}
+    for impl in ("kernel", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, fq, fk, gamma)]
+        fn = triton_chunk_hybrid_attention if impl == "kernel" else chunk_hybrid_attention
+        y, state = fn(*leaves, window, d**-0.5, mask, None, chunk_size=64, sinks=sinks)
+        ((y.float() * dy).sum() + (state.S * dS).sum()).backward()
+        out[impl] = [y, state.S, state.z] + [x.grad for x in leaves]
+    names = ["y", "S", "z", "dq", "dk", "dv", "dfq", "dfk", "dgamma"]
+    err = {n: rel(a, r) for n, a, r in zip(names, out["kernel"], out["reference"])}
+    assert err["y"] <= 1e-2 and err["S"] <= 1e-4 and err["z"] <= 1e-4, err
+    assert max(err[n] for n in names[3:]) <= 2e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+def test_gpu_step_real_shapes():
+    """The decode step at real shapes (B=16, H=9, head dim 64, F=128, W=64, 4 sinks) from a
+    prefilled state, window full, against ``hybrid_step``."""
+    torch.manual_seed(0)
+    b, h, T, d, f, window, sinks = 16, 9, 300, 64, 128, 64, 4
+    q, k, v = (torch.randn(b, h, T, d, device="cuda") for _ in range(3))
+    fq, fk = (_hedgehog_like((b, h, T, f), "cuda", torch.float32) for _ in range(2))
+    gamma = torch.rand(h, device="cuda") * 0.8 + 0.1
+    _, state = chunk_hybrid_attention(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], fq[:, :, :-1], fk[:, :, :-1], gamma,
+                                      window, d**-0.5, sinks=sinks)
+    args = (q[:, :, -1], k[:, :, -1], v[:, :, -1], fq[:, :, -1], fk[:, :, -1], gamma, window, d**-0.5, None, state)
+    y_ref, ref = hybrid_step(*args)
+    y, new = triton_hybrid_step(*args)
+    assert rel(y, y_ref) <= 1e-5
+    assert all(rel(getattr(new, n), getattr(ref, n)) <= 1e-5 for n in STATE_FIELDS)
