@@ -1,5 +1,6 @@
-"""Attention speed on one GPU: our Triton linear attention against softmax attention (SDPA's
-flash and cuDNN backends) and fla's chunk_linear_attn, all measured in the same run.
+"""Attention speed on one GPU: our Triton linear attention and sliding-window + linear hybrid
+against softmax attention (SDPA's flash and cuDNN backends) and fla's chunk_linear_attn, all
+measured in the same run.
 
     python benchmarks/attention.py --out runs/bench/attention.json      # full grid, a few minutes
     python benchmarks/attention.py --quick                              # a small subset, < 1 min
@@ -22,10 +23,19 @@ Backends:
 * ``ours+hh``: the fused Hedgehog feature maps (``linearize.kernels.feature_map``, ``D/2`` per
   softmax, so ``D`` features) on raw q and k, then ours; ``torch_hh+ours``: the same maps in
   plain PyTorch (``HedgehogFeatureMap``) then ours. (Not with ``--quick``.)
+* ``hybrid``: ``linearize.kernels.hybrid.chunk.triton_chunk_hybrid_attention``, LoLCATs'
+  sliding window (``--window``, default 64) plus linear attention under one normaliser, with
+  ``--sinks`` attention sinks (default 4): q, k for the softmax terms and separate features
+  fq, fk (``D`` of them) for the linear ones. fla has no exact equivalent (its linear
+  attention has no softmax window sharing the normaliser), so its plain ``chunk_linear_attn``
+  is the nearest baseline; ``hyb_vs_fla`` compares with it, ``hyb_vs_sdpa`` with the softmax
+  baseline, ``hyb_x_lin`` is the hybrid's time over our plain linear attention's. ``--no-hybrid``
+  leaves it out.
 
 The memory floor of a pass is the time to move its tensors once at 3.35e12 B/s (H100 SXM HBM3):
 q, k, v, o for the forward; those plus do, dq, dk, dv for forward + backward. ``ours_TB/s`` is
-that byte count over our measured time.
+that byte count over our measured time. The hybrid also reads fq, fk (and writes their
+gradients): its floor (``hyb_x_floor``) counts 6 and 12 tensors.
 """
 
 from __future__ import annotations
@@ -58,8 +68,8 @@ def do_bench(fn, quick):
         return float(triton.testing.do_bench(fn, quantiles=[0.5], **kwargs)[0])
 
 
-def floor_ms(B, T, D, mode):
-    tensors = 4 if mode == "fwd" else 8
+def floor_ms(B, T, D, mode, hybrid=False):
+    tensors = (6 if hybrid else 4) if mode == "fwd" else (12 if hybrid else 8)
     return tensors * B * HEADS * T * D * 2 / HBM_BYTES_PER_S * 1e3
 
 
@@ -140,6 +150,24 @@ def hedgehog_backend(fused):
     return make
 
 
+def hybrid_backend(window, sinks):
+    from linearize.kernels.hybrid.chunk import triton_chunk_hybrid_attention
+
+    def make(q, k, v):
+        fq, fk = (torch.rand_like(q).requires_grad_(q.requires_grad) for _ in range(2))
+        gamma = torch.full((q.shape[1],), 0.1, device=q.device, requires_grad=q.requires_grad)
+        scale = q.shape[-1] ** -0.5
+
+        def run():
+            y, _ = triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, window, scale, sinks=sinks,
+                                                 output_state=False)
+            return y
+
+        return run, (q, k, v, fq, fk, gamma)
+
+    return make
+
+
 def available_backends(args):
     """``{name: factory}``, plus ``{name: reason}`` for those that cannot run here."""
     backends, missing = {}, {}
@@ -158,6 +186,11 @@ def available_backends(args):
             backends[f"ours_c{c}"] = ours_backend(c)
         except Exception as e:  # noqa: BLE001
             missing[f"ours_c{c}"] = repr(e)
+    if not args.no_hybrid:
+        try:
+            backends["hybrid"] = hybrid_backend(args.window, args.sinks)
+        except Exception as e:  # noqa: BLE001
+            missing["hybrid"] = repr(e)
     if not args.quick:
         for name, fused in (("ours+hh", True), ("torch_hh+ours", False)):
             try:
@@ -198,10 +231,11 @@ def measure(make, q, k, v, mode, quick):
 
 
 def fits(B, T, D, mode):
-    """Whether the largest backend's tensors (about 16 [B, H, T, D] bf16 tensors for fwd+bwd, 8
-    for fwd, counting fp32 copies and fla's per-chunk states) fit in free memory."""
+    """Whether the largest backend's tensors (about 20 [B, H, T, D] bf16 tensors for fwd+bwd, 10
+    for fwd, counting fp32 copies, the hybrid's features and fla's per-chunk states) fit in free
+    memory."""
     free, _ = torch.cuda.mem_get_info()
-    need = (8 if mode == "fwd" else 16) * B * HEADS * T * D * 2
+    need = (10 if mode == "fwd" else 20) * B * HEADS * T * D * 2
     return need < 0.9 * free
 
 
@@ -218,6 +252,9 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, nargs="+", default=None, help="our chunk sizes (default: 64; full: 32 64)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--no-fla", action="store_true", help="leave fla out")
+    parser.add_argument("--no-hybrid", action="store_true", help="leave the sliding-window + linear hybrid out")
+    parser.add_argument("--window", type=int, default=64, help="the hybrid's softmax window (default 64)")
+    parser.add_argument("--sinks", type=int, default=4, help="the hybrid's attention sinks (default 4)")
     args = parser.parse_args(argv)
     if args.chunk is None:
         args.chunk = [64] if args.quick else [32, 64]
@@ -235,6 +272,8 @@ def main(argv=None):
         heads=HEADS,
         dtype="bfloat16",
         hbm_bytes_per_s=HBM_BYTES_PER_S,
+        hybrid_window=None if args.no_hybrid else args.window,
+        hybrid_sinks=None if args.no_hybrid else args.sinks,
         missing_backends=missing,
     )
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items() if k != "missing_backends"))
@@ -251,7 +290,8 @@ def main(argv=None):
             if mode == "fwd+bwd":
                 for x in (q, k, v):
                     x.requires_grad_()
-            rec = dict(mode=mode, B=B, D=D, T=T, floor_ms=floor_ms(B, T, D, mode), ms={})
+            rec = dict(mode=mode, B=B, D=D, T=T, floor_ms=floor_ms(B, T, D, mode),
+                       hybrid_floor_ms=floor_ms(B, T, D, mode, hybrid=True), ms={})
             for name, make in backends.items():
                 rec["ms"][name] = measure(make, q, k, v, mode, args.quick)
             del q, k, v
@@ -295,6 +335,15 @@ def _ratios(rec, chunks):
             rec["speedup_vs_sdpa"] = min(softmax) / best
         if fla is not None:
             rec["speedup_vs_fla"] = fla / best
+    hybrid = _ms(ms.get("hybrid"))
+    if hybrid is not None:
+        rec["hybrid_vs_floor"] = hybrid / rec["hybrid_floor_ms"]
+        if softmax:
+            rec["hybrid_speedup_vs_sdpa"] = min(softmax) / hybrid
+        if fla is not None:
+            rec["hybrid_speedup_vs_fla"] = fla / hybrid
+        if ours:
+            rec["hybrid_over_linear"] = hybrid / min(ours)
 
 
 def _cell(x, width=10):
@@ -308,7 +357,8 @@ def _cell(x, width=10):
 
 
 COLUMNS = [("ours_TBps", "ours_TB/s"), ("ours_vs_floor", "x_floor"), ("speedup_vs_sdpa", "vs_sdpa"),
-           ("speedup_vs_fla", "vs_fla")]
+           ("speedup_vs_fla", "vs_fla"), ("hybrid_vs_floor", "hyb_x_floor"), ("hybrid_speedup_vs_sdpa", "hyb_vs_sdpa"),
+           ("hybrid_speedup_vs_fla", "hyb_vs_fla"), ("hybrid_over_linear", "hyb_x_lin")]
 
 
 def _row(rec, names, header=False):

@@ -329,7 +329,9 @@ def test_step_matches_reference(window, sinks, prefix):
             if r.numel():
                 assert rel(a, r) <= 1e-6, (t, name)
         assert torch.equal(ker.mask, ref.mask) and torch.equal(ker.sink_mask, ref.sink_mask), t
-    assert ker.k.shape[2] == min(window, T) and int(ker.sink_mask.sum()) == min(sinks, T) + min(sinks, T - prefix - 2) + min(sinks, T - 1)
+    assert ker.k.shape[2] == min(window, T)  # the window buffer fills up to W and stays there
+    real = mask.sum(1).tolist()  # the sink slots hold each row's first real tokens
+    assert ker.sink_mask.sum(1).tolist() == [min(sinks, r) for r in real]
 
 
 # ----------------------------------------------------------------------------- dispatcher and student

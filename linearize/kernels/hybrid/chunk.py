@@ -103,7 +103,8 @@ def _fwd_kernel(
     T, P, L, H, DK, F, DV, NS, W, fold_end, scale,
     C: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
     HAS_WIN: tl.constexpr, PREV_WIN: tl.constexpr, CUR_LIN: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Y32: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    STORE_Y32: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Grid ``(cdiv(DV, BV), B * H)``. Queries ``[0, T)`` sit at key positions ``P + t`` of the
@@ -264,9 +265,11 @@ def _bwd_dq(
     if HAS_SINKS:
         o_s = tl.arange(0, NSP)
         m_s = o_s < NS
-        b_skT = tl.load(sk + i_bh * NS * DK + o_s[None, :] * DK + o_k[:, None], mask=m_k[:, None] & m_s[None, :], other=0.0)
-        b_sk = tl.load(sk + i_bh * NS * DK + o_s[:, None] * DK + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.0)
-        b_svT = tl.load(sv + i_bh * NS * DV + o_s[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_s[None, :], other=0.0)
+        p_sk = sk + i_bh * NS * DK
+        b_skT = tl.load(p_sk + o_s[None, :] * DK + o_k[:, None], mask=m_k[:, None] & m_s[None, :], other=0.0)
+        b_sk = tl.load(p_sk + o_s[:, None] * DK + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.0)
+        b_svT = tl.load(sv + i_bh * NS * DV + o_s[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_s[None, :],
+                        other=0.0)
         s_from = tl.load(sfrom + i_b * NS + o_s, mask=m_s, other=_NO_MAX)
     ii = o_c[:, None]
     jj = o_c[None, :]
@@ -302,7 +305,8 @@ def _bwd_dq(
                 b_vpT = tl.load(v + tp[None, :] * DV + o_d[:, None], mask=m_d[:, None] & ok_p[None, :], other=0.0)
                 Ap = tl.where((jj > ii + C - W) & ok_p[None, :], _dot(b_q, b_kpT, DT, PREC, EMULATE) * scale,
                               float("-inf"))
-                ewp = tl.exp(Ap - m[:, None]) * (_dot_split(b_dn, b_vpT, DT, PREC, EMULATE, True, False) + b_dd[:, None])
+                dwp = _dot_split(b_dn, b_vpT, DT, PREC, EMULATE, True, False) + b_dd[:, None]
+                ewp = tl.exp(Ap - m[:, None]) * dwp
                 rs += tl.sum(ewp, 1)
         if HAS_SINKS:
             As = tl.where(s_from[None, :] <= t[:, None], _dot(b_q, b_skT, DT, PREC, EMULATE) * scale, float("-inf"))
@@ -346,8 +350,10 @@ def _bwd_dk(
     if HAS_SINKS:
         o_s = tl.arange(0, NSP)
         m_s = o_s < NS
-        b_sk = tl.load(sk + i_bh * NS * DK + o_s[:, None] * DK + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.0)
-        b_sv = tl.load(sv + i_bh * NS * DV + o_s[:, None] * DV + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
+        b_sk = tl.load(sk + i_bh * NS * DK + o_s[:, None] * DK + o_k[None, :], mask=m_s[:, None] & m_k[None, :],
+                       other=0.0)
+        b_sv = tl.load(sv + i_bh * NS * DV + o_s[:, None] * DV + o_d[None, :], mask=m_s[:, None] & m_d[None, :],
+                       other=0.0)
         s_from = tl.load(sfrom + i_b * NS + o_s, mask=m_s, other=_NO_MAX)
         dsk_acc = tl.zeros([NSP, BK], dtype=tl.float32)
         dsv_acc = tl.zeros([NSP, BDV], dtype=tl.float32)
@@ -386,7 +392,8 @@ def _bwd_dk(
                 b_vp = tl.load(v + tp[:, None] * DV + o_d[None, :], mask=ok_p[:, None] & m_d[None, :], other=0.0)
                 Ap = tl.where((jj > ii + C - W) & ok_p[:, None], _dot(b_kp, b_qT, DT, PREC, EMULATE) * scale,
                               float("-inf"))
-                ewp = tl.exp(Ap - m[None, :]) * (_dot_split(b_vp, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :])
+                dwp = _dot_split(b_vp, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :]
+                ewp = tl.exp(Ap - m[None, :]) * dwp
                 cs += tl.sum(ewp, 0)
         if HAS_SINKS:
             As = tl.where(s_from[:, None] <= t[None, :], _dot(b_sk, b_qT, DT, PREC, EMULATE) * scale, float("-inf"))
@@ -415,7 +422,8 @@ def _bwd_dk(
     tl.store(dk + i_bh * L * DK + t[:, None] * DK + o_k[None, :], (carry * scale).to(dk.dtype.element_ty),
              mask=(t < L)[:, None] & m_k[None, :])
     if HAS_SINKS:
-        tl.store(dsk + i_bh * NS * DK + o_s[:, None] * DK + o_k[None, :], dsk_acc * scale, mask=m_s[:, None] & m_k[None, :])
+        tl.store(dsk + i_bh * NS * DK + o_s[:, None] * DK + o_k[None, :], dsk_acc * scale,
+                 mask=m_s[:, None] & m_k[None, :])
         tl.store(dsv + i_bh * NS * DV + o_s[:, None] * DV + o_d[None, :], dsv_acc, mask=m_s[:, None] & m_d[None, :])
 
 
@@ -515,7 +523,8 @@ def _bwd_dfk(
         b_yT1 = tl.load(y + i_bh * T * DV + tq1[None, :] * DV + o_d[:, None], mask=m_dq1, other=0.0)
         b_dnT1 = b_dyT1 * inv1[None, :]
         b_dd1 = -tl.sum(b_dyT1 * b_yT1, 0) * inv1
-        b_fq1 = tl.load(fq + i_bh * T * F + tq1[:, None] * F + o_f[None, :], mask=m_q1[:, None] & m_f[None, :], other=0.0)
+        b_fq1 = tl.load(fq + i_bh * T * F + tq1[:, None] * F + o_f[None, :], mask=m_q1[:, None] & m_f[None, :],
+                        other=0.0)
         Q1 = tl.where((jj <= ii + C - W) & ok[:, None],
                       _dot_split(b_v, b_dnT1, DT, PREC, EMULATE, False, True) + b_dd1[None, :], 0.0)
         b_dfk = _dot(Q1, b_fq1, DT, PREC, EMULATE)
@@ -524,7 +533,8 @@ def _bwd_dfk(
             m_dq = m_d[:, None] & m_q[None, :]
             b_dyT = tl.load(dy + i_bh * T * DV + tq[None, :] * DV + o_d[:, None], mask=m_dq, other=0.0).to(tl.float32)
             b_yT = tl.load(y + i_bh * T * DV + tq[None, :] * DV + o_d[:, None], mask=m_dq, other=0.0)
-            b_fq = tl.load(fq + i_bh * T * F + tq[:, None] * F + o_f[None, :], mask=m_q[:, None] & m_f[None, :], other=0.0)
+            b_fq = tl.load(fq + i_bh * T * F + tq[:, None] * F + o_f[None, :], mask=m_q[:, None] & m_f[None, :],
+                           other=0.0)
             Q = tl.where((jj <= ii - W) & ok[:, None],
                          _dot_split(b_v, b_dyT * inv[None, :], DT, PREC, EMULATE, False, True)
                          - (tl.sum(b_dyT * b_yT, 0) * inv)[None, :], 0.0)
@@ -590,7 +600,8 @@ def _bwd_dv(
         ok = _key_ok(km, i_b, L, t, HAS_MASK)
         b_fk = tl.load(fk + t[:, None] * F + o_f[None, :], mask=ok[:, None] & m_f[None, :], other=0.0)  # [C, BF]
         # the next chunk's queries: linear terms, and window terms when the window reaches back
-        b_fqT1 = tl.load(fq + i_bh * T * F + tq1[None, :] * F + o_f[:, None], mask=m_f[:, None] & m_q1[None, :], other=0.0)
+        b_fqT1 = tl.load(fq + i_bh * T * F + tq1[None, :] * F + o_f[:, None], mask=m_f[:, None] & m_q1[None, :],
+                         other=0.0)
         inv1 = _inverse_den(den, i_bh, tq1, m_q1, T)
         b_dn1 = tl.load(dy + i_bh * T * DV + tq1[:, None] * DV + o_v[None, :], mask=m_q1[:, None] & m_v[None, :],
                         other=0.0).to(tl.float32) * inv1[:, None]  # [C, BV]
@@ -606,7 +617,8 @@ def _bwd_dv(
             R = tl.zeros([C, C], dtype=tl.float32)
         if HAS_WIN:
             b_k = tl.load(k + t[:, None] * DK + o_k[None, :], mask=ok[:, None] & m_k[None, :], other=0.0)
-            b_qT = tl.load(q + i_bh * T * DK + tq[None, :] * DK + o_k[:, None], mask=m_k[:, None] & m_q[None, :], other=0.0)
+            b_qT = tl.load(q + i_bh * T * DK + tq[None, :] * DK + o_k[:, None], mask=m_k[:, None] & m_q[None, :],
+                           other=0.0)
             m = tl.load(mx + i_bh * T + tq, mask=m_q, other=0.0)
             A = tl.where((jj <= ii) & (jj > ii - W) & ok[:, None], _dot(b_k, b_qT, DT, PREC, EMULATE) * scale,
                          float("-inf"))
@@ -642,7 +654,8 @@ def _bwd_kernel(
     C: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     NSP: tl.constexpr, NK: tl.constexpr,
     HAS_WIN: tl.constexpr, PREV_WIN: tl.constexpr, CUR_LIN: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    STORE_DINIT: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Grid ``(2 + 2 * NK + NV, B * H)``: program 0 of a head computes ``dq`` and ``dgamma``,
@@ -907,7 +920,8 @@ def triton_chunk_hybrid_attention(
         sink_from = torch.where(state.sink_mask, -1, torch.where(fresh, sink_pos, NO_MAX)).to(torch.int32).contiguous()
         mask = real & ~is_sink
     if P:  # keys still in the window from earlier calls go in front
-        mask = torch.cat([state.mask, mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)], 1)
+        new_mask = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
+        mask = torch.cat([state.mask, new_mask], 1)
         k = torch.cat([state.k.to(k.dtype), k], 2)
         v = torch.cat([state.v.to(v.dtype), v], 2)
         fk = torch.cat([state.fk.to(fk.dtype), fk], 2)
@@ -945,7 +959,9 @@ def _check_arguments(q, k, v, fq, fk, gamma, window, key_mask, sinks, state, chu
     if v.dim() != 4 or v.shape[:3] != (B, H, T):
         raise ValueError(f"v must be [B, H, T, Dv] = [{B}, {H}, {T}, Dv]; got {tuple(v.shape)}")
     if fq.dim() != 4 or fq.shape[:3] != (B, H, T) or fk.shape != fq.shape:
-        raise ValueError(f"fq and fk must both be [B, H, T, F] = [{B}, {H}, {T}, F]; got {tuple(fq.shape)}, {tuple(fk.shape)}")
+        raise ValueError(
+            f"fq and fk must both be [B, H, T, F] = [{B}, {H}, {T}, F]; got {tuple(fq.shape)}, {tuple(fk.shape)}"
+        )
     if max(DK, v.shape[-1], fq.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"Dk, Dv and F must be at most {MAX_HEAD_DIM}; got {DK}, {v.shape[-1]}, {fq.shape[-1]}")
     for name, x in (("q", q), ("k", k), ("v", v), ("fq", fq), ("fk", fk)):

@@ -232,7 +232,8 @@ def triton_hybrid_step(q, k, v, fq, fk, gamma, window, scale, key_mask, state: H
         sk, sv, smask, y, S2, z2, kb2, vb2, fkb2, mb2, sk2, sv2, smask2,
         H, DK, F, DV, L, NS, float(scale),
         BK=_pow2(DK), BF=BF, BV=BV, RP=_pow2(max(L, 1)), NSP=_pow2(NS),
-        HAS_ROWS=L > 0, FOLD=fold, IN_WINDOW=in_window, HAS_MASK=km is not None, HAS_SINKS=NS > 0, SOFTMAX=softmax, num_warps=4,
+        HAS_ROWS=L > 0, FOLD=fold, IN_WINDOW=in_window, HAS_MASK=km is not None, HAS_SINKS=NS > 0, SOFTMAX=softmax,
+        num_warps=4,
     )
     if not L2:  # no window
         kb2, vb2, fkb2 = (torch.zeros(B, H, 0, d, **f32) for d in (DK, DV, F))
