@@ -450,22 +450,18 @@ def _hedgehog_like(shape, device, dtype):
     return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).to(dtype)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("h", [9, 8])
-def test_gpu_chunk_real_shapes_bf16(h):
-    """B=2, T=4096, head dim 64, F=128, W=64, 4 sinks, left padding, bf16: y, the new state and
-    every gradient against the fp32 reference (same tolerances as the bf16 test above)."""
+def check_bf16_against_reference(b, h, T, d, f, window, sinks, device):
+    """bf16 kernel vs the fp32 reference with Hedgehog-like features and left padding: y, the new
+    state and every gradient (the tolerances of the bf16 test above)."""
     torch.manual_seed(0)
-    b, T, d, f, window, sinks = 2, 4096, 64, 128, 64, 4
-    q, k = (torch.randn(b, h, T, d, device="cuda").to(torch.bfloat16) for _ in range(2))
-    v = torch.randn(b, h, T, d, device="cuda").to(torch.bfloat16)
-    fq, fk = (_hedgehog_like((b, h, T, f), "cuda", torch.bfloat16) for _ in range(2))
-    gamma = torch.rand(h, device="cuda") * 0.8 + 0.1
-    mask = torch.ones(b, T, dtype=torch.bool, device="cuda")
-    mask[1, :100] = False
-    dy = torch.randn(b, h, T, d, device="cuda")
-    dS = torch.randn(b, h, f, d, device="cuda")
+    q, k = (torch.randn(b, h, T, d, device=device).to(torch.bfloat16) for _ in range(2))
+    v = torch.randn(b, h, T, d, device=device).to(torch.bfloat16)
+    fq, fk = (_hedgehog_like((b, h, T, f), device, torch.bfloat16) for _ in range(2))
+    gamma = torch.rand(h, device=device) * 0.8 + 0.1
+    mask = torch.ones(b, T, dtype=torch.bool, device=device)
+    mask[1, : T // 40] = False
+    dy = torch.randn(b, h, T, d, device=device)
+    dS = torch.randn(b, h, f, d, device=device)
     out = {}
     for impl in ("kernel", "reference"):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, fq, fk, gamma)]
@@ -477,22 +473,42 @@ def test_gpu_chunk_real_shapes_bf16(h):
     err = {n: rel(a, r) for n, a, r in zip(names, out["kernel"], out["reference"])}
     assert err["y"] <= 1e-2 and err["S"] <= 1e-4 and err["z"] <= 1e-4, err
     assert max(err[n] for n in names[3:]) <= 2e-2, err
+    return err
+
+
+def check_step_against_reference(b, h, T, d, f, window, sinks, device):
+    """The decode step from a prefilled state (window full, sinks filled) against ``hybrid_step``."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, T, d, device=device) for _ in range(3))
+    fq, fk = (_hedgehog_like((b, h, T, f), device, torch.float32) for _ in range(2))
+    gamma = torch.rand(h, device=device) * 0.8 + 0.1
+    _, state = chunk_hybrid_attention(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], fq[:, :, :-1], fk[:, :, :-1], gamma,
+                                      window, d**-0.5, sinks=sinks)
+    real = torch.ones(b, dtype=torch.bool, device=device)
+    args = (q[:, :, -1], k[:, :, -1], v[:, :, -1], fq[:, :, -1], fk[:, :, -1], gamma, window, d**-0.5, real, state)
+    y_ref, ref = hybrid_step(*args)
+    y, new = triton_hybrid_step(*args)
+    assert new.k.shape[2] == window and bool(new.sink_mask.all())
+    assert rel(y, y_ref) <= 1e-5
+    assert all(rel(getattr(new, n), getattr(ref, n)) <= 1e-5 for n in STATE_FIELDS)
+
+
+def test_real_shape_checks_at_a_small_shape():
+    """The GPU tests' code at a small shape (bf16, chunks of 64; a full window of 16)."""
+    check_bf16_against_reference(2, 2, 80, 16, 32, 16, 2, DEVICE)
+    check_step_against_reference(2, 2, 30, 16, 32, 16, 2, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("h", [9, 8])
+def test_gpu_chunk_real_shapes_bf16(h):
+    """B=2, T=4096, head dim 64, F=128, W=64, 4 sinks, left padding, bf16, forward and backward."""
+    check_bf16_against_reference(2, h, 4096, 64, 128, 64, 4, "cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
 def test_gpu_step_real_shapes():
-    """The decode step at real shapes (B=16, H=9, head dim 64, F=128, W=64, 4 sinks) from a
-    prefilled state, window full, against ``hybrid_step``."""
-    torch.manual_seed(0)
-    b, h, T, d, f, window, sinks = 16, 9, 300, 64, 128, 64, 4
-    q, k, v = (torch.randn(b, h, T, d, device="cuda") for _ in range(3))
-    fq, fk = (_hedgehog_like((b, h, T, f), "cuda", torch.float32) for _ in range(2))
-    gamma = torch.rand(h, device="cuda") * 0.8 + 0.1
-    _, state = chunk_hybrid_attention(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], fq[:, :, :-1], fk[:, :, :-1], gamma,
-                                      window, d**-0.5, sinks=sinks)
-    args = (q[:, :, -1], k[:, :, -1], v[:, :, -1], fq[:, :, -1], fk[:, :, -1], gamma, window, d**-0.5, None, state)
-    y_ref, ref = hybrid_step(*args)
-    y, new = triton_hybrid_step(*args)
-    assert rel(y, y_ref) <= 1e-5
-    assert all(rel(getattr(new, n), getattr(ref, n)) <= 1e-5 for n in STATE_FIELDS)
+    """The decode step at real shapes: B=16, H=9, head dim 64, F=128, W=64, 4 sinks."""
+    check_step_against_reference(16, 9, 300, 64, 128, 64, 4, "cuda")

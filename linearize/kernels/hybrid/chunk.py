@@ -58,6 +58,17 @@ sum in fp32), the state in ``fq S``, ``dn`` in ``dw = dn v^T + dd``, ``S^T`` and
 sinks, so a common offset of the keys cancels). ``q k^T``, ``fq fk^T``, ``dk``, ``dv`` and the
 sink slots' gradients take plain 16-bit operands, as a flash-attention backward does.
 
+Speed (not measured yet: no GPU run so far). The forward is a sequential walk over ``T / C``
+chunks per program, with ``B * H * Dv / BV`` programs (72 at B=2, H=9, Dv=64); each step is
+about 15 small tensor-core products plus the exponentials, on about 1 KB of bf16 inputs a token
+(the previous chunk is read again, from L2). So it should be bound by the latency of that walk
+and the few programs, not by HBM bandwidth; the backward likewise, by its ``dq`` and ``dk``
+programs (two score tiles, two ``dw`` tiles and the sinks a step). Compiled for sm_90a (Triton
+3.9, ptxas 13.4, at C=64, Dk=Dv=64, F=128) every kind runs at 255 registers and spills: about
+1 KB a thread (static) in the forward, about 1 KB in each of the ``dq`` and ``dk`` programs,
+0.1-0.6 KB in the others (the linear kernels: 0.15 KB). That is the first thing to measure on
+the GPU.
+
 Triton 3.4-3.7 miscompiles, on Hopper, ``tl.trans`` of a ``tl.dot`` result cast to bf16/fp16 and
 fed to another ``tl.dot``. Nothing here calls ``tl.trans``: the ``dk``, ``dfk`` and ``dv``
 programs compute their tiles with keys as rows (``k q^T``, ``v dn^T``, ``fk fq^T``) from

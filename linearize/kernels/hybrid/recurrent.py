@@ -227,13 +227,17 @@ def triton_hybrid_step(q, k, v, fq, fk, gamma, window, scale, key_mask, state: H
         sk = sv = smask = sk2 = sv2 = smask2 = None
     BF = _pow2(F)
     BV = min(_pow2(DV), max(16, 4096 // BF))
+    RP = _pow2(max(L, 1))
+    # a program holds the window's keys and features: 8 warps keep a full window of 64 with 128
+    # features in registers (compiled for sm_90: 4 warps spill about 600 bytes a thread there)
+    num_warps = 8 if RP * (_pow2(DK) + BF) >= 8192 else 4
     _step_kernel[(B * H,)](
         q, k, v, fq, fk, km, None if gamma is None else gamma.float().contiguous(), S, z, kb, vb, fkb, mb,
         sk, sv, smask, y, S2, z2, kb2, vb2, fkb2, mb2, sk2, sv2, smask2,
         H, DK, F, DV, L, NS, float(scale),
-        BK=_pow2(DK), BF=BF, BV=BV, RP=_pow2(max(L, 1)), NSP=_pow2(NS),
+        BK=_pow2(DK), BF=BF, BV=BV, RP=RP, NSP=_pow2(NS),
         HAS_ROWS=L > 0, FOLD=fold, IN_WINDOW=in_window, HAS_MASK=km is not None, HAS_SINKS=NS > 0, SOFTMAX=softmax,
-        num_warps=4,
+        num_warps=num_warps,
     )
     if not L2:  # no window
         kb2, vb2, fkb2 = (torch.zeros(B, H, 0, d, **f32) for d in (DK, DV, F))
