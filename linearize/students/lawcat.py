@@ -1,39 +1,83 @@
 """LAWCAT: linear attention with a causal convolution across tokens and data-dependent decay.
 
 Liu et al., "LAWCAT: Efficient Distillation from Quadratic to Linear Attention with
-Convolution across Tokens for Long Context Modeling" (arXiv 2509.18467; public code
-zeyuliu1037/LAWCAT, which was not available to check against here, nor the paper's equation
-numbers: the math below is the project design's reading of the paper). Per layer, from the
-teacher's projections (Qwen3's ``q_norm``/``k_norm`` kept, **no RoPE** on this path):
+Convolution across Tokens for Long Context Modeling", EMNLP 2025 Findings (arXiv 2509.18467,
+https://arxiv.org/html/2509.18467v2; official code zeyuliu1037/LAWCAT).
+
+Sources, and what each one settles:
+
+* the abstract (v2): causal Conv1D layers for local dependencies and *normalised* gated linear
+  attention for generalisation across context lengths; Mistral-7B distilled on 1K-token
+  sequences keeps over 90% passkey retrieval up to 22K tokens; a Llama3.2-1B student is
+  evaluated on S-NIAH 1/2/3 (1K-8K) and BABILong QA2/QA3 (0K-16K) with under 0.1% of the
+  pre-training tokens; prefill is faster than FlashAttention-2 beyond 8K tokens;
+* a public summary of the method section (themoonlight.io review of the paper): one causal
+  depthwise Conv1D of kernel size ``r + 1`` (4 in practice) for the queries and one for the
+  keys, ``q~_t = f_theta(q_{t-r}, ..., q_t)``, a plain weighted moving average with no
+  activation between it and the feature map, and one feature map shared by queries and keys so
+  that ``phi(q).phi(k)`` is a single kernel;
+* a public copy of the LAWCAT code (``src/model/linear_attention/linear_window_attention_sw_gla.py``,
+  class ``GLASlidingWindowAttention``, "LAWCAT attention combining Conv1d and GLA", built on the
+  LoLCATs code and flash-linear-attention's GLA kernels), for what is listed under "What agrees
+  with the code" below;
+* the published training command (``distill_llama.py --model_config
+  distill_llama3_2_1b_wsw0_fd32_gla_woCV_rep1_woSiLU_map2_idt_norm_ins_QK --distill_config
+  distill_passkey_1208_xent0_mse1000_lr1e-2 --finetune_config finetune_lora_qkvo_passkey_1208
+  --lk_zero_init``), known only as quoted by third parties.
+
+The body of the paper could not be read, so no section or equation numbers are cited; nor could
+the official repository itself.
+
+Per layer, from the teacher's projections (Qwen3's ``q_norm``/``k_norm`` kept, **no RoPE** on
+this path):
 
     q~ = conv_q(q),  k~ = conv_k(k)           causal depthwise conv1d over tokens, kernel 4, no bias,
                                               on queries and keys only (not values), after the
                                               kv heads are expanded for GQA
     log alpha_t = logsigmoid(W_up W_down x_t + b) / 16      GLA-style decay, a vector per key
-                                              feature channel per head (low rank 16)
+                                              feature channel per head (rank 16)
     S_t = diag(alpha_t) S_{t-1} + phi_k(k~_t) [v_t, 1]^T     the ones column carries the normaliser
     y_t = (phi_q(q~_t)^T S_t)[:D] / (phi_q(q~_t)^T S_t)[D]
 
-with ``phi`` any registered feature map (Hedgehog by default). The paper applies the *same*
-map to queries and keys, so that ``phi(q).phi(k)`` is one kernel (read from a public summary of
-its method section; the code was not available to confirm), so by default ``phi_q`` and
-``phi_k`` are one module; ``tie_feature_maps: false`` gives separate maps, k's starting as a
-copy of q's, as Hedgehog and LoLCATs do. The recurrence and its three forms live in
+with ``phi`` any registered feature map (Hedgehog by default), one module for queries and keys
+by default (``tie_feature_maps: false`` gives separate maps, k's starting as a copy of q's, as
+Hedgehog and LoLCATs do). The recurrence and its three forms live in
 :mod:`linearize.kernels.gated`. The decode state is the gated ``S`` plus the last ``K - 1 = 3``
 inputs of each convolution (:class:`LawcatState`).
 
-Choices, where the sources leave room (say so rather than guess silently):
+What agrees with the code: a ``ShortConvolution`` (depthwise, causal, kernel 4, no bias) on q
+and on k and none on v; no activation after it; k (and v) repeated to the query heads *before*
+the convolution; RoPE applied only on the teacher/softmax branch, never on the linear one; the
+LoLCATs Hedgehog map (``softmax_dim`` of an ``untied_head_einsum`` kernel), identity-initialised
+(``--lk_zero_init``); the decay ``gk_proj = Linear(hidden, 16, no bias) -> Linear(16, ., bias)``
+on the module input, ``logsigmoid(gk) / 16`` (``gate_low_rank_dim = gate_logit_normalizer =
+16``, GLA's ``alpha = sigmoid(.)^(1/16)``); the normaliser carried as a ones column appended to
+v, ``y = o[:D] / (o[D] + 1e-10)``; no sliding window (``wsw0``), no output gate, no output norm.
+The published recipe distils on passkey data (MSE x 1000, no cross-entropy, lr 1e-2, 1K-token
+sequences), then trains LoRA on q/k/v/o on passkey data; its LoRA rank and token counts were not
+seen.
 
-* the convolutions start at the identity (last tap 1, all others exactly 0), so at
-  initialisation the feature maps see the teacher's unrotated q and k;
-* the decay is ``x -> Linear(hidden, 16, no bias) -> Linear(16, H * F_phi, bias)`` on the
-  attention module's input, as GLA's ``gk_proj``; both layers keep PyTorch's default
-  initialisation (the decay starts data-dependent, about ``sigmoid(0)^(1/16) ~ 0.96`` per step);
+Choices, where the sources leave room or where we depart from the code (say so rather than
+guess silently):
+
+* the decay has one vector per *query* head over the ``F_phi`` feature channels
+  (``Linear(16, H * F_phi)``). The code projects to one vector per *kv* head over ``head_dim``
+  channels and repeats it to the query heads of its group (it sets ``2F = head_dim``, ``fd32``
+  for the head size 64 of Llama3.2-1B, so that the two sizes agree). Without GQA and with
+  ``2F = head_dim`` the two are the same map; with GQA ours has ``H / H_kv`` times more outputs;
+* both decay layers keep PyTorch's default initialisation, so the decay starts data-dependent
+  (about ``sigmoid(0)^(1/16) ~ 0.96`` per step, spread by the random weights and bias); the code
+  initialises them ``N(0, 0.006)`` with a zero bias (``la_init: idt``), i.e. almost the same
+  ``0.958`` for every token;
+* the convolutions start at the exact identity (last tap 1, all others 0), so at initialisation
+  the feature maps see the teacher's unrotated q and k; the code's other taps start at ``0.001``
+  (``conv_init_coeff``);
 * padding keys (``key_mask`` False) contribute nothing anywhere: their q/k inputs are zeroed
   before the convolutions (so they never leak into a later token's conv window), their features
-  and values are zeroed, and they do not decay the state;
+  and values are zeroed, and they do not decay the state (the code zeroes only their values);
 * the attention is computed in fp32; queries are not scaled (the normaliser makes the scale
-  irrelevant for positive features).
+  irrelevant for positive features; the code's GLA kernels scale by ``D^-1/2``, which cancels);
+  the denominator is clamped at ``1e-30`` instead of the code's ``+ 1e-10``.
 """
 
 from __future__ import annotations
