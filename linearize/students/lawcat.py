@@ -34,8 +34,9 @@ this path):
     q~ = conv_q(q),  k~ = conv_k(k)           causal depthwise conv1d over tokens, kernel 4, no bias,
                                               on queries and keys only (not values), after the
                                               kv heads are expanded for GQA
-    log alpha_t = logsigmoid(W_up W_down x_t + b) / 16      GLA-style decay, a vector per key
-                                              feature channel per head (rank 16)
+    log alpha_t = logsigmoid(W_up W_down x_t + b) / 16      GLA-style decay, a vector over the
+                                              feature channels per kv head, shared by the
+                                              query heads of its group (rank 16)
     S_t = diag(alpha_t) S_{t-1} + phi_k(k~_t) [v_t, 1]^T     the ones column carries the normaliser
     y_t = (phi_q(q~_t)^T S_t)[:D] / (phi_q(q~_t)^T S_t)[D]
 
@@ -60,15 +61,12 @@ seen.
 Choices, where the sources leave room or where we depart from the code (say so rather than
 guess silently):
 
-* the decay has one vector per *query* head over the ``F_phi`` feature channels
-  (``Linear(16, H * F_phi)``). The code projects to one vector per *kv* head over ``head_dim``
-  channels and repeats it to the query heads of its group (it sets ``2F = head_dim``, ``fd32``
-  for the head size 64 of Llama3.2-1B, so that the two sizes agree). Without GQA and with
-  ``2F = head_dim`` the two are the same map; with GQA ours has ``H / H_kv`` times more outputs;
-* both decay layers keep PyTorch's default initialisation, so the decay starts data-dependent
-  (about ``sigmoid(0)^(1/16) ~ 0.96`` per step, spread by the random weights and bias); the code
-  initialises them ``N(0, 0.006)`` with a zero bias (``la_init: idt``), i.e. almost the same
-  ``0.958`` for every token;
+* the decay, as in the code, has one vector per *kv* head over the ``F_phi`` feature channels
+  (``Linear(16, H_kv * F_phi)``), repeated to the query heads of its group; both decay layers
+  start ``N(0, 0.006)`` with a zero bias (the code's ``la_init: idt``), so every token starts
+  with almost the same decay, ``sigmoid(0)^(1/16) ~ 0.958`` a step. The code sizes the map so
+  that ``2F = head_dim`` (``fd32`` for Llama3.2-1B's head size 64); the built-in recipe does
+  the same for the bundled teacher (``feature_dim: 32``);
 * the convolutions start at the exact identity (last tap 1, all others 0), so at initialisation
   the feature maps see the teacher's unrotated q and k; the code's other taps start at ``0.001``
   (``conv_init_coeff``);
@@ -90,7 +88,7 @@ from torch import nn
 
 from ..feature_maps import build_feature_map
 from ..kernels import GatedState, gated_attention, naive_gated_attention
-from .base import Student
+from .base import Student, repeat_kv
 
 
 @dataclass
@@ -149,9 +147,13 @@ class LawcatStudent(Student):
         with torch.no_grad():  # identity: the current token's tap is 1, the rest 0
             self.conv_q[..., -1] = 1.0
             self.conv_k[..., -1] = 1.0
-        hidden = attn.config.hidden_size
+        hidden, H_kv = attn.config.hidden_size, attn.config.num_key_value_heads
         self.decay_down = nn.Linear(hidden, config.decay_rank, bias=False)
-        self.decay_up = nn.Linear(config.decay_rank, H * self.feature_map_q.feature_size, bias=True)
+        # one decay vector per kv head, shared by the query heads of its group (as the code does)
+        self.decay_up = nn.Linear(config.decay_rank, H_kv * self.feature_map_q.feature_size, bias=True)
+        for layer in (self.decay_down, self.decay_up):  # the code's `la_init: idt`
+            nn.init.normal_(layer.weight, mean=0.0, std=0.006)
+        nn.init.zeros_(self.decay_up.bias)
         self._inputs = None
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -166,7 +168,8 @@ class LawcatStudent(Student):
         B, T, _ = x.shape
         x = x.to(self.decay_down.weight.dtype)
         g = torch.nn.functional.logsigmoid(self.decay_up(self.decay_down(x))) / self.settings.decay_normaliser
-        return g.view(B, T, self.num_heads, -1).transpose(1, 2)
+        g = g.view(B, T, self.config.num_key_value_heads, -1).transpose(1, 2)  # [B, H_kv, T, F_phi]
+        return repeat_kv(g, self.num_key_value_groups)
 
     def _features(self, q, k, key_mask, state):
         """Mask, convolve, map. Returns ``(fq, fk, new conv_q history, new conv_k history)``."""
