@@ -144,16 +144,17 @@ def _fwd_kernel(
     y += i_bh * T * DV
     A += i_bh * T * C
     p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV]
-    # z is column 0 of a [BF, 16] matrix, so that fq . z is a (small) matrix product, as in the
-    # linear kernel; its update is a plain fp32 row sum.
-    first = tl.arange(0, 16)[None, :] == 0
+    # z is column 0 of a [BF, C] matrix, so that fq . z is a (small) matrix product, as in the
+    # linear kernel, the same shape as A (the denominator is one row sum); its update is a plain
+    # fp32 row sum.
+    first = o_c[None, :] == 0
     if HAS_INIT:
         S = tl.load(s0 + p_s, mask=m_fv, other=0.0).to(tl.float32)
         z = tl.load(z0 + i_bh * F + o_f, mask=m_f, other=0.0).to(tl.float32)
-        Z = tl.where(first, z[:, None], 0.0)  # [BF, 16]
+        Z = tl.where(first, z[:, None], 0.0)  # [BF, C]
     else:
         S = tl.zeros([BF, BV], dtype=tl.float32)
-        Z = tl.zeros([BF, 16], dtype=tl.float32)
+        Z = tl.zeros([BF, C], dtype=tl.float32)
     last = o_c[None, :] == C - 1  # [1, C]
     for i_t in range(0, tl.cdiv(T, C)):
         t = i_t * C + o_c
@@ -171,7 +172,7 @@ def _fwd_kernel(
         q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
         k_outT = b_fkT * tl.exp(b_last[:, None] - bT)  # keys as they stand at the chunk end
         o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
-        d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True), 1) + tl.sum(b_A, 1)  # [C]
+        d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True) + b_A, 1)  # [C]
         o = o / tl.maximum(d, _TINY)[:, None]
         tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         if STORE_Y32:  # the backward's copy of y, in fp32
