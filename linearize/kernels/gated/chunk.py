@@ -48,7 +48,17 @@ reverse) with the running state in fp32 registers; no per-chunk state goes throu
   initial state's ``exp(b_t)``), plus ``rowsum(dS_T * S_T)`` at the last token for the final state.
   So ``dg_r = sum_{t >= r} (fq_t dfq_t - fk_t dfk_t)`` + that term: the ``dfq``/``dfk`` programs
   write ``fq dfq`` and ``fk dfk`` in fp32 (not the rounded gradients), and ``_dg_kernel`` takes
-  the suffix sums.
+  the suffix sums. A token's pair with itself (decay 1) adds the same ``fq_t fk_t P_tt`` to both
+  terms, so it is left out of both (it still goes into ``dfq`` and ``dfk``): otherwise, with
+  strong decays, where little else remains, ``dg`` would be the rounding left over from that
+  cancellation.
+
+Speed (expected; not yet measured). The pairwise decays cost ``C F`` exponentials per token (2048
+at ``F = 128``) on the special-function units, more than all the products on the tensor cores;
+the forward's run fully parallel in ``_intra_kernel``, the backward's inside the ``dfq``/``dfk``
+programs, whose features split them across ``2 F / BK`` programs a head. The walks over the
+chunks are sequential: with few heads (``B * H * Dv / BV`` programs in the forward) the chunk
+steps' latency rather than throughput bounds them.
 
 Precision, as in :mod:`linearize.kernels.linear.chunk`: state and accumulation in fp32; with fp32
 (or fp16) inputs every product is fp32 (``ieee``); with bf16 inputs the products run on bf16
@@ -222,6 +232,7 @@ def _bwd_dq(
         b_y = tl.load(y + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
         b_dn = b_dy * inv[:, None]  # [C, BDV]
         b_dd = -tl.sum(b_dy * b_y, 1) * inv  # [C]
+        # v^T [BDV, C], loaded transposed (no tl.trans)
         b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
         p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
         b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
@@ -257,7 +268,8 @@ def _bwd_dk(
     o_d = tl.arange(0, BDV)
     m_k = o_k < F
     m_d = o_d < DV
-    # the adjoint dH^T restricted to this block of features, [BDV, BK], and its normaliser column
+    # the adjoint dH^T restricted to this block of features, [BDV, BK] (loaded transposed from
+    # dS_final [F, DV]), and its normaliser column
     if HAS_DFINAL:
         p = ds_final + i_bh * F * DV + o_k[None, :] * DV + o_d[:, None]
         dST = tl.load(p, mask=m_d[:, None] & m_k[None, :], other=0.0).to(tl.float32)
@@ -276,6 +288,7 @@ def _bwd_dk(
         m_dt = m_d[:, None] & m_t[None, :]
         m_tk = m_t[:, None] & m_k[None, :]
         inv = _inverse_den(den, i_bh, t, m_t, T)
+        # dy^T and y^T [BDV, C], loaded transposed (no tl.trans)
         b_dyT = tl.load(dy + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
         b_yT = tl.load(y + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
         b_dnT = b_dyT * inv[None, :]  # [BDV, C]
