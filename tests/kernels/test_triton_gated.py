@@ -7,15 +7,17 @@ shapes; with CUDA the same tests run compiled, and the ``gpu`` tests add real sh
 is :func:`linearize.kernels.chunk_gated_attention` (chunk 16) in fp32. Errors are relative,
 ``||a - b|| / ||b||``.
 
-Tolerances. fp32 inputs: 1e-5 (every product in fp32 in the kernels too; seen: at most 4e-6,
-the largest with the strongest decays). bf16 inputs: the reference gets the same bf16-rounded
+Tolerances. fp32 inputs: 1e-5 (every product in fp32 in the kernels too; seen: at most 6e-6,
+the largest with the strongest decays); compiled, with ``strong`` decays, 1e-4 (see
+:func:`fp32_tolerance`). bf16 inputs: the reference gets the same bf16-rounded
 inputs, so what differs is the kernels' own rounding: the bf16 outputs themselves (``y`` and the
 gradients of bf16 inputs are bf16, 2^-9 relative each) and the plain 16-bit operands of products
 whose result does not cancel (the decayed queries against the state, ``A`` and the adjoint in
 ``dv``); the state's products split their fp32 operands (2^-16). Seen in the interpreter: 3e-3
-on ``y``, 4e-3 to 5e-3 on ``dfq``, ``dfk``, ``dg`` (also with values offset by 3, where they
-cancel), 9e-3 on ``dv`` and 6e-3 on ``dS0`` (plain 16-bit operands on both sides), 1e-5 on the
-final state; 1e-2, 2e-2 and 1e-4 are asserted, as for the linear kernels.
+to 4e-3 on ``y``, 3e-3 to 5e-3 on ``dfq``, ``dfk``, ``dg``, ``dz0`` (also with values offset by
+3, where they cancel), 9e-3 on ``dv`` and 5e-3 on ``dS0`` (plain 16-bit operands on both sides),
+1e-5 on the final state; 1e-2 (``y``), 2e-2 (gradients) and 1e-4 (final state) are asserted, as
+for the linear kernels.
 """
 
 import os
@@ -118,6 +120,14 @@ def run_both(T, seed, dtype=torch.float32, decay="lawcat", init=False, key_mask=
     return out
 
 
+def fp32_tolerance(decay):
+    """1e-5, except compiled on a GPU with ``strong`` decays: 1e-4. A chunk's running sum of
+    ``g`` then reaches ~1000 (an fp32 ulp of 6e-5) and the GPU's parallel scan adds in another
+    order than torch's sequential cumsum, so a decay taken between two large sums can differ by
+    ~1e-4 relative (under the interpreter both add in order)."""
+    return 1e-4 if decay == "strong" and not interpreting() else 1e-5
+
+
 def errors(out):
     return {n: rel(a, b) for n, a, b in zip(NAMES, out["kernel"], out["reference"])}
 
@@ -143,7 +153,7 @@ def test_chunk_matches_reference_fp32(T, decay, init):
         # y_0 = v_0 whatever fq and g: dfq and dg are zero up to rounding, in both
         assert max(float(o[i].norm()) for o in (out["kernel"], out["reference"]) for i in (3, 6)) <= 1e-6 * scale
         del err["dfq"], err["dg"]
-    assert max(err.values()) <= 1e-5, err
+    assert max(err.values()) <= fp32_tolerance(decay), err
 
 
 def test_decay_strong_enough_to_overflow_a_factored_chunk():
@@ -157,7 +167,7 @@ def test_decay_strong_enough_to_overflow_a_factored_chunk():
     out = run_both(T, seed=8, decay="strong", init=True, b=1)
     assert all(torch.isfinite(x).all() for x in out["kernel"])
     err = errors(out)
-    assert max(err.values()) <= 1e-5, err
+    assert max(err.values()) <= fp32_tolerance("strong"), err
 
 
 def test_huge_decay_each_token_sees_itself():
@@ -241,7 +251,8 @@ def test_split_sequence_with_carried_state_equals_whole():
     assert rel(torch.cat(parts, 2), whole) <= 1e-5
     assert rel(state[0], S) <= 1e-5 and rel(state[1], z) <= 1e-5
     y_ref, S_ref, z_ref = reference(fq, fk, v, g)
-    assert rel(whole, y_ref) <= 1e-5 and rel(S, S_ref) <= 1e-5 and rel(z, z_ref) <= 1e-5
+    tol = fp32_tolerance("strong")
+    assert rel(whole, y_ref) <= tol and rel(S, S_ref) <= tol and rel(z, z_ref) <= tol
 
 
 def random_step_inputs(b, h, f, dv, seed, device=DEVICE):
@@ -454,12 +465,9 @@ def test_gpu_chunk_real_shapes_bf16(f, dv):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("decay,tol", [("lawcat", 1e-5), ("strong", 1e-4)])
-def test_gpu_chunk_real_shape_fp32(decay, tol):
-    """fp32 at a real shape, every gradient. With ``strong`` decays a chunk's running sum of ``g``
-    reaches ~1000 (an fp32 ulp of 6e-5), and the GPU's parallel scan adds in another order than
-    torch's sequential cumsum, so a decay taken between two large sums can differ by ~1e-4
-    relative between the two (under the interpreter both add in order and agree to 4e-6)."""
+@pytest.mark.parametrize("decay", ["lawcat", "strong"])
+def test_gpu_chunk_real_shape_fp32(decay):
+    """fp32 at a real shape, every gradient, to :func:`fp32_tolerance`."""
     T = 4096
     fq, fk, v, g, S0, z0 = make_inputs(T, seed=2, decay=decay, b=2, h=8, f=128, dv=64, device="cuda")
     dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed=2, device="cuda")
@@ -473,7 +481,7 @@ def test_gpu_chunk_real_shape_fp32(decay, tol):
         ((y * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
         out[impl] = [y, S, Z, *(l.grad for l in leaves)]
     err = errors(out)
-    assert max(err.values()) <= tol, err
+    assert max(err.values()) <= fp32_tolerance(decay), err
 
 
 @pytest.mark.gpu
