@@ -280,7 +280,8 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, nargs="+", default=None, help="our chunk sizes (default: 64; full: 32 64)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--no-fla", action="store_true", help="leave fla out")
-    parser.add_argument("--no-gated", action="store_true", help="leave the gated kernels (ours and fla's chunk_gla) out")
+    parser.add_argument("--no-gated", action="store_true",
+                        help="leave the gated kernels (ours and fla's chunk_gla) out")
     args = parser.parse_args(argv)
     if args.chunk is None:
         args.chunk = [64] if args.quick else [32, 64]

@@ -289,7 +289,8 @@ def test_steps_continue_the_chunked_form():
     T, P = 22, 19
     fq, fk, v, g, _, _ = make_inputs(T, seed=13)
     whole, _ = triton_chunk_gated_attention(fq, fk, v, g)
-    _, (S, z) = triton_chunk_gated_attention(fq[:, :, :P], fk[:, :, :P], v[:, :, :P], g[:, :, :P], output_final_state=True)
+    prompt = [x[:, :, :P] for x in (fq, fk, v, g)]
+    _, (S, z) = triton_chunk_gated_attention(*prompt, output_final_state=True)
     state = torch.cat([S, z[..., None]], -1)
     ys = []
     for t in range(P, T):
