@@ -17,7 +17,7 @@ tokens. Inside a chunk, with ``b_i = sum_{r <= i} g_r`` (from the chunk start, i
 ``b_i``, ``b_last - b_j`` and, for ``j <= i``, ``b_i - b_j`` are all ``<= 0``. The intra-chunk
 weights ``A`` are formed pairwise (a ``[C, C, F]`` product, the exponent set to ``-inf`` above the
 diagonal before it is exponentiated), never as ``(fq exp(b)) (fk exp(-b))^T``, whose second factor
-overflows fp32 once a chunk's decay passes ``e^-88`` (2.4 per token here). So nothing overflows
+overflows fp32 once a chunk's decay passes ``e^-88`` (5.5 a token on average). So nothing overflows
 however strong the decay, exactly as in the reference's chunk form, and every decay is a
 difference of sums over at most 16 tokens, so its rounding does not grow with the position. The
 whole chunk is this exact "diagonal block": the pairwise part costs ``C F`` exponentials per
@@ -55,7 +55,7 @@ reverse) with the running state in fp32 registers; no per-chunk state goes throu
 
 Speed (expected; not yet measured). The pairwise decays cost ``C F`` exponentials per token (2048
 at ``F = 128``) on the special-function units, more than all the products on the tensor cores;
-the forward's run fully parallel in ``_intra_kernel``, the backward's inside the ``dfq``/``dfk``
+the forward's exponentials run fully parallel in ``_intra_kernel``, the backward's inside the ``dfq``/``dfk``
 programs, whose features split them across ``2 F / BK`` programs a head. The walks over the
 chunks are sequential: with few heads (``B * H * Dv / BV`` programs in the forward) the chunk
 steps' latency rather than throughput bounds them.
