@@ -4,19 +4,24 @@ Students call :func:`hybrid_attention` (or :func:`gated_attention`, for decayed 
 attention, or :func:`still_attention`, for STILL's token-selecting hybrid); it picks the form (chunked for prefill and training,
 the recurrent step for decoding) and, where one exists, a fused kernel on CUDA.
 
-Kernels (``LINEARIZE_KERNELS``):
+Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
+(:mod:`linearize.kernels.linear`) and gated linear attention (:mod:`linearize.kernels.gated`'s
+``chunk.py`` and ``recurrent.py``):
 
-* ``auto`` (default): the PyTorch reference, for now. The Triton kernels of
-  :mod:`linearize.kernels.linear` pass every test under the interpreter, but compiled on an H100
-  the backward still hits an illegal memory access in one bf16 case (T=100 with an initial
-  state, chunk 64); until every test passes there too they run only when asked for;
+* ``auto`` (default): the PyTorch reference, for now. The Triton kernels pass every test under
+  the interpreter, but compiled on an H100 the linear backward still hits an illegal memory
+  access in one bf16 case (T=100 with an initial state, chunk 64), and the gated kernels have
+  not been compiled on a GPU at all yet; until every test passes there too they run only when
+  asked for;
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
   need ``TRITON_INTERPRET=1``); an error if ``triton`` cannot be imported or the attention has
-  a window or sinks.
+  a window or sinks (there is no Triton kernel for those).
 
 Triton replaces the chunked form and the one-token step; the quadratic ``naive`` form and the
-multi-token ``recurrent`` loop, which exist to check the others, always run the reference.
+multi-token ``recurrent`` loop, which exist to check the others, always run the reference. The
+gated kernels take 16 tokens at a time whatever ``chunk_size`` says (the result does not depend
+on it).
 """
 
 from __future__ import annotations
@@ -79,22 +84,32 @@ def kernel_choice() -> str:
     return choice
 
 
-def _use_triton(tensors, window, sinks, state) -> bool:
-    """Whether plain linear attention on ``tensors`` goes to the Triton kernels."""
+def _use_triton(unsupported: str | None = None) -> bool:
+    """Whether this call goes to the Triton kernels. ``unsupported`` says why there is no kernel
+    for it (None: there is one)."""
     choice = kernel_choice()
     if choice == "reference":
         return False
-    supported = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("LINEARIZE_KERNELS=triton but triton cannot be imported: pip install triton")
-        if not supported:
+        if unsupported:
             raise ValueError(
-                f"LINEARIZE_KERNELS=triton: there is no Triton kernel for window={window}, sinks={sinks} "
-                "(only plain linear attention: window 0, no sinks); unset LINEARIZE_KERNELS to use the reference"
+                f"LINEARIZE_KERNELS=triton: there is no Triton kernel for {unsupported}; "
+                "unset LINEARIZE_KERNELS to use the reference"
             )
         return True
     return False  # auto: the reference until the compiled kernels pass their GPU tests (see above)
+
+
+def _triton_form(form, T, state) -> bool:
+    """Whether ``form`` has a Triton kernel: the chunked form, or the recurrent one for one token
+    with a state (the decode step)."""
+    return form == "chunk" or (form == "recurrent" and T == 1 and state is not None)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
@@ -104,8 +119,7 @@ def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
 
     B, H, T, F = fq.shape
     carried = () if state is None else (state.S, state.z)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (fq, fk, v, *carried))
-    if T == 1 and state is not None and not needs_grad:  # decode: the fused step
+    if T == 1 and state is not None and not _needs_grad(fq, fk, v, *carried):  # decode: the fused step
         mask = None if key_mask is None else key_mask[:, 0]
         y, S, z = linear.linear_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], state.S, state.z, mask)
         y = y[:, :, None]
@@ -137,10 +151,11 @@ def hybrid_attention(
     ``auto``; ``LINEARIZE_KERNELS`` picks Triton or the reference (see the module docstring).
     """
     form = _pick_form(form, q.shape[2], state)
-    T = q.shape[2]
-    triton_form = form == "chunk" or (form == "recurrent" and T == 1 and state is not None)
-    if triton_form and _use_triton((q, fq, fk, v), window, sinks, state):
-        return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
+    if _triton_form(form, q.shape[2], state):
+        plain = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
+        why = None if plain else f"window={window}, sinks={sinks} (only plain linear attention: window 0, no sinks)"
+        if _use_triton(why):
+            return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
     if form == "naive":
         if state is not None or output_state:
             raise ValueError("the naive form takes and returns no state; use form='chunk' or 'recurrent'")
@@ -170,9 +185,12 @@ def gated_attention(fq, fk, v, g, key_mask=None, state=None, output_state=False,
     (``g <= 0``), ``v: [B, H, T, Dv]``, ``key_mask: [B, T]``.
 
     Returns ``(y [B, H, T, Dv] fp32, GatedState or None)``; ``form`` as for
-    :func:`hybrid_attention`. Only the PyTorch reference exists so far.
+    :func:`hybrid_attention`, and ``LINEARIZE_KERNELS`` picks Triton or the reference (see the
+    module docstring).
     """
     form = _pick_form(form, fq.shape[2], state)
+    if _triton_form(form, fq.shape[2], state) and _use_triton():
+        return _triton_gated(fq, fk, v, g, key_mask, state, output_state)
     if form == "naive":
         if state is not None or output_state:
             raise ValueError("the naive form takes and returns no state; use form='chunk' or 'recurrent'")
@@ -182,6 +200,28 @@ def gated_attention(fq, fk, v, g, key_mask=None, state=None, output_state=False,
         y, state = recurrent_gated_attention(fq, fk, v, g, key_mask, state)
         return y, (state if output_state else None)
     return chunk_gated_attention(fq, fk, v, g, key_mask, state, chunk_size=chunk_size, output_state=output_state)
+
+
+def _triton_gated(fq, fk, v, g, key_mask, state, output_state):
+    """Gated linear attention through the Triton kernels, with the reference's contract:
+    ``(y [B, H, T, Dv] fp32, GatedState or None)``. The kernels keep the state as ``S [.., F, Dv]``
+    and ``z [.., F]``; ``GatedState.S`` is the two side by side."""
+    from .gated import chunk, recurrent
+
+    T = fq.shape[2]
+    carried = None if state is None else state.S
+    if T == 1 and state is not None and not _needs_grad(fq, fk, v, g, carried):  # decode: the fused step
+        mask = None if key_mask is None else key_mask[:, 0]
+        y, S = recurrent.triton_gated_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], g[:, :, 0], state.S, mask)
+        return y[:, :, None], (GatedState(S=S) if output_state else None)
+    initial = None if state is None else (state.S[..., :-1], state.S[..., -1])
+    y, final = chunk.triton_chunk_gated_attention(
+        fq, fk, v, g, initial, output_final_state=output_state, key_mask=key_mask, output_dtype=torch.float32
+    )
+    if not output_state:
+        return y, None
+    S, z = final
+    return y, GatedState(S=torch.cat([S, z[..., None]], -1))
 
 
 def still_attention(
