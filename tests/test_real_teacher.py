@@ -65,8 +65,15 @@ def test_attention_transfer_cuts_held_out_mse_to_a_fifth(smol, recipe, overrides
     from linearize.recipe import load_recipe
     from linearize.stages.attention_transfer import AttentionTransfer, measure_transfer
 
+    import yaml
+
+    from linearize.recipe import parse_recipe, recipe_path
+
     model, tokenizer = smol
-    smoke, student = load_recipe("smoke"), load_recipe(recipe)
+    smoke = load_recipe("smoke")
+    # only the built-in recipe's students: its data mix needs $LINEARIZE_DATA, and this test trains on the smoke data
+    students = yaml.safe_load(recipe_path(recipe).read_text())["students"]
+    student = parse_recipe({"students": students, "stages": [{"stage": "attention_transfer", "data": {"source": "teacher"}, "steps": 1}]})
     stage = smoke.stages[0]
     train = pack(get_texts(stage.data, model, tokenizer, smoke.model), tokenizer, stage.seq_len)
     held_out = pack(get_texts(smoke.eval.data, model, tokenizer, smoke.model), tokenizer, smoke.eval.seq_len)
