@@ -1,6 +1,6 @@
 """Attention speed on one GPU: our Triton linear attention and sliding-window + linear hybrid
-against softmax attention (SDPA's flash and cuDNN backends) and fla's chunk_linear_attn, all
-measured in the same run.
+against softmax attention (SDPA's flash and cuDNN backends) and fla's chunk_linear_attn, and our
+gated (decayed) linear attention against fla's chunk_gla, all measured in the same run.
 
     python benchmarks/attention.py --out runs/bench/attention.json      # full grid, a few minutes
     python benchmarks/attention.py --quick                              # a small subset, < 1 min
@@ -23,19 +23,29 @@ Backends:
 * ``ours+hh``: the fused Hedgehog feature maps (``linearize.kernels.feature_map``, ``D/2`` per
   softmax, so ``D`` features) on raw q and k, then ours; ``torch_hh+ours``: the same maps in
   plain PyTorch (``HedgehogFeatureMap``) then ours. (Not with ``--quick``.)
+* ``ours_gated``: ``linearize.kernels.gated.chunk.triton_chunk_gated_attention`` (normalised
+  linear attention with a per-channel decay, LAWCAT's; ``[B, H, T, D]``), log decays
+  ``g = logsigmoid(N(0, 1)) / 16`` in bf16, the same for fla;
+* ``fla_gla``: ``fla.ops.gla.chunk_gla`` on the same math: fla computes the unnormalised
+  ``o_t = q_t^T S_t``, so it gets ``v`` with a ones column appended (``D + 1`` value columns, which
+  fla tiles like any other) and ``scale=1``, and the division ``o[..., :D] / o[..., D:]`` and the
+  concatenation run in PyTorch inside the timed function; inputs ``[B, T, H, D]``. On Hopper with
+  Triton 3.4-3.7 fla may refuse its gated backward (a known miscompile); the row then says so.
+  (``--no-gated`` leaves both out.)
 * ``hybrid``: ``linearize.kernels.hybrid.chunk.triton_chunk_hybrid_attention``, LoLCATs'
   sliding window (``--window``, default 64) plus linear attention under one normaliser, with
   ``--sinks`` attention sinks (default 4): q, k for the softmax terms and separate features
   fq, fk (``D`` of them) for the linear ones. fla has no exact equivalent (its linear
   attention has no softmax window sharing the normaliser), so its plain ``chunk_linear_attn``
-  is the nearest baseline; ``hyb_vs_fla`` compares with it, ``hyb_vs_sdpa`` with the softmax
-  baseline, ``hyb_x_lin`` is the hybrid's time over our plain linear attention's. ``--no-hybrid``
-  leaves it out.
+  is the nearest baseline: ``hyb_vs_fla`` compares with it, ``hyb_vs_sdpa`` with the softmax
+  baseline, ``hyb_x_lin`` is the hybrid's time over our plain linear attention's.
+  (``--no-hybrid`` leaves it out.)
 
 The memory floor of a pass is the time to move its tensors once at 3.35e12 B/s (H100 SXM HBM3):
-q, k, v, o for the forward; those plus do, dq, dk, dv for forward + backward. ``ours_TB/s`` is
-that byte count over our measured time. The hybrid also reads fq, fk (and writes their
-gradients): its floor (``hyb_x_floor``) counts 6 and 12 tensors.
+q, k, v, o for the forward; those plus do, dq, dk, dv for forward + backward (for the gated
+kernel also g, and dg; for the hybrid also fq, fk, and dfq, dfk). ``ours_TB/s`` is that byte
+count over our (linear) measured time; ``g_x_floor`` and ``hyb_x_floor`` are the gated and the
+hybrid kernel's times over their floors.
 """
 
 from __future__ import annotations
@@ -68,8 +78,9 @@ def do_bench(fn, quick):
         return float(triton.testing.do_bench(fn, quantiles=[0.5], **kwargs)[0])
 
 
-def floor_ms(B, T, D, mode, hybrid=False):
-    tensors = (6 if hybrid else 4) if mode == "fwd" else (12 if hybrid else 8)
+def floor_ms(B, T, D, mode, gated=False, hybrid=False):
+    tensors = (4 if mode == "fwd" else 8) + (gated and (1 if mode == "fwd" else 2))
+    tensors += hybrid and (2 if mode == "fwd" else 4)  # fq, fk (and their gradients)
     return tensors * B * HEADS * T * D * 2 / HBM_BYTES_PER_S * 1e3
 
 
@@ -150,6 +161,49 @@ def hedgehog_backend(fused):
     return make
 
 
+def _log_decays(q):
+    """LAWCAT-like log decays ``logsigmoid(N(0, 1)) / 16`` shaped like ``q``, in its dtype."""
+    g = F.logsigmoid(torch.randn(q.shape, device=q.device)) / 16
+    return g.to(q.dtype).requires_grad_(q.requires_grad)
+
+
+def ours_gated_backend():
+    from linearize.kernels.gated.chunk import triton_chunk_gated_attention
+
+    def make(q, k, v):
+        g = _log_decays(q)
+
+        def run():
+            y, _ = triton_chunk_gated_attention(q, k, v, g)
+            return y
+
+        return run, (q, k, v, g)
+
+    return make
+
+
+def fla_gla_backend():
+    from fla.ops.gla import chunk_gla
+
+    extra = {}
+    if "head_first" in inspect.signature(chunk_gla).parameters:  # older fla: say the layout explicitly
+        extra["head_first"] = False
+
+    def make(q, k, v):
+        g = _log_decays(q)
+        qt, kt, vt, gt = (x.transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad) for x in (q, k, v, g))
+        ones = vt.new_ones(*vt.shape[:-1], 1)
+
+        def run():  # the ones column carries the normaliser, as in ours
+            out = chunk_gla(qt, kt, torch.cat([vt, ones], -1), gt, scale=1.0, **extra)
+            o = out[0] if isinstance(out, tuple) else out  # (o, final_state) in current fla
+            return o[..., :-1] / o[..., -1:]
+
+        return run, (qt, kt, vt, gt)
+
+    return make
+
+
 def hybrid_backend(window, sinks):
     from linearize.kernels.hybrid.chunk import triton_chunk_hybrid_attention
 
@@ -186,6 +240,14 @@ def available_backends(args):
             backends[f"ours_c{c}"] = ours_backend(c)
         except Exception as e:  # noqa: BLE001
             missing[f"ours_c{c}"] = repr(e)
+    if not args.no_gated:
+        for name, factory in (("ours_gated", ours_gated_backend), ("fla_gla", fla_gla_backend)):
+            if name == "fla_gla" and args.no_fla:
+                continue
+            try:
+                backends[name] = factory()
+            except Exception as e:  # noqa: BLE001
+                missing[name] = repr(e)
     if not args.no_hybrid:
         try:
             backends["hybrid"] = hybrid_backend(args.window, args.sinks)
@@ -252,6 +314,8 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, nargs="+", default=None, help="our chunk sizes (default: 64; full: 32 64)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--no-fla", action="store_true", help="leave fla out")
+    parser.add_argument("--no-gated", action="store_true",
+                        help="leave the gated kernels (ours and fla's chunk_gla) out")
     parser.add_argument("--no-hybrid", action="store_true", help="leave the sliding-window + linear hybrid out")
     parser.add_argument("--window", type=int, default=64, help="the hybrid's softmax window (default 64)")
     parser.add_argument("--sinks", type=int, default=4, help="the hybrid's attention sinks (default 4)")
@@ -291,6 +355,7 @@ def main(argv=None):
                 for x in (q, k, v):
                     x.requires_grad_()
             rec = dict(mode=mode, B=B, D=D, T=T, floor_ms=floor_ms(B, T, D, mode),
+                       gated_floor_ms=floor_ms(B, T, D, mode, gated=True),
                        hybrid_floor_ms=floor_ms(B, T, D, mode, hybrid=True), ms={})
             for name, make in backends.items():
                 rec["ms"][name] = measure(make, q, k, v, mode, args.quick)
@@ -321,7 +386,9 @@ def _ms(x):
 
 
 def _ratios(rec, chunks):
-    """Speed-ups of our best chunk size over the softmax baseline and fla, and bandwidth."""
+    """Speed-ups of our best chunk size over the softmax baseline and fla, and bandwidth; the same
+    for the gated kernel against fla's chunk_gla, and for the hybrid against SDPA and fla's plain
+    linear attention (its nearest equivalent)."""
     ms = rec["ms"]
     ours = [t for c in chunks if (t := _ms(ms.get(f"ours_c{c}"))) is not None]
     softmax = [t for n in ("sdpa_flash", "sdpa_cudnn") if (t := _ms(ms.get(n))) is not None]
@@ -335,6 +402,13 @@ def _ratios(rec, chunks):
             rec["speedup_vs_sdpa"] = min(softmax) / best
         if fla is not None:
             rec["speedup_vs_fla"] = fla / best
+    gated, fla_gla = _ms(ms.get("ours_gated")), _ms(ms.get("fla_gla"))
+    if gated is not None:
+        rec["gated_vs_floor"] = gated / rec["gated_floor_ms"]
+        if softmax:
+            rec["gated_speedup_vs_sdpa"] = min(softmax) / gated
+        if fla_gla is not None:
+            rec["gated_speedup_vs_fla_gla"] = fla_gla / gated
     hybrid = _ms(ms.get("hybrid"))
     if hybrid is not None:
         rec["hybrid_vs_floor"] = hybrid / rec["hybrid_floor_ms"]
@@ -357,8 +431,10 @@ def _cell(x, width=10):
 
 
 COLUMNS = [("ours_TBps", "ours_TB/s"), ("ours_vs_floor", "x_floor"), ("speedup_vs_sdpa", "vs_sdpa"),
-           ("speedup_vs_fla", "vs_fla"), ("hybrid_vs_floor", "hyb_x_floor"), ("hybrid_speedup_vs_sdpa", "hyb_vs_sdpa"),
-           ("hybrid_speedup_vs_fla", "hyb_vs_fla"), ("hybrid_over_linear", "hyb_x_lin")]
+           ("speedup_vs_fla", "vs_fla"), ("gated_vs_floor", "g_x_floor"), ("gated_speedup_vs_sdpa", "g_vs_sdpa"),
+           ("gated_speedup_vs_fla_gla", "g_vs_fla"), ("hybrid_vs_floor", "hyb_x_floor"),
+           ("hybrid_speedup_vs_sdpa", "hyb_vs_sdpa"), ("hybrid_speedup_vs_fla", "hyb_vs_fla"),
+           ("hybrid_over_linear", "hyb_x_lin")]
 
 
 def _row(rec, names, header=False):

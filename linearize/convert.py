@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .architectures import adapter_for
+from .masks import IMPLEMENTATION
 from .students import MODES, STUDENTS, Student
 
 
@@ -74,7 +75,10 @@ def resolve_layers(layers, num_layers: int) -> list[int]:
 
 def convert_model(model: nn.Module, spec: ConversionSpec) -> nn.Module:
     """Replace the chosen attention modules of ``model`` by students, in place, and freeze
-    everything but the students' own parameters. Returns ``model``."""
+    everything but the students' own parameters. Returns ``model``.
+
+    When no softmax layer is left, the model switches to the attention implementation of
+    :mod:`linearize.masks`, whose masks hold only which keys are padding (no ``T x T`` mask)."""
     adapter = adapter_for(model.config)
     layers = adapter.layers(model)
     chosen = spec.layer_indices(len(layers))
@@ -94,6 +98,8 @@ def convert_model(model: nn.Module, spec: ConversionSpec) -> nn.Module:
         if isinstance(attn, Student):
             raise ValueError(f"layer {idx} is already a {attn.kind} student")
         adapter.set_attention(layers[idx], cls.from_teacher(attn, config, adapter, idx))
+    if len(students(model)) == len(layers):  # no softmax layer left: padding masks only (see masks.py)
+        model.config._attn_implementation = IMPLEMENTATION
     model.linearize_spec = spec
     return model
 

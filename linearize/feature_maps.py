@@ -1,14 +1,20 @@
 """Feature maps ``phi`` for linear attention: the trainable Hedgehog map and simple baselines.
 
-Hedgehog (Zhang et al., "The Hedgehog & the Porcupine", ICLR 2024, Sec. 4.2 Eq. 5; as used by
-LoLCATs, arXiv 2410.10254, Sec. 3.1): per head ``z = x W_h`` with ``W_h: [head_dim, F]`` and no
-bias, then ``phi(x) = [softmax(z), softmax(-z)]`` over the feature dimension, so ``2F`` features.
-``W_h`` starts as a (rectangular) identity, so at initialisation ``phi`` is the softmax of the
-raw query/key coordinates and their negatives. The map is applied after RoPE and after the key
-heads are expanded for GQA, so every query head has its own map.
+Hedgehog (Zhang et al., "The Hedgehog & the Porcupine", ICLR 2024, arXiv 2402.04347, Sec. 4.2
+Eq. 5; as used by LoLCATs, arXiv 2410.10254, Sec. 3.1; these section and equation numbers could
+not be checked against the papers' text): per head ``z = x W_h`` with ``W_h: [head_dim, F]`` and
+no bias, then ``phi(x) = [softmax(z), softmax(-z)]`` over the feature dimension, so ``2F``
+features. This is the LoLCATs code's map (HazyResearch/lolcats, ``src/model/feature_map.py``:
+``FeatureMapMLP`` of kind ``untied_head_einsum`` followed by ``SoftmaxDim``, whose output it
+also clamps at ``1e-12``, which we do not). ``W_h`` starts as a (rectangular) identity, so at
+initialisation ``phi`` is the softmax of the raw query/key coordinates and their negatives:
+LoLCATs' ``zero_init`` (``eye_``), which the commands in its README turn on with
+``--lk_zero_init`` (its configs alone leave ``W_h`` Kaiming-uniform). The map is applied after
+RoPE and after the key heads are expanded for GQA (LoLCATs' ``process_qkv`` rotates, then
+repeats the kv heads, then the feature maps run), so every query head has its own map.
 
-NP-Map (STILL, arXiv 2602.02180, Sec. 3.2): a norm-preserving variant of the Hedgehog map; see
-:class:`NPMapFeatureMap`.
+NP-Map (STILL, arXiv 2602.02180; code ZacharyMeng/STILL): a norm-preserving variant of the
+Hedgehog map; see :class:`NPMapFeatureMap`.
 
 Every map takes ``x: [B, H, T, D]`` and returns ``[B, H, T, feature_size]``.
 """
@@ -56,7 +62,7 @@ class HedgehogFeatureMap(nn.Module):
 
 @register_feature_map("npmap")
 class NPMapFeatureMap(nn.Module):
-    """NP-Map, the norm-preserving feature map of STILL (arXiv 2602.02180, Sec. 3.2):
+    """NP-Map, the Norm-Preserved Feature Map of STILL (Meng et al., arXiv 2602.02180):
 
         r = ||x||                                    (the pretrained query/key norm)
         u = f(H_h x) / ||f(H_h x)|| * r              (direction learned, norm kept)
@@ -67,22 +73,34 @@ class NPMapFeatureMap(nn.Module):
     the norm the teacher learned decides how peaked the softmax features are, while ``H_h`` and
     ``f`` only turn their direction.
 
-    The paper's own text was not available to check equation numbers against; the formula
-    above is the one of its Sec. 3.2 as summarised in the project design, and it agrees with
-    the public code (ZacharyMeng/STILL ``still/models/still/modeling_still.py``,
-    ``StillHedgehogFeatureMap``: ``normalize(mlp(hh(x))) * ||x||``, then the two softmaxes).
-    Choices where the sources leave room:
+    Sources: the STILL README describes NP-Map as decoupling "feature direction from magnitude"
+    and reinjecting "pretrained norms into Linear Attention feature maps", with ``f`` "the
+    learnable MLP in the feature map" (its equation is an image, which could not be read, and
+    the body of the paper could not be read either, so no section or equation number is cited).
+    The formula above is what the public code computes (``still/models/still/modeling_still.py``,
+    ``StillHedgehogFeatureMap``: ``r = ||x||``, ``normalize(mlp(hh(x))) * r``, then the two
+    softmaxes), with ``hh`` one Householder reflection per head (``x - 2 (x.u) u``, ``u`` a
+    normalised ``randn`` vector) and ``mlp`` one ``Linear(head_dim, feature_dim, bias=False)``
+    per head (``feature_dim = 128``, the head size of its Llama-3.1-8B teacher). ``x`` is the
+    query or key after RoPE and the GQA expansion; RoPE rotates pairs of coordinates, so
+    ``||x||`` is the same before and after it.
+
+    ``||u|| = ||x||`` holds for every value of the parameters, wherever ``f(H_h x) != 0``: the
+    norm is put back by construction, not by the initialisation. With ``f`` at its identity
+    initialisation (``F = head_dim``) the map is moreover exactly ``u = H_h x``, the Hedgehog map
+    of the reflected ``x`` (``tests/test_feature_maps.py`` asserts both). Choices where the
+    sources leave room:
 
     * the reflection acts first, then ``f`` (the code's ``mlp(hh(x))``);
-    * ``f`` starts as the (rectangular) identity, as our Hedgehog map does (the code's
-      ``zero_init`` flag), so at initialisation ``u = H_h x`` exactly when ``F = head_dim``: a
-      reflection is orthogonal, so the map starts exactly norm-preserving with no rescaling at
-      all. The reflection vectors ``w_h`` start random normal as in the public code (no
-      reflection is the identity, and any one is orthogonal, so the choice does not affect the
-      norm);
+    * ``f`` starts as the (rectangular) identity, as our Hedgehog map does; the public code's
+      ``StillHedgehogFeatureMap`` builds its ``FeatureMapMLP`` with ``zero_init=False``, i.e.
+      Kaiming-uniform weights (the identity is its ``zero_init`` option, not its default). The
+      reflection vectors ``w_h`` start random normal as in the code (no reflection is the
+      identity, and any one is orthogonal, so the choice does not affect the norm);
     * ``||f(H x)||`` is clamped below at ``1e-12`` (an all-zero input maps to ``u = 0``, i.e.
-      uniform features); the public code also clamps the features at ``1e-12``, which we do
-      not: softmax outputs are already positive.
+      uniform features), as the code's ``normalize`` does; the code also clamps the features at
+      ``1e-12``, which we do not (softmax outputs are already positive), and normalises ``w_h``
+      with ``eps = 1e-6`` where we use ``1e-12`` (only a zero ``w_h`` tells them apart).
     """
 
     eps = 1e-12

@@ -72,12 +72,13 @@ def _threads(request):
     torch.set_num_threads(saved)
 
 
-def converted_model(family: str, spec, seed: int = 0, train_like: bool = True):
+def converted_model(family: str, spec, seed: int = 0, train_like: bool = True, **overrides):
     """A tiny model of ``family`` converted by ``spec``; with ``train_like`` its student weights are
-    moved off their initialisation so tests cover trained-looking students too."""
+    moved off their initialisation so tests cover trained-looking students too. ``overrides`` go
+    to :func:`tiny_config` (e.g. ``num_hidden_layers=1``)."""
     from linearize import convert_model, students
 
-    model = tiny_model(family, seed=seed)
+    model = tiny_model(family, seed=seed, **overrides)
     convert_model(model, spec)
     if train_like:
         g = torch.Generator().manual_seed(seed + 1)

@@ -23,8 +23,16 @@ def blocks(n=24, T=48, seed=0):
     return torch.randint(1, 97, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind,settings", [("hedgehog", {}), ("lolcats", {"window_size": 8})])
-def test_transfer_lowers_held_out_error_and_touches_only_students(kind, settings):
+@pytest.mark.parametrize("kind,settings,error_ratio", [
+    ("hedgehog", {}, 0.7), ("lolcats", {"window_size": 8}, 0.7),
+    # NP-Map trains inside every linear student (STILL's case is in test_still.py). With its norm
+    # fixed to ||x|| it cannot sharpen a pure linear map: on this random teacher 40 steps take the
+    # Hedgehog student's error from 0.181 to 0.167 (0.92x; 0.65x with the Hedgehog map), its
+    # loss to 0.85x; LoLCATs and LAWCAT with NP-Map reach 0.63x and 0.62x.
+    ("hedgehog", {"feature_map": "npmap"}, 0.95), ("lolcats", {"window_size": 8, "feature_map": "npmap"}, 0.7),
+    ("lawcat", {"feature_map": "npmap"}, 0.7),
+])
+def test_transfer_lowers_held_out_error_and_touches_only_students(kind, settings, error_ratio):
     model = tiny_model("llama")
     frozen = {n: p.clone() for n, p in model.named_parameters()}
     convert_model(model, ConversionSpec(kind, settings=settings))
@@ -33,7 +41,7 @@ def test_transfer_lowers_held_out_error_and_touches_only_students(kind, settings
     before = measure_transfer(model, adapter, held_out, 4)
     result = AttentionTransfer(stage(ce_weight=0.1, lr=5e-2), model, adapter, blocks(), seed=0).run()
     after = measure_transfer(model, adapter, held_out, 4)
-    assert after["mean_relative_error"] <= 0.7 * before["mean_relative_error"]
+    assert after["mean_relative_error"] <= error_ratio * before["mean_relative_error"]
     assert result["tokens"] == 40 * 4 * 48
     for n, p in model.named_parameters():  # teacher weights untouched
         if n in frozen:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import WORDS, converted_model, make_base_folder, tiny_model
+from conftest import WORDS, converted_model, make_base_folder, synthetic_text, tiny_model
 
 from linearize.eval.generation import ModelGenerator, score_samples, summarize
 from linearize.eval.runner import EvalError, EvalOptions, load_any, run_eval
@@ -505,3 +505,67 @@ def test_lm_eval_report_shows_the_literature_metric_an_average_and_every_metric(
     assert every.startswith("| model | hellaswag acc | hellaswag acc_norm | piqa acc | lambada_openai acc | lambada_openai perplexity |")
     teacher_row = next(l for l in lines[lines.index("### every metric"):] if l.startswith("| teacher"))
     assert "0.400 ± 0.020" in teacher_row and "12.35 ± 1.50" in teacher_row
+
+
+class _TensorShapes:
+    """Every tensor shape an op produces inside the block (a TorchDispatchMode)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        shapes = self.shapes = set()
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                shapes.update(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+                return out
+
+        self.mode = Record()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    def quadratic(self, T: int) -> list[tuple]:
+        """The shapes with two dimensions of at least ``T``."""
+        return sorted(s for s in self.shapes if sum(d >= T for d in s) >= 2)
+
+
+@pytest.mark.parametrize("kind, settings", [
+    ("teacher", {}), ("hedgehog", {}), ("lolcats", {"window_size": 8, "sink_size": 2}), ("lawcat", {}),
+    ("still", {"chunk_size": 16, "tokens_per_chunk": 2, "selected_budget": 8}),
+])
+def test_evaluating_a_converted_model_builds_no_length_squared_tensor_and_keeps_a_fixed_cache(base, word_tokenizer,
+                                                                                              kind, settings):
+    """Long left-padded prompts through the generation suites' generator and perplexity by
+    length: a converted model never holds a tensor with two dimensions of the prompt's length
+    (no attention matrix, no [B, 1, T, T] mask), and its cache is as large after a long prompt
+    as after a short one. The teacher, as a control, does build [B, 1, T, T] masks."""
+    from linearize import ConversionSpec, convert_model
+    from linearize.cache import cache_nbytes
+    from linearize.eval.ppl_by_length import token_nll
+    from linearize.models import load_teacher
+
+    model, _, _ = load_teacher(str(base))
+    if kind != "teacher":
+        convert_model(model, ConversionSpec(kind, settings=settings))
+    prompts = [synthetic_text(200, seed=1), synthetic_text(160, seed=2)]
+    T = len(word_tokenizer(prompts[0])["input_ids"])  # longer than the vocabulary (97), every chunk, window, conv
+    assert T >= 200 > len(word_tokenizer(prompts[1])["input_ids"])
+    with _TensorShapes() as seen:
+        outputs = ModelGenerator(model, word_tokenizer, batch_size=2)(prompts, max_new_tokens=3)
+        token_nll(model, torch.tensor(word_tokenizer(prompts[0])["input_ids"]), segment=64)
+    assert len(outputs) == 2
+    if kind == "teacher":
+        assert (2, 1, T, T) in seen.quadratic(T)
+        return
+    assert seen.quadratic(T) == []
+    sizes = []
+    for n in (20, T):
+        with torch.no_grad():
+            out = model(torch.tensor([word_tokenizer(prompts[0])["input_ids"][:n]]), use_cache=True)
+        sizes.append(cache_nbytes(out.cache if hasattr(out, "cache") else out.past_key_values))
+    assert sizes[0] == sizes[1] > 0

@@ -35,7 +35,7 @@ def test_any_registered_feature_map(feature_map):
     model = converted("llama", feature_map=feature_map, feature_dim=8)
     s = students(model)[0]
     assert s.feature_map_q.name == feature_map
-    assert s.decay_up.out_features == 4 * s.feature_map_q.feature_size
+    assert s.decay_up.out_features == 2 * s.feature_map_q.feature_size  # one decay vector per kv head
     x = ids(2, 37, seed=2)
     logits = logits_by_form(model, x, ("chunk", "recurrent"))
     assert relative_error(logits["recurrent"], logits["chunk"]) <= 1e-5
@@ -211,7 +211,8 @@ def test_at_init_a_layer_computes_the_written_out_math():
         k = s.k_norm(s.k_proj(x).view(1, T, 2, D))[0].repeat_interleave(2, dim=1)
         v = s.v_proj(x).view(1, T, 2, D)[0].repeat_interleave(2, dim=1)
         phi = lambda z: torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)  # noqa: E731
-        alpha = torch.sigmoid(s.decay_up(s.decay_down(x))).pow(1 / 16).view(T, H, 2 * D)
+        alpha = torch.sigmoid(s.decay_up(s.decay_down(x))).pow(1 / 16).view(T, 2, 2 * D)  # per kv head
+        alpha = alpha.repeat_interleave(2, dim=1)  # [T, H, 2D]: each kv head's decay serves its 2 query heads
         out = torch.zeros(T, H, D)
         for h in range(H):
             S, z = torch.zeros(2 * D, D), torch.zeros(2 * D)
@@ -221,3 +222,18 @@ def test_at_init_a_layer_computes_the_written_out_math():
                 out[t, h] = phi(q[t, h]) @ S / (phi(q[t, h]) @ z)
         expected = s.o_proj(out.reshape(1, T, H * D))
     assert relative_error(got, expected) <= 1e-5
+
+
+def test_decay_is_shared_by_the_query_heads_of_a_kv_group_and_starts_almost_constant():
+    """As LAWCAT's code: one decay vector per kv head, repeated to its query heads, from a
+    projection initialised N(0, 0.006) with a zero bias, so alpha starts near sigmoid(0)^(1/16)."""
+    model = converted("llama", train_like=False)  # 4 query heads, 2 kv heads
+    s = students(model)[1]
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        g = s.log_decay(x)  # [B, H, T, F]
+    assert g.shape == (2, 4, 9, s.feature_map_q.feature_size)
+    assert torch.equal(g[:, 0], g[:, 1]) and torch.equal(g[:, 2], g[:, 3])
+    assert not torch.equal(g[:, 0], g[:, 2])
+    alpha = g.exp()
+    assert (alpha - 0.5 ** (1 / 16)).abs().max() < 2e-3

@@ -165,3 +165,26 @@ def test_key_padding_mask_from_each_mask_form():
         assert torch.equal(key_padding_mask(m, 3), keep)
     assert key_padding_mask(None, 3) is None
     assert key_padding_mask(torch.ones(2, 3), 3) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_teacher_and_transfer_modes_of_a_fully_converted_model_give_the_teacher_logits_with_padding(family,
+                                                                                                   implementation):
+    """A fully converted model masks by padding alone (linearize.masks); in teacher and transfer
+    modes its students rebuild the causal-and-padding mask the teacher's own implementation
+    needs, so a left-padded batch gives the unconverted teacher's logits at every real position."""
+    model = tiny_model(family)
+    model.config._attn_implementation = implementation
+    x = ids(2, 24, seed=5)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :9] = 0  # row 1 is left-padded
+    with torch.no_grad():
+        expected = model(x, attention_mask=mask).logits
+        convert_model(model, SPECS["lolcats"])
+        assert model.config._attn_implementation == "linearize"
+        for mode in ("teacher", "transfer"):
+            with attention_mode(model, mode):
+                got = model(x, attention_mask=mask).logits
+            real = mask.bool()
+            assert (got[real] - expected[real]).abs().max() <= 1e-5, mode

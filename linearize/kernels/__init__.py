@@ -4,22 +4,27 @@ Students call :func:`hybrid_attention` (or :func:`gated_attention`, for decayed 
 attention, or :func:`still_attention`, for STILL's token-selecting hybrid); it picks the form (chunked for prefill and training,
 the recurrent step for decoding) and, where one exists, a fused kernel on CUDA.
 
-Kernels (``LINEARIZE_KERNELS``):
+Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
+(:mod:`linearize.kernels.linear`), sliding-window + linear attention with sinks
+(:mod:`linearize.kernels.hybrid`'s ``chunk.py`` and ``recurrent.py``) and gated linear attention
+(:mod:`linearize.kernels.gated`'s ``chunk.py`` and ``recurrent.py``):
 
-* ``auto`` (default): the PyTorch reference, for now. The Triton kernels of
-  :mod:`linearize.kernels.linear` (plain linear attention) and :mod:`linearize.kernels.hybrid`
-  (sliding window + linear, with sinks) pass every test under Triton's CPU interpreter, but no
-  kernel has yet passed its tests compiled on a GPU: the linear backward hit an illegal memory
-  access on an H100 in one bf16 case (T=100 with an initial state, chunk 64), and the hybrid
-  kernels have not run compiled at all. Until they pass there they run only when asked for;
+* ``auto`` (default): the PyTorch reference, for now. The Triton kernels pass every test under
+  the interpreter, but no kernel has yet passed its tests compiled on a GPU: on an H100 the
+  linear backward still hits an illegal memory access in one bf16 case (T=100 with an initial
+  state, chunk 64), and the hybrid and gated kernels have not been compiled on a GPU at all yet;
+  until every test passes there too they run only when asked for;
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
-  need ``TRITON_INTERPRET=1``): plain linear attention (window 0, no sinks) goes to the linear
-  kernels, any other window (up to 128) and sinks (up to 64) to the hybrid kernels; an error if
-  ``triton`` cannot be imported or the window or the sinks are larger.
+  need ``TRITON_INTERPRET=1``): :func:`hybrid_attention` sends plain linear attention (window 0,
+  no sinks) to the linear kernels and any other window (up to 128) and sinks (up to 64) to the
+  hybrid kernels; an error if ``triton`` cannot be imported or the window or the sinks are
+  larger.
 
 Triton replaces the chunked form and the one-token step; the quadratic ``naive`` form and the
-multi-token ``recurrent`` loop, which exist to check the others, always run the reference.
+multi-token ``recurrent`` loop, which exist to check the others, always run the reference. The
+gated kernels take 16 tokens at a time whatever ``chunk_size`` says (the result does not depend
+on it).
 """
 
 from __future__ import annotations
@@ -82,24 +87,32 @@ def kernel_choice() -> str:
     return choice
 
 
-def _triton_kernels(window, sinks, state) -> str | None:
-    """Which Triton kernels take this attention: ``"linear"`` (window 0, no sinks), ``"hybrid"``,
-    or None for the PyTorch reference."""
+def _use_triton(unsupported: str | None = None) -> bool:
+    """Whether this call goes to the Triton kernels. ``unsupported`` says why there is no kernel
+    for it (None: there is one)."""
     choice = kernel_choice()
-    if choice != "triton":
-        return None  # reference; auto: the reference until the compiled kernels pass their GPU tests (see above)
-    if not triton_available():
-        raise RuntimeError("LINEARIZE_KERNELS=triton but triton cannot be imported: pip install triton")
-    from .hybrid.chunk import MAX_SINKS, MAX_WINDOW
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("LINEARIZE_KERNELS=triton but triton cannot be imported: pip install triton")
+        if unsupported:
+            raise ValueError(
+                f"LINEARIZE_KERNELS=triton: there is no Triton kernel for {unsupported}; "
+                "unset LINEARIZE_KERNELS to use the reference"
+            )
+        return True
+    return False  # auto: the reference until the compiled kernels pass their GPU tests (see above)
 
-    if window > MAX_WINDOW or sinks > MAX_SINKS:
-        raise ValueError(
-            f"LINEARIZE_KERNELS=triton: there is no Triton kernel for window={window}, sinks={sinks} (the hybrid "
-            f"kernels take windows up to {MAX_WINDOW} and up to {MAX_SINKS} sinks); unset LINEARIZE_KERNELS to use "
-            "the reference"
-        )
-    plain = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
-    return "linear" if plain else "hybrid"
+
+def _triton_form(form, T, state) -> bool:
+    """Whether ``form`` has a Triton kernel: the chunked form, or the recurrent one for one token
+    with a state (the decode step)."""
+    return form == "chunk" or (form == "recurrent" and T == 1 and state is not None)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
@@ -109,8 +122,7 @@ def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
 
     B, H, T, F = fq.shape
     carried = () if state is None else (state.S, state.z)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (fq, fk, v, *carried))
-    if T == 1 and state is not None and not needs_grad:  # decode: the fused step
+    if T == 1 and state is not None and not _needs_grad(fq, fk, v, *carried):  # decode: the fused step
         mask = None if key_mask is None else key_mask[:, 0]
         y, S, z = linear.linear_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], state.S, state.z, mask)
         y = y[:, :, None]
@@ -128,29 +140,6 @@ def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
     return y, dataclasses.replace(state, S=S, z=z)
 
 
-def _triton_hybrid(q, k, v, fq, fk, gamma, window, scale, key_mask, state, output_state, chunk_size, sinks):
-    """Sliding-window + linear attention through the Triton kernels, with the reference's
-    contract: ``(y [B, H, T, Dv] fp32, HybridState or None)``."""
-    from .hybrid import chunk, recurrent
-    from .hybrid.reference import _check_sinks
-
-    _check_sinks(sinks, gamma, state)
-    carried = () if state is None else (state.S, state.z, state.k, state.v, state.fk, state.sink_k, state.sink_v)
-    inputs = (q, k, v, fq, fk, *carried) + (() if gamma is None else (gamma,))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if q.shape[2] == 1 and state is not None and not needs_grad:  # decode: the fused step
-        mask = None if key_mask is None else key_mask[:, 0]
-        y, new = recurrent.triton_hybrid_step(
-            q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], gamma, window, scale, mask, state
-        )
-        return y[:, :, None], (new if output_state else None)
-    size = max(c for c in chunk.CHUNK_SIZES if c <= max(chunk_size, 16))
-    return chunk.triton_chunk_hybrid_attention(
-        q, k, v, fq, fk, gamma, window, scale, key_mask, state, chunk_size=size, output_state=output_state,
-        sinks=sinks, output_dtype=torch.float32,
-    )
-
-
 def hybrid_attention(
     q, k, v, fq, fk, gamma, window, scale, key_mask=None, state=None, output_state=False, form="auto", chunk_size=64,
     sinks=0,
@@ -165,13 +154,14 @@ def hybrid_attention(
     ``auto``; ``LINEARIZE_KERNELS`` picks Triton or the reference (see the module docstring).
     """
     form = _pick_form(form, q.shape[2], state)
-    T = q.shape[2]
-    triton_form = form == "chunk" or (form == "recurrent" and T == 1 and state is not None)
-    kernels = _triton_kernels(window, sinks, state) if triton_form else None
-    if kernels == "linear":
-        return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
-    if kernels == "hybrid":
-        return _triton_hybrid(q, k, v, fq, fk, gamma, window, scale, key_mask, state, output_state, chunk_size, sinks)
+    if _triton_form(form, q.shape[2], state):
+        plain = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
+        if _use_triton(None if plain else _beyond_hybrid_kernels(window, sinks)):
+            if plain:
+                return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
+            return _triton_hybrid(
+                q, k, v, fq, fk, gamma, window, scale, key_mask, state, output_state, chunk_size, sinks
+            )
     if form == "naive":
         if state is not None or output_state:
             raise ValueError("the naive form takes and returns no state; use form='chunk' or 'recurrent'")
@@ -183,6 +173,40 @@ def hybrid_attention(
     return chunk_hybrid_attention(
         q, k, v, fq, fk, gamma, window, scale, key_mask, state, chunk_size=chunk_size, output_state=output_state,
         sinks=sinks,
+    )
+
+
+def _beyond_hybrid_kernels(window, sinks) -> str | None:
+    """Why the hybrid Triton kernels cannot take this window and these sinks (None: they can).
+    Imports the kernels only when ``LINEARIZE_KERNELS=triton`` asks for them."""
+    if kernel_choice() != "triton" or not triton_available():
+        return None
+    from .hybrid.chunk import MAX_SINKS, MAX_WINDOW
+
+    if window <= MAX_WINDOW and sinks <= MAX_SINKS:
+        return None
+    return (f"window={window}, sinks={sinks} (the hybrid kernels take windows up to {MAX_WINDOW} and up to "
+            f"{MAX_SINKS} sinks)")
+
+
+def _triton_hybrid(q, k, v, fq, fk, gamma, window, scale, key_mask, state, output_state, chunk_size, sinks):
+    """Sliding-window + linear attention through the Triton kernels, with the reference's
+    contract: ``(y [B, H, T, Dv] fp32, HybridState or None)``."""
+    from .hybrid import chunk, recurrent
+    from .hybrid.reference import _check_sinks
+
+    _check_sinks(sinks, gamma, state)
+    carried = () if state is None else (state.S, state.z, state.k, state.v, state.fk, state.sink_k, state.sink_v)
+    if q.shape[2] == 1 and state is not None and not _needs_grad(q, k, v, fq, fk, gamma, *carried):  # decode
+        mask = None if key_mask is None else key_mask[:, 0]
+        y, new = recurrent.triton_hybrid_step(
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], gamma, window, scale, mask, state
+        )
+        return y[:, :, None], (new if output_state else None)
+    size = max(c for c in chunk.CHUNK_SIZES if c <= max(chunk_size, 16))
+    return chunk.triton_chunk_hybrid_attention(
+        q, k, v, fq, fk, gamma, window, scale, key_mask, state, chunk_size=size, output_state=output_state,
+        sinks=sinks, output_dtype=torch.float32,
     )
 
 
@@ -201,9 +225,12 @@ def gated_attention(fq, fk, v, g, key_mask=None, state=None, output_state=False,
     (``g <= 0``), ``v: [B, H, T, Dv]``, ``key_mask: [B, T]``.
 
     Returns ``(y [B, H, T, Dv] fp32, GatedState or None)``; ``form`` as for
-    :func:`hybrid_attention`. Only the PyTorch reference exists so far.
+    :func:`hybrid_attention`, and ``LINEARIZE_KERNELS`` picks Triton or the reference (see the
+    module docstring).
     """
     form = _pick_form(form, fq.shape[2], state)
+    if _triton_form(form, fq.shape[2], state) and _use_triton():
+        return _triton_gated(fq, fk, v, g, key_mask, state, output_state)
     if form == "naive":
         if state is not None or output_state:
             raise ValueError("the naive form takes and returns no state; use form='chunk' or 'recurrent'")
@@ -213,6 +240,28 @@ def gated_attention(fq, fk, v, g, key_mask=None, state=None, output_state=False,
         y, state = recurrent_gated_attention(fq, fk, v, g, key_mask, state)
         return y, (state if output_state else None)
     return chunk_gated_attention(fq, fk, v, g, key_mask, state, chunk_size=chunk_size, output_state=output_state)
+
+
+def _triton_gated(fq, fk, v, g, key_mask, state, output_state):
+    """Gated linear attention through the Triton kernels, with the reference's contract:
+    ``(y [B, H, T, Dv] fp32, GatedState or None)``. The kernels keep the state as ``S [.., F, Dv]``
+    and ``z [.., F]``; ``GatedState.S`` is the two side by side."""
+    from .gated import chunk, recurrent
+
+    T = fq.shape[2]
+    carried = None if state is None else state.S
+    if T == 1 and state is not None and not _needs_grad(fq, fk, v, g, carried):  # decode: the fused step
+        mask = None if key_mask is None else key_mask[:, 0]
+        y, S = recurrent.triton_gated_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], g[:, :, 0], state.S, mask)
+        return y[:, :, None], (GatedState(S=S) if output_state else None)
+    initial = None if state is None else (state.S[..., :-1], state.S[..., -1])
+    y, final = chunk.triton_chunk_gated_attention(
+        fq, fk, v, g, initial, output_final_state=output_state, key_mask=key_mask, output_dtype=torch.float32
+    )
+    if not output_state:
+        return y, None
+    S, z = final
+    return y, GatedState(S=torch.cat([S, z[..., None]], -1))
 
 
 def still_attention(

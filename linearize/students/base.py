@@ -22,16 +22,14 @@ unrotated, while the teacher's attention in ``transfer`` mode still gets them ro
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
 from ..architectures import rotary_function
 from ..cache import student_cache_layer
+from ..masks import IMPLEMENTATION, softmax_attention
 
 MODES = ("student", "teacher", "transfer")
 
@@ -92,6 +90,9 @@ class Student(nn.Module):
             if not name.startswith("_") and name not in ("training",) and not hasattr(self, name):
                 setattr(self, name, value)
         self.teacher_class = type(attn)
+        # the teacher's softmax implementation (sdpa, eager, ...): teacher and transfer modes use it
+        impl = getattr(attn.config, "_attn_implementation", None) or "eager"
+        self.softmax_implementation = "sdpa" if impl == IMPLEMENTATION else impl
         self.adapter = adapter
         self.settings = config
         self.layer_idx = layer_idx
@@ -182,13 +183,8 @@ class Student(nn.Module):
 
     def teacher_attention(self, q, k_kv, v_kv, attention_mask) -> torch.Tensor:
         """The teacher's softmax attention output ``[B, H, T, D]`` before ``o_proj``, through the
-        same attention function the teacher model uses."""
-        impl = getattr(self.config, "_attn_implementation", None) or "eager"
-        if impl == "eager":
-            fn = importlib.import_module(self.teacher_class.__module__).eager_attention_forward
-        else:
-            fn = ALL_ATTENTION_FUNCTIONS[impl]
-        out, _ = fn(
+        same attention function the teacher model uses (:func:`linearize.masks.softmax_attention`)."""
+        out, _ = softmax_attention(
             self,
             q,
             k_kv,

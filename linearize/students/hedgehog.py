@@ -6,11 +6,15 @@ Softmax Mimicry", ICLR 2024 (arXiv 2402.04347).
     y_t = sum_{s<=t} phi_q(q_t).phi_k(k_s) v_s / sum_{s<=t} phi_q(q_t).phi_k(k_s)       (Sec. 3, Eq. 2)
     phi(x) = [softmax(x W), softmax(-x W)]                                               (Sec. 4.2, Eq. 5)
 
-Separate maps for queries and keys, one ``W: [head_dim, F]`` per head, identity at
-initialisation (the key map starts as a copy of the query map); applied after RoPE and after
-the key/value heads are expanded for GQA (as LoLCATs does, ``src/model/feature_map.py``).
-The parallel form is the chunked linear attention of ``linearize.kernels`` with no window; the
-recurrent form carries ``S = sum phi(k) v^T`` and ``z = sum phi(k)``.
+The section and equation numbers could not be checked against the paper's text; the math was
+checked against the LoLCATs code, which uses this map (HazyResearch/lolcats:
+``src/model/feature_map.py`` for ``phi``, ``src/model/linear_attention/linear_attention.py`` for
+the attention). Separate maps for queries and keys (``tie_qk_kernels: false`` in its configs:
+the key map is a deep copy of the query map), one ``W: [head_dim, F]`` per head, identity at
+initialisation (``--lk_zero_init``); applied after RoPE and after the key/value heads are
+expanded for GQA (``process_qkv`` rotates and repeats, then the feature maps run). The parallel
+form is the chunked linear attention of ``linearize.kernels`` with no window; the recurrent
+form carries ``S = sum phi(k) v^T`` and ``z = sum phi(k)``.
 """
 
 from __future__ import annotations

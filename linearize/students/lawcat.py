@@ -1,39 +1,81 @@
 """LAWCAT: linear attention with a causal convolution across tokens and data-dependent decay.
 
 Liu et al., "LAWCAT: Efficient Distillation from Quadratic to Linear Attention with
-Convolution across Tokens for Long Context Modeling" (arXiv 2509.18467; public code
-zeyuliu1037/LAWCAT, which was not available to check against here, nor the paper's equation
-numbers: the math below is the project design's reading of the paper). Per layer, from the
-teacher's projections (Qwen3's ``q_norm``/``k_norm`` kept, **no RoPE** on this path):
+Convolution across Tokens for Long Context Modeling", EMNLP 2025 Findings (arXiv 2509.18467,
+https://arxiv.org/html/2509.18467v2; official code zeyuliu1037/LAWCAT).
+
+Sources, and what each one settles:
+
+* the abstract (v2): causal Conv1D layers for local dependencies and *normalised* gated linear
+  attention for generalisation across context lengths; Mistral-7B distilled on 1K-token
+  sequences keeps over 90% passkey retrieval up to 22K tokens; a Llama3.2-1B student is
+  evaluated on S-NIAH 1/2/3 (1K-8K) and BABILong QA2/QA3 (0K-16K) with under 0.1% of the
+  pre-training tokens; prefill is faster than FlashAttention-2 beyond 8K tokens;
+* a public summary of the method section (themoonlight.io review of the paper): one causal
+  depthwise Conv1D of kernel size ``r + 1`` (4 in practice) for the queries and one for the
+  keys, ``q~_t = f_theta(q_{t-r}, ..., q_t)``, a plain weighted moving average with no
+  activation between it and the feature map, and one feature map shared by queries and keys so
+  that ``phi(q).phi(k)`` is a single kernel;
+* a public copy of the LAWCAT code (``src/model/linear_attention/linear_window_attention_sw_gla.py``,
+  class ``GLASlidingWindowAttention``, "LAWCAT attention combining Conv1d and GLA", built on the
+  LoLCATs code and flash-linear-attention's GLA kernels), for what is listed under "What agrees
+  with the code" below;
+* the published training command (``distill_llama.py --model_config
+  distill_llama3_2_1b_wsw0_fd32_gla_woCV_rep1_woSiLU_map2_idt_norm_ins_QK --distill_config
+  distill_passkey_1208_xent0_mse1000_lr1e-2 --finetune_config finetune_lora_qkvo_passkey_1208
+  --lk_zero_init``), known only as quoted by third parties.
+
+The body of the paper could not be read, so no section or equation numbers are cited; nor could
+the official repository itself.
+
+Per layer, from the teacher's projections (Qwen3's ``q_norm``/``k_norm`` kept, **no RoPE** on
+this path):
 
     q~ = conv_q(q),  k~ = conv_k(k)           causal depthwise conv1d over tokens, kernel 4, no bias,
                                               on queries and keys only (not values), after the
                                               kv heads are expanded for GQA
-    log alpha_t = logsigmoid(W_up W_down x_t + b) / 16      GLA-style decay, a vector per key
-                                              feature channel per head (low rank 16)
+    log alpha_t = logsigmoid(W_up W_down x_t + b) / 16      GLA-style decay, a vector over the
+                                              feature channels per kv head, shared by the
+                                              query heads of its group (rank 16)
     S_t = diag(alpha_t) S_{t-1} + phi_k(k~_t) [v_t, 1]^T     the ones column carries the normaliser
     y_t = (phi_q(q~_t)^T S_t)[:D] / (phi_q(q~_t)^T S_t)[D]
 
-with ``phi`` any registered feature map (Hedgehog by default). The paper applies the *same*
-map to queries and keys, so that ``phi(q).phi(k)`` is one kernel (read from a public summary of
-its method section; the code was not available to confirm), so by default ``phi_q`` and
-``phi_k`` are one module; ``tie_feature_maps: false`` gives separate maps, k's starting as a
-copy of q's, as Hedgehog and LoLCATs do. The recurrence and its three forms live in
+with ``phi`` any registered feature map (Hedgehog by default), one module for queries and keys
+by default (``tie_feature_maps: false`` gives separate maps, k's starting as a copy of q's, as
+Hedgehog and LoLCATs do). The recurrence and its three forms live in
 :mod:`linearize.kernels.gated`. The decode state is the gated ``S`` plus the last ``K - 1 = 3``
 inputs of each convolution (:class:`LawcatState`).
 
-Choices, where the sources leave room (say so rather than guess silently):
+What agrees with the code: a ``ShortConvolution`` (depthwise, causal, kernel 4, no bias) on q
+and on k and none on v; no activation after it; k (and v) repeated to the query heads *before*
+the convolution; RoPE applied only on the teacher/softmax branch, never on the linear one; the
+LoLCATs Hedgehog map (``softmax_dim`` of an ``untied_head_einsum`` kernel), identity-initialised
+(``--lk_zero_init``); the decay ``gk_proj = Linear(hidden, 16, no bias) -> Linear(16, ., bias)``
+on the module input, ``logsigmoid(gk) / 16`` (``gate_low_rank_dim = gate_logit_normalizer =
+16``, GLA's ``alpha = sigmoid(.)^(1/16)``); the normaliser carried as a ones column appended to
+v, ``y = o[:D] / (o[D] + 1e-10)``; no sliding window (``wsw0``), no output gate, no output norm.
+The published recipe distils on passkey data (MSE x 1000, no cross-entropy, lr 1e-2, 1K-token
+sequences), then trains LoRA on q/k/v/o on passkey data; its LoRA rank and token counts were not
+seen.
 
-* the convolutions start at the identity (last tap 1, all others exactly 0), so at
-  initialisation the feature maps see the teacher's unrotated q and k;
-* the decay is ``x -> Linear(hidden, 16, no bias) -> Linear(16, H * F_phi, bias)`` on the
-  attention module's input, as GLA's ``gk_proj``; both layers keep PyTorch's default
-  initialisation (the decay starts data-dependent, about ``sigmoid(0)^(1/16) ~ 0.96`` per step);
+Choices, where the sources leave room or where we depart from the code (say so rather than
+guess silently):
+
+* the decay, as in the code, has one vector per *kv* head over the ``F_phi`` feature channels
+  (``Linear(16, H_kv * F_phi)``), repeated to the query heads of its group; both decay layers
+  start ``N(0, 0.006)`` with a zero bias (the code's ``la_init: idt``), so every token starts
+  with almost the same decay, ``sigmoid(0)^(1/16) ~ 0.958`` a step. The code sizes the map so
+  that ``2F = head_dim`` (``fd32`` for Llama3.2-1B's head size 64); the built-in recipe does
+  the same for the bundled teacher (``feature_dim: 32``);
+* the convolutions start at the exact identity (last tap 1, all others 0), so at initialisation
+  the feature maps see the teacher's unrotated q and k; the code's other taps start at ``0.001``
+  (``conv_init_coeff``);
 * padding keys (``key_mask`` False) contribute nothing anywhere: their q/k inputs are zeroed
   before the convolutions (so they never leak into a later token's conv window), their features
-  and values are zeroed, and they do not decay the state;
+  and values are zeroed, and they do not decay the state (the code zeroes only their values);
 * the attention is computed in fp32; queries are not scaled (the normaliser makes the scale
-  irrelevant for positive features).
+  irrelevant for positive features; the code's GLA kernels scale by ``D^-1/2``, which cancels);
+  the denominator is clamped at ``1e-30`` instead of the code's ``+ 1e-10``.
 """
 
 from __future__ import annotations
@@ -46,7 +88,7 @@ from torch import nn
 
 from ..feature_maps import build_feature_map
 from ..kernels import GatedState, gated_attention, naive_gated_attention
-from .base import Student
+from .base import Student, repeat_kv
 
 
 @dataclass
@@ -105,9 +147,13 @@ class LawcatStudent(Student):
         with torch.no_grad():  # identity: the current token's tap is 1, the rest 0
             self.conv_q[..., -1] = 1.0
             self.conv_k[..., -1] = 1.0
-        hidden = attn.config.hidden_size
+        hidden, H_kv = attn.config.hidden_size, attn.config.num_key_value_heads
         self.decay_down = nn.Linear(hidden, config.decay_rank, bias=False)
-        self.decay_up = nn.Linear(config.decay_rank, H * self.feature_map_q.feature_size, bias=True)
+        # one decay vector per kv head, shared by the query heads of its group (as the code does)
+        self.decay_up = nn.Linear(config.decay_rank, H_kv * self.feature_map_q.feature_size, bias=True)
+        for layer in (self.decay_down, self.decay_up):  # the code's `la_init: idt`
+            nn.init.normal_(layer.weight, mean=0.0, std=0.006)
+        nn.init.zeros_(self.decay_up.bias)
         self._inputs = None
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -122,7 +168,8 @@ class LawcatStudent(Student):
         B, T, _ = x.shape
         x = x.to(self.decay_down.weight.dtype)
         g = torch.nn.functional.logsigmoid(self.decay_up(self.decay_down(x))) / self.settings.decay_normaliser
-        return g.view(B, T, self.num_heads, -1).transpose(1, 2)
+        g = g.view(B, T, self.config.num_key_value_heads, -1).transpose(1, 2)  # [B, H_kv, T, F_phi]
+        return repeat_kv(g, self.num_key_value_groups)
 
     def _features(self, q, k, key_mask, state):
         """Mask, convolve, map. Returns ``(fq, fk, new conv_q history, new conv_k history)``."""

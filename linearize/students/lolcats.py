@@ -8,9 +8,19 @@ use softmax terms ``gamma * exp(q.k/sqrt(d) - m_t)``, all earlier keys linear te
     y_t = (sum_win gamma exp(q_t.k_s/sqrt(d) - m_t) v_s + sum_lin phi(q_t).phi(k_s) v_s)
         / (sum_win gamma exp(q_t.k_s/sqrt(d) - m_t)     + sum_lin phi(q_t).phi(k_s))
 
-``m_t`` is the largest window score (the max of the softmax terms only, as in the public code),
-``gamma = sigmoid(w)`` with one ``w`` per head, initialised so that ``gamma = 0.1``, trained
-during attention transfer with the feature maps. The paper's window is 64 tokens.
+``m_t`` is the largest window score (the max of the softmax terms only), ``gamma = sigmoid(w)``
+with one ``w`` per head, initialised so that ``gamma = 0.1``, trained during attention transfer
+with the feature maps. The paper's window is 64 tokens.
+
+The section and equation numbers could not be checked against the paper's text; the math was
+checked against the public code (HazyResearch/lolcats,
+``src/model/linear_attention/linear_window_attention_sw.py``, ``hybrid_attention_quadratic``,
+with the configs ``configs/model/*_wsw64_fd64_w01.yaml``): window ``t - 64 < s <= t``, softmax
+scores ``q.k/sqrt(d)`` masked outside it and reduced by their own max, times
+``sigmoid(window_factors)`` (one per head, initialised at ``-2.1972``, i.e. ``0.1``), linear
+terms for ``s <= t - 64`` with factor 1 (``affine_attention_factors: false``), one denominator.
+Most configs of that repository (``*_wtk64_*``) use the "terracing" window arrangement of
+``linear_window_attention_tk.py`` instead; this is the plain sliding-window variant.
 
 ``sink_size = n > 0`` (not in the paper; off by default) also keeps the first ``n`` real tokens
 of the sequence in the softmax terms for every query, as StreamingLLM does (Xiao et al.,

@@ -8,9 +8,13 @@ For a query at position ``t``, with per-channel decays ``alpha_s in (0, 1]^F`` (
     y_t = o_t[:Dv] / o_t[Dv]
 
 i.e. the gated recurrence of GLA (Yang et al., "Gated Linear Attention Transformers with
-Hardware-Efficient Training", ICML 2024, Sec. 4, ``S_t = (alpha_t^T 1) * S_{t-1} + k_t^T v_t``)
-carried for the values and, through the appended ones column, for the normaliser: numerator and
-denominator decay alike, so ``y_t`` is a convex combination of the values of the tokens seen.
+Hardware-Efficient Training", ICML 2024, arXiv 2312.06635: ``S_t = (alpha_t^T 1) * S_{t-1} +
+k_t^T v_t``; its section number was not checked against the text) carried for the values and,
+through the appended ones column, for the normaliser: numerator and denominator decay alike, so
+``y_t`` is a convex combination of the values of the tokens seen. This is how LAWCAT's code
+normalises (arXiv 2509.18467; ``GLASlidingWindowAttention``: a ones column appended to ``v``
+before flash-linear-attention's ``chunk_gla``, then ``o[:Dv] / (o[Dv] + 1e-10)``); we clamp the
+denominator instead of adding an epsilon.
 Unrolled, with ``b_t = sum_{r<=t} g_r``:
 
     y_t = sum_{s<=t} w_ts v_s / sum_{s<=t} w_ts,   w_ts = sum_f phi(q_t)_f phi(k_s)_f exp(b_t,f - b_s,f)

@@ -8,7 +8,9 @@ For a query at position ``t`` and window ``W`` (the current token and the ``W - 
     l_ts = phi(q_t) . phi(k_s)                       for s <= t - W       (linear terms)
     y_t  = (sum_s e_ts v_s + sum_s l_ts v_s) / (sum_s e_ts + sum_s l_ts)
 
-This is LoLCATs' Eq. 7 (Zhang et al., arXiv 2410.10254, Sec. 3.3.1). ``W = 0`` leaves only the
+This is LoLCATs' Eq. 7 (Zhang et al., arXiv 2410.10254, Sec. 3.3.1; numbering not checked
+against the paper's text), as its public code computes it (HazyResearch/lolcats,
+``linear_window_attention_sw.py``, ``hybrid_attention_quadratic``). ``W = 0`` leaves only the
 linear terms, i.e. plain normalised linear attention (Katharopoulos et al., 2020) as Hedgehog
 uses it. Keys whose ``key_mask`` is False (padding) contribute nothing to either sum.
 

@@ -19,10 +19,16 @@ real tokens before it), and ``p_s'`` the same without the term of ``s`` itself,
 
     score_s = KL(p_s' || p_s) = -log(1 - p_s[s]) = logsumexp_{window} a_s. - logsumexp_{window \\ s} a_s.
 
-(``+inf`` for the first real token, whose window holds only itself). When chunk ``n + 1`` is
-complete as well, chunk ``n`` is split (delayed selection): its ``K`` highest-scoring tokens
-(ties to the lower index) join the selected set, the others fold into ``S = sum phi(k) v^T``,
-``z = sum phi(k)``. Queries of chunk ``n + 2`` and later see the split.
+(``+inf`` for the first real token, whose window holds only itself). This is the exact
+closed form of one direction of the KL divergence between the window's attention with and
+without the self term; the public STILL code (ZacharyMeng/STILL, ``modeling_still.py``) takes
+the other direction, ``KL(p_s || p_s')`` smoothed with ``eps = 1e-8``. Both increase with
+``p_s[s]`` (the code's up to its smoothing), so they rank a chunk's tokens alike except near
+ties (see :mod:`linearize.students.still`).
+
+When chunk ``n + 1`` is complete as well, chunk ``n`` is split (delayed selection): its ``K``
+highest-scoring tokens (ties to the lower index) join the selected set, the others fold into
+``S = sum phi(k) v^T``, ``z = sum phi(k)``. Queries of chunk ``n + 2`` and later see the split.
 
 The selected set holds at most ``M`` tokens per head (the budget; ``M / K`` chunks' worth) in
 ``M / K`` groups of ``K`` slots: chunk ``n`` writes group ``n mod (M / K)``, and the ``K``

@@ -1,0 +1,630 @@
+"""Chunked gated (per-channel decayed) normalised linear attention in Triton, forward and backward.
+
+With ``g = log alpha <= 0`` (per token and feature) and ``v1 = [v, 1]``:
+
+    S_t = diag(exp(g_t)) S_{t-1} + fk_t v1_t^T        S: [F, Dv + 1], S_{-1} = [S0 | z0]
+    o_t = fq_t^T S_t,   y_t = o_t[:Dv] / max(o_t[Dv], 1e-30)
+
+The oracle is :func:`linearize.kernels.gated.chunk_gated_attention` (see its module for the math
+and the citation); the state is kept here as ``S [F, Dv]`` and ``z [F]`` (the ones column).
+
+Chunks, and why every exponent is ``<= 0``. The sequence is cut into chunks of ``C = 16``
+tokens. Inside a chunk, with ``b_i = sum_{r <= i} g_r`` (from the chunk start, inclusive):
+
+    o_i = (fq_i * exp(b_i)) S_start + sum_{j <= i} A_ij v1_j,   A_ij = sum_f fq_if fk_jf exp(b_if - b_jf)
+    S_end = diag(exp(b_last)) S_start + sum_j (fk_j * exp(b_last - b_j)) v1_j^T
+
+``b_i``, ``b_last - b_j`` and, for ``j <= i``, ``b_i - b_j`` are all ``<= 0``. The intra-chunk
+weights ``A`` are formed pairwise (a ``[C, C, F]`` product, the exponent set to ``-inf`` above the
+diagonal before it is exponentiated), never as ``(fq exp(b)) (fk exp(-b))^T``, whose second factor
+overflows fp32 once a chunk's decay passes ``e^-88`` (5.5 a token on average). So nothing overflows
+however strong the decay, exactly as in the reference's chunk form, and every decay is a
+difference of sums over at most 16 tokens, so its rounding does not grow with the position. The
+whole chunk is this exact "diagonal block": the pairwise part costs ``C F`` exponentials per
+token whatever the chunk length, and a longer chunk would only add factored off-diagonal
+products; the state carried every 16 tokens takes their place.
+
+How the work is split. Every kernel walks the chunks of one (batch, head) in order (or in
+reverse) with the running state in fp32 registers; no per-chunk state goes through memory.
+
+* forward: ``_intra_kernel``, grid ``(T / C, B * H)``, forms ``A`` for every chunk at once (the
+  exponentials are the bulk of the forward's arithmetic, so they get the whole GPU) and writes it,
+  fp32 ``[B, H, T, C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk); then
+  ``_fwd_kernel``, grid ``(Dv / BV, B * H)``, walks the chunks with ``S, z`` in registers and
+  writes ``y`` and the denominators ``d``. ``A`` is kept for the backward.
+* backward, with ``dn_t = dy_t / d_t``, ``dd_t = -(dy_t . y_t) / d_t`` (the gradient of
+  ``o_t = [n_t, d_t]``) and ``P_ij = dn_i . v_j + dd_i`` (``= do_i . v1_j``), one launch with three
+  kinds of program, all at once:
+
+      dfq_i = exp(b_i) * (S_start do_i) + sum_{j<=i} P_ij fk_j * exp(b_i - b_j)          (forward, BK features)
+      dfk_j = exp(b_last - b_j) * (dH_end v1_j) + sum_{i>=j} P_ij fq_i * exp(b_i - b_j)  (reverse, BK features)
+      dv_j  = dH_end[:, :Dv]^T (fk_j * exp(b_last - b_j)) + sum_{i>=j} A_ij dn_i            (reverse, BV values)
+
+  where ``dH`` is the adjoint state, ``dH_start = diag(exp(b_last)) dH_end + sum_i (fq_i exp(b_i))
+  do_i^T``, seeded with the final state's gradient; after the first chunk it is the initial
+  state's gradient. The pairwise sums are ``[C, C, BK]`` products as in the forward.
+* the decays: ``g_r`` enters every ``b`` from token ``r`` on, and ``d L / d b_t = fq_t dfq_t -
+  fk_t dfk_t`` (query side minus key side of every pairwise decay ``exp(b_t - b_s)`` and of the
+  initial state's ``exp(b_t)``), plus ``rowsum(dS_T * S_T)`` at the last token for the final state.
+  So ``dg_r = sum_{t >= r} (fq_t dfq_t - fk_t dfk_t)`` + that term: the ``dfq``/``dfk`` programs
+  write ``fq dfq`` and ``fk dfk`` in fp32 (not the rounded gradients), and ``_dg_kernel`` takes
+  the suffix sums. A token's pair with itself (decay 1) adds the same ``fq_t fk_t P_tt`` to both
+  terms, so it is left out of both (it still goes into ``dfq`` and ``dfk``): otherwise, with
+  strong decays, where little else remains, ``dg`` would be the rounding left over from that
+  cancellation.
+
+Speed (expected; not yet measured). The pairwise decays cost ``C F`` exponentials per token (2048
+at ``F = 128``) on the special-function units, more than all the products on the tensor cores;
+the forward's exponentials run fully parallel in ``_intra_kernel``, the backward's inside the ``dfq``/``dfk``
+programs, whose features split them across ``2 F / BK`` programs a head. The walks over the
+chunks are sequential: with few heads (``B * H * Dv / BV`` programs in the forward) the chunk
+steps' latency rather than throughput bounds them.
+
+Precision, as in :mod:`linearize.kernels.linear.chunk`: state and accumulation in fp32; with fp32
+(or fp16) inputs every product is fp32 (``ieee``); with bf16 inputs the products run on bf16
+tensor cores, and an fp32 operand whose product cancels later is split into bf16 ``hi + lo``
+halves (:func:`~linearize.kernels.linear.chunk._dot_split`, about 2^-16 relative). Here that is
+the running state and its adjoint (``S``, ``z``, ``dH``), ``A`` in ``A v``, ``dn`` where it meets
+``v``, the decayed keys ``fk exp(b_last - b)`` that build the state and the decayed queries
+``fq exp(b)`` that build the adjoint. ``fq exp(b)`` against the state is rounded once to bf16
+and used for numerator and normaliser alike, so ``y`` stays an exact convex combination under
+slightly perturbed weights (which does not amplify a common offset of the values); everything in
+``dv`` and ``dS0`` takes plain 16-bit operands, as in the linear kernel. ``A``, the pairwise sums
+and everything that feeds ``dg`` are fp32 elementwise work. The backward reads ``y`` in fp32.
+
+Triton 3.4-3.7 miscompiles, on Hopper, ``tl.trans`` of a ``tl.dot`` result cast to bf16/fp16 and
+fed to another ``tl.dot``. Nothing here calls ``tl.trans``: every operand needed transposed
+(``fk^T``, ``g^T``, ``fq^T``, ``v^T``, ``dy^T``, ``y^T``, ``A^T``, blocks of ``S0^T`` and ``dS^T``)
+is loaded transposed from memory, and the running states are kept in the layout their products
+need.
+
+Limits: ``F <= 256`` and ``Dv <= 256``; ``g`` finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..linear.chunk import (
+    _DOT_DTYPES,
+    MAX_FEATURES,
+    MAX_VALUE_DIM,
+    TINY,
+    _dot,
+    _dot_config,
+    _dot_split,
+    _inverse_den,
+    _pow2,
+    _sms,
+    compute_dtype,
+)
+
+_TINY = tl.constexpr(TINY)
+CHUNK = 16  # tokens per chunk: exact pairwise decays inside, the carried state between chunks
+DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
+
+
+@triton.jit
+def _intra_kernel(fq, fk, g, A, T, F, C: tl.constexpr, BK: tl.constexpr):
+    """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for ``j <= t`` in ``t``'s chunk, else 0.
+    Grid ``(T / C, B * H)``; the features are summed ``BK`` at a time."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, C)
+    t = i_t * C + o_c
+    m_t = t < T
+    causal3 = (o_c[:, None] >= o_c[None, :])[:, :, None]  # [i, j, 1]
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(F, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < F)[None, :]
+        p = i_bh * T * F + t[:, None] * F + o_k[None, :]
+        b_fq = tl.load(fq + p, mask=m, other=0.0).to(tl.float32)
+        b_fk = tl.load(fk + p, mask=m, other=0.0).to(tl.float32)
+        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)  # [C, BK]
+        decay = tl.exp(tl.where(causal3, b[:, None, :] - b[None, :, :], float("-inf")))  # [C, C, BK], <= 1
+        acc += tl.sum(b_fq[:, None, :] * b_fk[None, :, :] * decay, 2)
+    tl.store(A + (i_bh * T + t[:, None]) * C + o_c[None, :], acc, mask=m_t[:, None])
+
+
+@triton.jit
+def _fwd_kernel(
+    fq, fk, v, g, A, y, y32, den, s0, z0, s_out, z_out,
+    T, F, DV,
+    C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Y32: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """Grid ``(Dv / BV, B * H)``: value columns ``[i_v * BV, (i_v + 1) * BV)`` of one head,
+    chunks in order, ``S [BF, BV]`` and ``z`` in registers."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, C)
+    o_f = tl.arange(0, BF)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_f = o_f < F
+    m_v = o_v < DV
+    m_fv = m_f[:, None] & m_v[None, :]
+    fq += i_bh * T * F
+    fk += i_bh * T * F
+    g += i_bh * T * F
+    v += i_bh * T * DV
+    y += i_bh * T * DV
+    A += i_bh * T * C
+    p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV]
+    # z is column 0 of a [BF, C] matrix, so that fq . z is a (small) matrix product, as in the
+    # linear kernel, the same shape as A (the denominator is one row sum); its update is a plain
+    # fp32 row sum.
+    first = o_c[None, :] == 0
+    if HAS_INIT:
+        S = tl.load(s0 + p_s, mask=m_fv, other=0.0).to(tl.float32)
+        z = tl.load(z0 + i_bh * F + o_f, mask=m_f, other=0.0).to(tl.float32)
+        Z = tl.where(first, z[:, None], 0.0)  # [BF, C]
+    else:
+        S = tl.zeros([BF, BV], dtype=tl.float32)
+        Z = tl.zeros([BF, C], dtype=tl.float32)
+    last = o_c[None, :] == C - 1  # [1, C]
+    for i_t in range(0, tl.cdiv(T, C)):
+        t = i_t * C + o_c
+        m_t = t < T
+        m_tf = m_t[:, None] & m_f[None, :]
+        m_ft = m_f[:, None] & m_t[None, :]
+        b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
+        b = tl.cumsum(tl.load(g + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32), 0)
+        # keys and decays loaded transposed, [BF, C] (no tl.trans)
+        b_fkT = tl.load(fk + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32)
+        bT = tl.cumsum(tl.load(g + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32), 1)
+        b_last = tl.sum(tl.where(last, bT, 0.0), 1)  # [BF]: the decay over the whole chunk
+        b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
+        b_A = tl.load(A + t[:, None] * C + o_c[None, :], mask=m_t[:, None], other=0.0)  # [C, C]
+        q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
+        k_outT = b_fkT * tl.exp(b_last[:, None] - bT)  # keys as they stand at the chunk end
+        o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+        d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True) + b_A, 1)  # [C]
+        o = o / tl.maximum(d, _TINY)[:, None]
+        tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if STORE_Y32:  # the backward's copy of y, in fp32
+            tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(den + i_bh * T + t, d, mask=m_t)
+        decay = tl.exp(b_last)[:, None]  # [BF, 1]
+        S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
+        Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+    if STORE_FINAL:
+        tl.store(s_out + p_s, S, mask=m_fv)
+        if i_v == 0:
+            tl.store(z_out + i_bh * F + o_f, tl.sum(Z, 1), mask=m_f)
+
+
+@triton.jit
+def _bwd_dq(
+    i_k, i_bh, fq, fk, v, g, y, den, dy, s0, z0, dfq, dgq, T, F, DV,
+    C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_DG: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """``dfq`` (and ``fq dfq`` for ``dg``) for features ``[i_k * BK, (i_k + 1) * BK)``, chunks
+    in order."""
+    o_c = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_d = tl.arange(0, BDV)
+    m_k = o_k < F
+    m_d = o_d < DV
+    # S^T restricted to this block of features, [BDV, BK], loaded transposed from S0 [F, DV].
+    if HAS_INIT:
+        ST = tl.load(s0 + i_bh * F * DV + o_k[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_k[None, :], other=0.0)
+        z = tl.load(z0 + i_bh * F + o_k, mask=m_k, other=0.0)
+    else:
+        ST = tl.zeros([BDV, BK], dtype=tl.float32)
+        z = tl.zeros([BK], dtype=tl.float32)
+    causal = o_c[:, None] >= o_c[None, :]
+    strict3 = (o_c[:, None] > o_c[None, :])[:, :, None]  # [i, j, 1]: j < i
+    diagonal = o_c[:, None] == o_c[None, :]
+    last = o_c[:, None] == C - 1
+    for i_t in range(0, tl.cdiv(T, C)):
+        t = i_t * C + o_c
+        m_t = t < T
+        m_td = m_t[:, None] & m_d[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        inv = _inverse_den(den, i_bh, t, m_t, T)
+        b_dy = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        b_y = tl.load(y + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        b_dn = b_dy * inv[:, None]  # [C, BDV]
+        b_dd = -tl.sum(b_dy * b_y, 1) * inv  # [C]
+        # v^T [BDV, C], loaded transposed (no tl.trans)
+        b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+        p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
+        b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
+        b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)
+        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
+        P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [C, C]
+        # fp32 operands: this term and the next cancel in part
+        b_dq = (_dot_split(b_dn, ST, DT, PREC, EMULATE, True, True) + b_dd[:, None] * z[None, :]) * tl.exp(b)
+        # pairs j < i; the diagonal pair (decay 1) is added after, and left out of fq dfq (see dg)
+        decay = tl.exp(tl.where(strict3, b[:, None, :] - b[None, :, :], float("-inf")))  # [C, C, BK]
+        b_dq += tl.sum(P[:, :, None] * b_fk[None, :, :] * decay, 1)
+        if STORE_DG:
+            b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            tl.store(dgq + p_k, b_fq * b_dq, mask=m_tk)
+        b_dq += tl.sum(tl.where(diagonal, P, 0.0), 1)[:, None] * b_fk
+        tl.store(dfq + p_k, b_dq.to(dfq.dtype.element_ty), mask=m_tk)
+        k_out = b_fk * tl.exp(b_last[None, :] - b)  # [C, BK]
+        chunk_decay = tl.exp(b_last)
+        ST = ST * chunk_decay[None, :] + _dot_split(b_vT, k_out, DT, PREC, EMULATE, False, True)
+        z = z * chunk_decay + tl.sum(k_out, 0)
+
+
+@triton.jit
+def _bwd_dk(
+    i_k, i_bh, fq, fk, v, g, y, den, dy, ds_final, dz_final, dfk, dgk, dz0, T, F, DV,
+    C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """``dfk`` (and ``fk dfk`` for ``dg``) for features ``[i_k * BK, (i_k + 1) * BK)`` and the
+    initial ``z``'s gradient, chunks in reverse."""
+    o_c = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_d = tl.arange(0, BDV)
+    m_k = o_k < F
+    m_d = o_d < DV
+    # the adjoint dH^T restricted to this block of features, [BDV, BK] (loaded transposed from
+    # dS_final [F, DV]), and its normaliser column
+    if HAS_DFINAL:
+        p = ds_final + i_bh * F * DV + o_k[None, :] * DV + o_d[:, None]
+        dST = tl.load(p, mask=m_d[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        dz = tl.load(dz_final + i_bh * F + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        dST = tl.zeros([BDV, BK], dtype=tl.float32)
+        dz = tl.zeros([BK], dtype=tl.float32)
+    later = o_c[:, None] <= o_c[None, :]  # [key j, query i]: i >= j
+    strict3 = (o_c[:, None] < o_c[None, :])[:, :, None]  # [j, i, 1]: i > j
+    diagonal = o_c[:, None] == o_c[None, :]
+    last = o_c[:, None] == C - 1
+    n_t = tl.cdiv(T, C)
+    for i_r in range(0, n_t):
+        t = (n_t - 1 - i_r) * C + o_c
+        m_t = t < T
+        m_dt = m_d[:, None] & m_t[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        inv = _inverse_den(den, i_bh, t, m_t, T)
+        # dy^T and y^T [BDV, C], loaded transposed (no tl.trans)
+        b_dyT = tl.load(dy + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
+        b_yT = tl.load(y + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
+        b_dnT = b_dyT * inv[None, :]  # [BDV, C]
+        b_dd = -tl.sum(b_dyT * b_yT, 0) * inv  # [C]
+        b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
+        b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
+        b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)
+        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
+        Q = tl.where(later, _dot_split(b_v, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :], 0.0)  # [C, C]
+        # fp32 operands: this term and the next cancel in part
+        b_dk = (_dot_split(b_v, dST, DT, PREC, EMULATE, False, True) + dz[None, :]) * tl.exp(b_last[None, :] - b)
+        # pairs i > j; the diagonal pair after, and left out of fk dfk (see dg)
+        decay = tl.exp(tl.where(strict3, b[None, :, :] - b[:, None, :], float("-inf")))  # [j, i, BK]: b_i - b_j
+        b_dk += tl.sum(Q[:, :, None] * b_fq[None, :, :] * decay, 1)
+        if STORE_DG:
+            b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            tl.store(dgk + p_k, b_fk * b_dk, mask=m_tk)
+        b_dk += tl.sum(tl.where(diagonal, Q, 0.0), 1)[:, None] * b_fq
+        tl.store(dfk + p_k, b_dk.to(dfk.dtype.element_ty), mask=m_tk)
+        q_in = b_fq * tl.exp(b)  # [C, BK]
+        chunk_decay = tl.exp(b_last)
+        dST = dST * chunk_decay[None, :] + _dot_split(b_dnT, q_in, DT, PREC, EMULATE, True, True)
+        dz = dz * chunk_decay + tl.sum(q_in * b_dd[:, None], 0)
+    if STORE_DINIT:
+        tl.store(dz0 + i_bh * F + o_k, dz, mask=m_k)
+
+
+@triton.jit
+def _bwd_dv(
+    i_v, i_bh, fq, fk, g, A, den, dy, ds_final, dv, ds0, T, F, DV,
+    C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """``dv`` for values ``[i_v * BV, (i_v + 1) * BV)`` and that block of the initial ``S``'s
+    gradient, chunks in reverse."""
+    o_c = tl.arange(0, C)
+    o_f = tl.arange(0, BF)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_f = o_f < F
+    m_v = o_v < DV
+    m_fv = m_f[:, None] & m_v[None, :]
+    p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV]
+    if HAS_DFINAL:
+        dS = tl.load(ds_final + p_s, mask=m_fv, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BF, BV], dtype=tl.float32)
+    last = o_c[:, None] == C - 1
+    n_t = tl.cdiv(T, C)
+    for i_r in range(0, n_t):
+        t = (n_t - 1 - i_r) * C + o_c
+        m_t = t < T
+        m_tv = m_t[:, None] & m_v[None, :]
+        m_tf = m_t[:, None] & m_f[None, :]
+        m_ft = m_f[:, None] & m_t[None, :]
+        inv = _inverse_den(den, i_bh, t, m_t, T)
+        b_dn = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_dn = b_dn * inv[:, None]  # [C, BV]
+        p_f = i_bh * T * F + t[:, None] * F + o_f[None, :]
+        b_fk = tl.load(fk + p_f, mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
+        b = tl.cumsum(tl.load(g + p_f, mask=m_tf, other=0.0).to(tl.float32), 0)
+        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BF]
+        k_out = b_fk * tl.exp(b_last[None, :] - b)
+        # queries, decays and A loaded transposed (no tl.trans)
+        p_fT = i_bh * T * F + t[None, :] * F + o_f[:, None]
+        b_fqT = tl.load(fq + p_fT, mask=m_ft, other=0.0).to(tl.float32)  # [BF, C]
+        bT = tl.cumsum(tl.load(g + p_fT, mask=m_ft, other=0.0).to(tl.float32), 1)
+        q_inT = b_fqT * tl.exp(bT)
+        b_AT = tl.load(A + (i_bh * T + t[None, :]) * C + o_c[:, None], mask=m_t[None, :], other=0.0)  # [j, i]
+        b_dv = _dot(k_out, dS, DT, PREC, EMULATE) + _dot(b_AT, b_dn, DT, PREC, EMULATE)
+        tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        dS = dS * tl.exp(b_last)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
+    if STORE_DINIT:
+        tl.store(ds0 + p_s, dS, mask=m_fv)
+
+
+@triton.jit
+def _bwd_kernel(
+    fq, fk, v, g, A, y, den, dy, s0, z0, ds_final, dz_final, dfq, dfk, dv, dgq, dgk, ds0, dz0,
+    T, F, DV,
+    C: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr, NK: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, STORE_DG: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """Grid ``(2 * NK + NV, B * H)``: the first ``NK`` programs of a head compute ``dfq``, the next
+    ``NK`` ``dfk`` (and ``dz0``), the last ``NV`` ``dv`` (and ``dS0``); all run at once."""
+    i_p = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    if i_p < NK:
+        _bwd_dq(
+            i_p, i_bh, fq, fk, v, g, y, den, dy, s0, z0, dfq, dgq, T, F, DV,
+            C, BK, BDV, HAS_INIT, STORE_DG, DT, PREC, EMULATE,
+        )
+    elif i_p < 2 * NK:
+        _bwd_dk(
+            i_p - NK, i_bh, fq, fk, v, g, y, den, dy, ds_final, dz_final, dfk, dgk, dz0, T, F, DV,
+            C, BK, BDV, HAS_DFINAL, STORE_DINIT, STORE_DG, DT, PREC, EMULATE,
+        )
+    else:
+        _bwd_dv(
+            i_p - 2 * NK, i_bh, fq, fk, g, A, den, dy, ds_final, dv, ds0, T, F, DV,
+            C, BF, BV, HAS_DFINAL, STORE_DINIT, DT, PREC, EMULATE,
+        )
+
+
+@triton.jit
+def _dg_kernel(dgq, dgk, dg_last, dg, T, F, C: tl.constexpr, BK: tl.constexpr, HAS_LAST: tl.constexpr):
+    """``dg_r = dg_last + sum_{t >= r} (dgq_t - dgk_t)``: grid ``(F / BK, B * H)``, chunks of ``C``
+    in reverse with the running suffix sum in registers."""
+    i_k = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < F
+    if HAS_LAST:
+        acc = tl.load(dg_last + i_bh * F + o_k, mask=m_k, other=0.0)
+    else:
+        acc = tl.zeros([BK], dtype=tl.float32)
+    n_t = tl.cdiv(T, C)
+    for i_r in range(0, n_t):
+        t = (n_t - 1 - i_r) * C + o_c
+        m = (t < T)[:, None] & m_k[None, :]
+        p = i_bh * T * F + t[:, None] * F + o_k[None, :]
+        x = tl.load(dgq + p, mask=m, other=0.0) - tl.load(dgk + p, mask=m, other=0.0)  # [C, BK]
+        tl.store(dg + p, (tl.cumsum(x, 0, reverse=True) + acc[None, :]).to(dg.dtype.element_ty), mask=m)
+        acc += tl.sum(x, 0)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _fwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16):
+    """``(BF, BV, num_warps)`` of the forward (and of the backward's ``dv`` programs). ``BV``
+    keeps a program's tiles (``[C, BF]`` inputs and exponentials, the ``[BF, BV]`` state) in
+    registers, then shrinks while ``B * H`` programs per block would leave multiprocessors idle;
+    fp32 products take the smallest tiles. (Not yet tuned on a GPU.)"""
+    BF = _pow2(F)
+    if dtype == torch.float32:
+        return BF, 16, (8 if BF >= 128 else 4)
+    BV = min(_pow2(DV), 64 if BF <= 128 else 32)
+    sms = _sms()
+    while sms and BV > 16 and heads * triton.cdiv(DV, BV) < sms:
+        BV //= 2
+    return BF, BV, (8 if BF * BV >= 8192 else 4)
+
+
+def _bwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16):
+    """``(BF, BK, BV, BDV)`` of the backward (8 warps): ``dfq``/``dfk`` programs take ``BK``
+    features and every value column (their pairwise sums are ``[16, 16, BK]``), ``dv`` programs
+    ``BV`` columns and every feature."""
+    BF, BV, _ = _fwd_config(F, DV, heads, dtype)
+    return BF, min(BF, 32), BV, _pow2(DV)
+
+
+def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False, output_dtype=None,
+                        keep_fp32_output=False):
+    """Launch the forward kernels on contiguous ``fq, fk, g: [B, H, T, F]``, ``v: [B, H, T, Dv]``.
+
+    Returns ``(y [B, H, T, Dv], y32, d [B, H, T] fp32, A [B, H, T, 16] fp32, S [B, H, F, Dv] fp32
+    or None, z [B, H, F] fp32 or None)``; ``y32`` is ``y`` in fp32 when ``keep_fp32_output`` (the
+    same tensor when ``y`` is fp32), else None."""
+    B, H, T, F = fq.shape
+    DV = v.shape[-1]
+    C = CHUNK
+    dtype = compute_dtype(fq, fk, v)
+    DT, PREC, EMULATE = _dot_config(dtype)
+    dev = v.device
+    y = torch.empty(B, H, T, DV, device=dev, dtype=output_dtype or torch.promote_types(fq.dtype, v.dtype))
+    d = torch.empty(B, H, T, device=dev, dtype=torch.float32)
+    A = torch.empty(B, H, T, C, device=dev, dtype=torch.float32)
+    S = torch.empty(B, H, F, DV, device=dev, dtype=torch.float32) if output_final_state else None
+    z = torch.empty(B, H, F, device=dev, dtype=torch.float32) if output_final_state else None
+    store_y32 = keep_fp32_output and y.dtype != torch.float32
+    y32 = torch.empty(B, H, T, DV, device=dev, dtype=torch.float32) if store_y32 else None
+    _intra_kernel[(triton.cdiv(T, C), B * H)](fq, fk, g, A, T, F, C=C, BK=min(_pow2(F), 32), num_warps=4)
+    BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype)
+    _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
+        fq, fk, v, g, A, y, y32, d, S0, z0, S, z, T, F, DV,
+        C=C, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
+    )
+    if keep_fp32_output and not store_y32:
+        y32 = y
+    return y, y32, d, A, S, z
+
+
+def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=None, dS=None, dz=None,
+                        want_dinit=True, want_dg=True):
+    """Launch the backward kernels. ``y``: the forward's output in fp32; ``S, z``: the final state
+    (needed with ``dS``/``dz``, its gradients, for ``dg``). Returns ``(dfq, dfk, dv, dg, dS0,
+    dz0)``; ``dg`` is None unless ``want_dg``, the last two None without an initial state or when
+    ``want_dinit`` is False."""
+    B, H, T, F = fq.shape
+    DV = v.shape[-1]
+    C = CHUNK
+    dtype = compute_dtype(fq, fk, v)
+    DT, PREC, EMULATE = _dot_config(dtype)
+    dev = v.device
+    has_init = S0 is not None
+    has_dfinal = dS is not None or dz is not None
+    if has_dfinal:
+        dS = torch.zeros(B, H, F, DV, device=dev, dtype=torch.float32) if dS is None else dS.float().contiguous()
+        dz = torch.zeros(B, H, F, device=dev, dtype=torch.float32) if dz is None else dz.float().contiguous()
+    dfq, dfk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(v)
+    dgq = torch.empty(B, H, T, F, device=dev, dtype=torch.float32) if want_dg else None
+    dgk = torch.empty(B, H, T, F, device=dev, dtype=torch.float32) if want_dg else None
+    want_dinit = want_dinit and has_init
+    dS0 = torch.empty(B, H, F, DV, device=dev, dtype=torch.float32) if want_dinit else None
+    dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if want_dinit else None
+    BF, BK, BV, BDV = _bwd_config(F, DV, B * H, dtype)
+    NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
+    _bwd_kernel[(2 * NK + NV, B * H)](
+        fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dgq, dgk, dS0, dz0, T, F, DV,
+        C=C, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
+        HAS_INIT=has_init, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit, STORE_DG=want_dg,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
+    )
+    dg = None
+    if want_dg:
+        # the final state's own term: d L / d b_{T-1} += rowsum(dS_T * S_T) (normaliser column included)
+        dg_last = ((dS * S).sum(-1) + dz * z).contiguous() if has_dfinal else None
+        dg = torch.empty_like(g)
+        BKg = min(_pow2(F), 32)
+        _dg_kernel[(triton.cdiv(F, BKg), B * H)](
+            dgq, dgk, dg_last, dg, T, F, C=DG_CHUNK, BK=BKg, HAS_LAST=has_dfinal, num_warps=4,
+        )
+    return dfq, dfk, dv, dg, dS0, dz0
+
+
+class ChunkGatedAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: inputs ``fq, fk, v, g, S0, z0`` (the last two may be None)."""
+
+    @staticmethod
+    def forward(ctx, fq, fk, v, g, S0, z0, output_final_state, output_dtype):
+        fq, fk, v, g = fq.contiguous(), fk.contiguous(), v.contiguous(), g.contiguous()
+        if S0 is not None:
+            S0, z0 = S0.float().contiguous(), z0.float().contiguous()
+        keep = any(ctx.needs_input_grad[:6])
+        y, y32, d, A, S, z = gated_attention_fwd(
+            fq, fk, v, g, S0, z0, output_final_state, output_dtype, keep_fp32_output=keep
+        )
+        ctx.save_for_backward(fq, fk, v, g, S0, z0, y32, d, A, S, z)
+        ctx.set_materialize_grads(False)
+        return y, S, z
+
+    @staticmethod
+    def backward(ctx, dy, dS, dz):
+        fq, fk, v, g, S0, z0, y, d, A, S, z = ctx.saved_tensors  # y in fp32
+        if dy is None:
+            dy = torch.zeros_like(y)
+        dfq, dfk, dv, dg, dS0, dz0 = gated_attention_bwd(
+            fq, fk, v, g, A, y, d, dy.contiguous(), S0, z0, S, z, dS, dz,
+            want_dinit=ctx.needs_input_grad[4] or ctx.needs_input_grad[5], want_dg=ctx.needs_input_grad[3],
+        )
+        return dfq, dfk, dv, dg, dS0, dz0, None, None
+
+
+def triton_chunk_gated_attention(
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    key_mask: torch.Tensor | None = None,
+    output_dtype: torch.dtype | None = None,
+):
+    """Causal normalised linear attention with a per-channel data-dependent decay, chunked, in
+    Triton (forward and backward).
+
+    ``y_t = sum_{s<=t} w_ts v_s / sum_{s<=t} w_ts`` with ``w_ts = sum_f fq_tf fk_sf exp(sum_{s<r<=t}
+    g_rf)``, plus what a carried state contributes (``S0 = sum w v^T``, ``z0 = sum w`` over earlier
+    tokens, decayed like the rest). The same function as
+    :func:`linearize.kernels.gated.chunk_gated_attention` (whose ``GatedState.S`` is ``[S0 | z0]``).
+
+    Args:
+        fq: query features ``[B, H, T, F]`` (non-negative), fp32, bf16 or fp16.
+        fk: key features ``[B, H, T, F]``.
+        v: values ``[B, H, T, Dv]``.
+        g: log decays ``log alpha <= 0``, ``[B, H, T, F]``, finite (any float dtype; used in fp32).
+        initial_state: ``(S0 [B, H, F, Dv], z0 [B, H, F])`` (fp32) or None (zeros).
+        output_final_state: also return the state after the last token.
+        key_mask: ``[B, T]`` bool, False for padding keys. Their ``fk``, ``v`` and ``g`` are set
+            to zero (``masked_fill``, before the kernels), so they neither add to the state nor
+            decay it; a query that sees no valid key at all gets ``y = 0``.
+        output_dtype: dtype of ``y``; default the promoted dtype of ``fq`` and ``v``.
+
+    Returns:
+        ``(y [B, H, T, Dv], (S [B, H, F, Dv] fp32, z [B, H, F] fp32) or None)``.
+
+    Gradients flow to ``fq``, ``fk``, ``v``, ``g`` and the initial state. Products take fp32
+    operands unless an input is bf16; then bf16 operands, with the fp32 operands whose products
+    cancel later split into two bf16 halves (see the module docstring). The kernels take 16 tokens
+    at a time (exact pairwise decays inside, so nothing overflows however strong the decay).
+    ``F <= 256`` and ``Dv <= 256``. Denominators are clamped at 1e-30 as in the reference.
+
+    Example::
+
+        fq = torch.rand(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+        fk = torch.rand_like(fq)
+        g = torch.nn.functional.logsigmoid(torch.randn_like(fq, dtype=torch.float32)) / 16
+        v = torch.randn(2, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
+        y, (S, z) = triton_chunk_gated_attention(fq, fk, v, g, output_final_state=True)
+    """
+    if fq.dim() != 4 or fk.shape != fq.shape or g.shape != fq.shape:
+        raise ValueError(
+            f"fq, fk and g must all be [B, H, T, F]; got {tuple(fq.shape)}, {tuple(fk.shape)} and {tuple(g.shape)}"
+        )
+    B, H, T, F = fq.shape
+    if v.dim() != 4 or v.shape[:3] != (B, H, T):
+        raise ValueError(f"v must be [B, H, T, Dv] = [{B}, {H}, {T}, Dv]; got {tuple(v.shape)}")
+    DV = v.shape[-1]
+    if F > MAX_FEATURES or DV > MAX_VALUE_DIM:
+        raise ValueError(f"at most {MAX_FEATURES} features and {MAX_VALUE_DIM} value channels; got F={F}, Dv={DV}")
+    for name, x in (("fq", fq), ("fk", fk), ("v", v), ("g", g)):
+        if x.dtype not in _DOT_DTYPES:
+            raise ValueError(f"{name} must be fp32, bf16 or fp16; got {x.dtype}")
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = initial_state
+        if S0.shape != (B, H, F, DV) or z0.shape != (B, H, F):
+            raise ValueError(
+                f"initial_state must be (S [B, H, F, Dv], z [B, H, F]) = ([{B}, {H}, {F}, {DV}], "
+                f"[{B}, {H}, {F}]); got ({tuple(S0.shape)}, {tuple(z0.shape)})"
+            )
+    if key_mask is not None:
+        if key_mask.shape != (B, T):
+            raise ValueError(f"key_mask must be [B, T] = [{B}, {T}]; got {tuple(key_mask.shape)}")
+        pad = ~key_mask.bool()[:, None, :, None]
+        fk, v, g = fk.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0), g.masked_fill(pad, 0.0)
+    if T == 0:
+        y = v.new_zeros(B, H, 0, DV, dtype=output_dtype or torch.promote_types(fq.dtype, v.dtype))
+        if not output_final_state:
+            return y, None
+        if S0 is None:
+            S0, z0 = fq.new_zeros(B, H, F, DV, dtype=torch.float32), fq.new_zeros(B, H, F, dtype=torch.float32)
+        return y, (S0.float(), z0.float())
+    y, S, z = ChunkGatedAttentionFunction.apply(fq, fk, v, g, S0, z0, output_final_state, output_dtype)
+    return y, ((S, z) if output_final_state else None)

@@ -1,0 +1,497 @@
+"""The gated Triton kernels equal their PyTorch reference: chunked gated linear attention (forward,
+final state, every gradient, ``g``'s included), the decode step, the dispatcher, and the LAWCAT
+student through them.
+
+Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``), on tiny
+shapes; with CUDA the same tests run compiled, and the ``gpu`` tests add real shapes. The oracle
+is :func:`linearize.kernels.chunk_gated_attention` (chunk 16) in fp32. Errors are relative,
+``||a - b|| / ||b||``.
+
+Tolerances. fp32 inputs: 1e-5 (every product in fp32 in the kernels too; seen: at most 6e-6,
+the largest with the strongest decays); compiled, with ``strong`` decays, 1e-4 (see
+:func:`fp32_tolerance`). bf16 inputs: the reference gets the same bf16-rounded
+inputs, so what differs is the kernels' own rounding: the bf16 outputs themselves (``y`` and the
+gradients of bf16 inputs are bf16, 2^-9 relative each) and the plain 16-bit operands of products
+whose result does not cancel (the decayed queries against the state, ``A`` and the adjoint in
+``dv``); the state's products split their fp32 operands (2^-16). Seen in the interpreter: 3e-3
+to 4e-3 on ``y``, 3e-3 to 5e-3 on ``dfq``, ``dfk``, ``dg``, ``dz0`` (also with values offset by
+3, where they cancel), 9e-3 on ``dv`` and 5e-3 on ``dS0`` (plain 16-bit operands on both sides),
+1e-5 on the final state; 1e-2 (``y``), 2e-2 (gradients) and 1e-4 (final state) are asserted, as
+for the linear kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # see tests/kernels/test_triton_linear.py
+
+triton = pytest.importorskip("triton")
+
+from linearize.kernels import GatedState, chunk_gated_attention, gated_attention, gated_step  # noqa: E402
+from linearize.kernels.gated.chunk import CHUNK, triton_chunk_gated_attention  # noqa: E402
+from linearize.kernels.gated.recurrent import triton_gated_step  # noqa: E402
+from linearize.kernels.linear.chunk import interpreting  # noqa: E402
+
+if interpreting():
+    DEVICE = "cpu"
+    if type(triton.language.zeros).__name__ == "JITFunction":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment",
+                    allow_module_level=True)
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+B, H, F, DV = 2, 3, 12, 20  # an odd head count, F != Dv, neither a power of two
+NAMES = ["y", "S", "z", "dfq", "dfk", "dv", "dg", "dS0", "dz0"]
+
+
+def rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    den = b.norm()
+    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+def log_decays(noise, strength):
+    """``g = log alpha <= 0`` from standard normal ``noise``:
+
+    * ``weak``: about -0.002 a token (alpha ~ 0.998);
+    * ``lawcat``: LAWCAT's ``logsigmoid(x) / 16`` for ``x ~ N(0, 1)``, about -0.05;
+    * ``strong``: ``logsigmoid(20 x)``: half the channels keep ~1, the rest drop by up to e^-60 a
+      token, so a 16-token chunk decays by more than e^-88 and ``exp(-b)`` overflows fp32;
+    * ``huge``: -40 to -80 on every channel and token: each token sees almost only itself.
+    """
+    return {
+        "weak": lambda n: torch.nn.functional.logsigmoid(n + 6) / 16,
+        "lawcat": lambda n: torch.nn.functional.logsigmoid(n) / 16,
+        "strong": lambda n: torch.nn.functional.logsigmoid(n * 20),
+        "huge": lambda n: -40 - 15 * n.abs(),
+    }[strength](noise)
+
+
+def make_inputs(T, seed, dtype=torch.float32, decay="lawcat", b=B, h=H, f=F, dv=DV, device=DEVICE, offset=0.0):
+    g0 = torch.Generator().manual_seed(seed)
+    fq = torch.rand(b, h, T, f, generator=g0)
+    fk = torch.rand(b, h, T, f, generator=g0)
+    v = torch.randn(b, h, T, dv, generator=g0) + offset
+    g = log_decays(torch.randn(b, h, T, f, generator=g0), decay)
+    S0 = torch.rand(b, h, f, dv, generator=g0) * 2 - 0.5
+    z0 = torch.rand(b, h, f, generator=g0) + 0.5
+    fq, fk, v, g = (x.to(device=device, dtype=dtype) for x in (fq, fk, v, g))
+    return fq, fk, v, g, S0.to(device), z0.to(device)
+
+
+def cotangents(y_shape, S_shape, z_shape, seed, device=DEVICE):
+    g0 = torch.Generator().manual_seed(seed + 1000)
+    return tuple(torch.randn(s, generator=g0).to(device) for s in (y_shape, S_shape, z_shape))
+
+
+def reference(fq, fk, v, g, S0=None, z0=None, key_mask=None, chunk_size=16):
+    """``chunk_gated_attention`` on the kernels' state layout: ``(y, S, z)``."""
+    state = None if S0 is None else GatedState(S=torch.cat([S0, z0[..., None]], -1))
+    y, new = chunk_gated_attention(fq, fk, v, g, key_mask, state, chunk_size=chunk_size)
+    return y, new.S[..., :-1], new.S[..., -1]
+
+
+def run_both(T, seed, dtype=torch.float32, decay="lawcat", init=False, key_mask=None, corrupt=None, offset=0.0, b=B):
+    """Outputs and gradients (of a random ``dy`` against ``y`` and random final-state gradients)
+    of the kernel and of the reference on the same inputs; ``corrupt`` edits both copies of
+    ``(fk, v, g)`` before the call."""
+    fq, fk, v, g, S0, z0 = make_inputs(T, seed, dtype, decay, offset=offset, b=b)
+    dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed)
+    out = {}
+    for impl in ("kernel", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
+        a, k_, c, gg, s, z = leaves
+        if corrupt is not None:
+            k_, c, gg = corrupt(k_, c, gg)
+        if impl == "kernel":
+            y, (S, Z) = triton_chunk_gated_attention(
+                a, k_, c, gg, (s, z) if init else None, output_final_state=True, key_mask=key_mask
+            )
+        else:
+            y, S, Z = reference(a, k_, c, gg, s if init else None, z if init else None, key_mask)
+        ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
+        grads = [l.grad for l in leaves] if init else [l.grad for l in leaves[:4]]
+        out[impl] = [y, S, Z, *grads]
+    return out
+
+
+def fp32_tolerance(decay):
+    """1e-5, except compiled on a GPU with ``strong`` decays: 1e-4. A chunk's running sum of
+    ``g`` then reaches ~1000 (an fp32 ulp of 6e-5) and the GPU's parallel scan adds in another
+    order than torch's sequential cumsum, so a decay taken between two large sums can differ by
+    ~1e-4 relative (under the interpreter both add in order)."""
+    return 1e-4 if decay == "strong" and not interpreting() else 1e-5
+
+
+def errors(out):
+    return {n: rel(a, b) for n, a, b in zip(NAMES, out["kernel"], out["reference"])}
+
+
+@pytest.mark.parametrize(
+    "T,decay,init",
+    [(1, "lawcat", False), (1, "lawcat", True), (15, "strong", False), (15, "strong", True), (63, "weak", False),
+     (100, "lawcat", True)],
+)
+def test_chunk_matches_reference_fp32(T, decay, init):
+    out = run_both(T, seed=T, decay=decay, init=init)
+    assert out["kernel"][0].dtype == torch.float32
+    err = errors(out)
+    assert len(err) == (9 if init else 7)
+    # zeros up to rounding are measured against the size of the terms they are sums of
+    fk = make_inputs(T, seed=T, decay=decay)[1]
+    scale = float((fk * out["reference"][4]).norm())
+    if not init:
+        # without an initial state g_0 scales nothing (every decay of token 0 multiplies a state
+        # that is still zero), so dg_0 is 0 up to rounding in both
+        assert max(float(o[6][:, :, 0].norm()) for o in (out["kernel"], out["reference"])) <= 1e-6 * scale
+    if T == 1 and not init:
+        # y_0 = v_0 whatever fq and g: dfq and dg are zero up to rounding, in both
+        assert max(float(o[i].norm()) for o in (out["kernel"], out["reference"]) for i in (3, 6)) <= 1e-6 * scale
+        del err["dfq"], err["dg"]
+    assert max(err.values()) <= fp32_tolerance(decay), err
+
+
+def test_decay_strong_enough_to_overflow_a_factored_chunk():
+    """The ``strong`` decays overflow ``exp(-b)`` inside a chunk (so ``A = (fq e^b)(fk e^-b)^T``
+    would give inf * 0), and the kernels still match the reference everywhere, state and
+    gradients included."""
+    T = 48
+    _, _, _, g, _, _ = make_inputs(T, seed=8, decay="strong", b=1)
+    chunk_sums = torch.nn.functional.pad(g.float(), (0, 0, 0, -T % CHUNK)).reshape(1, H, -1, CHUNK, F).sum(3)
+    assert float(torch.exp(-chunk_sums).isinf().float().mean()) > 0.3  # e^-b of a whole chunk: inf
+    out = run_both(T, seed=8, decay="strong", init=True, b=1)
+    assert all(torch.isfinite(x).all() for x in out["kernel"])
+    err = errors(out)
+    assert max(err.values()) <= fp32_tolerance("strong"), err
+
+
+def test_huge_decay_each_token_sees_itself():
+    """Every channel decays by e^-40 or more a token. ``y`` is then the token's own value, and
+    the true ``dfq`` and ``dg`` are ~e^-40: both implementations give their rounding noise,
+    so those two are measured against the size of the terms they sum (``||dfk||`` and
+    ``||fk * dfk||``) rather than against themselves."""
+    T = 33
+    fq, fk, v, g, _, _ = make_inputs(T, seed=9, decay="huge", b=1)
+    out = run_both(T, seed=9, decay="huge", init=True, b=1)
+    kernel, ref = out["kernel"], out["reference"]
+    assert rel(kernel[0], v) <= 1e-5  # each query sees only its own key
+    err = errors(out)
+    assert max(err[n] for n in ("y", "S", "z", "dfk", "dv", "dS0", "dz0")) <= 1e-5, err
+    dfk_scale = float(ref[4].norm())
+    assert float((kernel[3] - ref[3]).norm()) <= 1e-5 * dfk_scale
+    assert float((kernel[6] - ref[6]).norm()) <= 1e-5 * float((fk * ref[4]).norm())
+
+
+@pytest.mark.parametrize("T,offset,decay", [(100, 0.0, "lawcat"), (40, 3.0, "strong")])
+def test_bf16_inputs(T, offset, decay):
+    """bf16 inputs (``g`` too); with values offset by 3 the gradients of the features and of
+    ``g`` are small differences of large terms, which a state rounded to bf16 would get wrong."""
+    out = run_both(T, seed=3, dtype=torch.bfloat16, decay=decay, init=True, offset=offset, b=1)
+    y, S, z, dfq, dfk, dv, dg, dS0, dz0 = out["kernel"]
+    assert y.dtype == dfq.dtype == dfk.dtype == dv.dtype == dg.dtype == torch.bfloat16
+    assert S.dtype == z.dtype == dS0.dtype == dz0.dtype == torch.float32
+    err = errors(out)
+    assert err["y"] <= 1e-2, err
+    assert err["S"] <= 1e-4 and err["z"] <= 1e-4, err  # sums of split decayed keys, in fp32
+    assert max(err[n] for n in NAMES[3:]) <= 2e-2, err
+
+
+def test_fp16_inputs():
+    """fp16 inputs are computed with fp32 products; the outputs and gradients are fp16, so their
+    own rounding (2^-11) is what remains."""
+    out = run_both(33, seed=4, dtype=torch.float16, init=True, b=1)
+    assert out["kernel"][0].dtype == out["kernel"][3].dtype == out["kernel"][6].dtype == torch.float16
+    err = errors(out)
+    assert max(err.values()) <= 2e-3, err
+
+
+def test_padding_keys():
+    """Left padding (row 1) and right padding (row 0) through ``key_mask``; the padded keys hold
+    NaN features, huge values and positive "decays", none of which may leak into outputs, the
+    state or gradients; a padding key neither adds to the state nor decays it."""
+    T = 40
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    mask[1, :9] = False
+    mask[0, -5:] = False
+
+    def corrupt(fk, v, g):
+        pad = ~mask[:, None, :, None]
+        return fk.masked_fill(pad, float("nan")), v.masked_fill(pad, 1e6), g.masked_fill(pad, 50.0)
+
+    out = run_both(T, seed=5, key_mask=mask, corrupt=corrupt, init=True)
+    err = errors(out)
+    assert max(err.values()) <= 1e-5, err
+    y, S, z, dfq, dfk, dv, dg = (x.detach() for x in out["kernel"][:7])
+    assert all(torch.isfinite(x).all() for x in (y, S, z, dfq, dg))
+    assert float(dfk[1, :, :9].abs().max()) == 0.0 and float(dv[0, :, -5:].abs().max()) == 0.0
+    assert float(dg[1, :, :9].abs().max()) == 0.0 and float(dg[0, :, -5:].abs().max()) == 0.0
+    # the left-padded row equals its unpadded tokens alone, with the same initial state
+    fq, fk, v, g, S0, z0 = make_inputs(T, seed=5)
+    alone, (S_alone, z_alone) = triton_chunk_gated_attention(
+        fq[1:, :, 9:], fk[1:, :, 9:], v[1:, :, 9:], g[1:, :, 9:], (S0[1:], z0[1:]), output_final_state=True
+    )
+    assert rel(y[1:, :, 9:], alone) <= 1e-5 and rel(S[1:], S_alone) <= 1e-5 and rel(z[1:], z_alone) <= 1e-5
+
+
+def test_split_sequence_with_carried_state_equals_whole():
+    T = 40
+    fq, fk, v, g, _, _ = make_inputs(T, seed=11, decay="strong", b=1)
+    whole, (S, z) = triton_chunk_gated_attention(fq, fk, v, g, output_final_state=True)
+    state, parts = None, []
+    for a, b in [(0, 1), (1, 23), (23, 40)]:  # chunks of the parts do not line up with the whole's
+        y, state = triton_chunk_gated_attention(
+            fq[:, :, a:b], fk[:, :, a:b], v[:, :, a:b], g[:, :, a:b], state, output_final_state=True
+        )
+        parts.append(y)
+    assert rel(torch.cat(parts, 2), whole) <= 1e-5
+    assert rel(state[0], S) <= 1e-5 and rel(state[1], z) <= 1e-5
+    y_ref, S_ref, z_ref = reference(fq, fk, v, g)
+    tol = fp32_tolerance("strong")
+    assert rel(whole, y_ref) <= tol and rel(S, S_ref) <= tol and rel(z, z_ref) <= tol
+
+
+def random_step_inputs(b, h, f, dv, seed, device=DEVICE):
+    g0 = torch.Generator().manual_seed(seed)
+    fq, fk = (torch.rand(b, h, f, generator=g0).to(device) for _ in range(2))
+    v = torch.randn(b, h, dv, generator=g0).to(device)
+    g = log_decays(torch.randn(b, h, f, generator=g0), "lawcat").to(device)
+    S = torch.rand(b, h, f, dv + 1, generator=g0).to(device)
+    S[..., -1] += 0.5
+    return fq, fk, v, g, S
+
+
+def test_step_matches_reference():
+    b = 3
+    fq, fk, v, g, S = random_step_inputs(b, H, F, DV, seed=21)
+    mask = torch.tensor([True, False, True], device=DEVICE)
+    fk[1], g[1] = float("nan"), float("nan")  # a padding token's features and decay must not reach the state
+    y_ref, new = gated_step(fq, fk, v, g, mask, GatedState(S=S))
+    y, S1 = triton_gated_step(fq, fk, v, g, S, key_mask=mask)
+    assert y.dtype == S1.dtype == torch.float32
+    assert rel(y, y_ref) <= 1e-6 and rel(S1, new.S) <= 1e-6
+    assert torch.equal(S1[1], S[1])
+    S2 = S.clone()
+    y2, S3 = triton_gated_step(fq, fk, v, g, S2, key_mask=mask, inplace=True)
+    assert S3.data_ptr() == S2.data_ptr() and torch.equal(S2, S1) and torch.equal(y2, y)
+    y4, S4 = triton_gated_step(fq[:1], fk[:1], v[:1], g[:1], S[:1])  # no mask at all
+    y4_ref, new4 = gated_step(fq[:1], fk[:1], v[:1], g[:1], None, GatedState(S=S[:1]))
+    assert rel(y4, y4_ref) <= 1e-6 and rel(S4, new4.S) <= 1e-6
+
+
+def test_steps_continue_the_chunked_form():
+    """Prefill with the chunked kernel, then decode token by token with the step kernel: the
+    same outputs as the chunked kernel over the whole sequence."""
+    T, P = 22, 19
+    fq, fk, v, g, _, _ = make_inputs(T, seed=13)
+    whole, _ = triton_chunk_gated_attention(fq, fk, v, g)
+    prompt = [x[:, :, :P] for x in (fq, fk, v, g)]
+    _, (S, z) = triton_chunk_gated_attention(*prompt, output_final_state=True)
+    state = torch.cat([S, z[..., None]], -1)
+    ys = []
+    for t in range(P, T):
+        y, state = triton_gated_step(fq[:, :, t], fk[:, :, t], v[:, :, t], g[:, :, t], state)
+        ys.append(y)
+    assert rel(torch.stack(ys, 2), whole[:, :, P:]) <= 1e-5
+
+
+class _Spy:
+    def __init__(self, monkeypatch, module, name):
+        self.calls = 0
+        fn = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+
+def test_dispatch(monkeypatch):
+    """``gated_attention`` under ``LINEARIZE_KERNELS``: ``reference`` and ``auto`` never reach the
+    kernels, ``triton`` does (chunked form and the decode step) with the reference's results and
+    state layout, whatever ``chunk_size`` the caller asks for."""
+    import linearize.kernels.gated.chunk as gchunk
+    import linearize.kernels.gated.recurrent as grecurrent
+
+    T = 20
+    fq, fk, v, g, _, _ = make_inputs(T, seed=17)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    mask[1, :3] = False
+    chunk = _Spy(monkeypatch, gchunk, "triton_chunk_gated_attention")
+    step = _Spy(monkeypatch, grecurrent, "triton_gated_step")
+
+    def call(**kw):
+        return gated_attention(fq, fk, v, g, key_mask=mask, output_state=True, **kw)
+
+    monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
+    y_ref, s_ref = call()
+    monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
+    call()
+    assert chunk.calls == 0  # auto: the reference until the compiled kernels pass their GPU tests
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    for chunk_size in (16, 64):
+        y, s = call(chunk_size=chunk_size)
+        assert y.dtype == torch.float32 and isinstance(s, GatedState) and s.S.shape == s_ref.S.shape
+        assert rel(y, y_ref) <= 1e-5 and rel(s.S, s_ref.S) <= 1e-5
+    assert chunk.calls == 2
+    # decode: one token with a state goes to the fused step and equals the reference step
+    one = [x[:, :, :1] for x in (fq, fk, v, g)]
+    y1, s1 = gated_attention(*one, key_mask=mask[:, :1], state=s, output_state=True)
+    assert step.calls == 1 and chunk.calls == 2
+    monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
+    y1_ref, s1_ref = gated_attention(*one, key_mask=mask[:, :1], state=s_ref, output_state=True)
+    assert rel(y1, y1_ref) <= 1e-5 and rel(s1.S, s1_ref.S) <= 1e-5
+    # the multi-token recurrent loop and the quadratic form stay on the reference
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    gated_attention(fq, fk, v, g, form="recurrent")
+    gated_attention(fq, fk, v, g, form="naive")
+    assert chunk.calls == 2 and step.calls == 1
+    # gradients through a carried state (a state that needs grad uses the chunked kernel, not the step)
+    S_leaf = s_ref.S.clone().requires_grad_()
+    y2, _ = gated_attention(*one, state=GatedState(S=S_leaf))
+    y2.sum().backward()
+    assert chunk.calls == 3 and step.calls == 1 and torch.isfinite(S_leaf.grad).all()
+    S_ref_leaf = s_ref.S.clone().requires_grad_()
+    monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
+    gated_attention(*one, state=GatedState(S=S_ref_leaf))[0].sum().backward()
+    assert rel(S_leaf.grad, S_ref_leaf.grad) <= 1e-5
+
+
+def test_lawcat_student_through_the_kernels(monkeypatch):
+    """A tiny Llama with a LAWCAT student (GQA heads expanded, left-padded batch; one layer, as
+    the interpreter is slow): logits, the gradients of the feature map, convolutions and decay
+    projections, and greedy decoding through the cache (the fused step) are the same with the
+    Triton kernels as with the reference."""
+    from conftest import converted_model, token_ids
+
+    import linearize.kernels.gated.chunk as gchunk
+    import linearize.kernels.gated.recurrent as grecurrent
+    from linearize import ConversionSpec, students
+
+    chunk = _Spy(monkeypatch, gchunk, "triton_chunk_gated_attention")
+    step = _Spy(monkeypatch, grecurrent, "triton_gated_step")
+    model = converted_model("llama", ConversionSpec("lawcat"), seed=0, num_hidden_layers=1).to(DEVICE)
+    x = token_ids(2, 18, seed=1).to(DEVICE)  # two chunks
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    real = mask.bool()
+    named = [(n, p) for s in students(model).values() for n, p in s.student_parameters()]
+    assert {n.split(".")[0] for n, _ in named} >= {"feature_map_q", "conv_q", "conv_k", "decay_down", "decay_up"}
+    results = {}
+    for kernels in ("reference", "triton"):
+        monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
+        model.zero_grad()
+        logits = model(x, attention_mask=mask).logits
+        logits[real].float().pow(2).mean().backward()
+        with torch.no_grad():
+            tokens = model.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        results[kernels] = (logits[real].detach(), [p.grad.clone() for _, p in named], tokens)
+    (l_ref, g_ref, t_ref), (l_tri, g_tri, t_tri) = results["reference"], results["triton"]
+    assert rel(l_tri, l_ref) <= 1e-5
+    assert max(rel(a, b) for a, b in zip(g_tri, g_ref)) <= 1e-4
+    assert t_tri.tolist() == t_ref.tolist()
+    assert chunk.calls == 2 and step.calls == 3  # forward and prefill; a step per new token after the first
+
+
+def test_bad_arguments_say_what_to_fix():
+    fq, fk, v, g, S0, z0 = make_inputs(8, seed=1)
+    with pytest.raises(ValueError, match="v must be"):
+        triton_chunk_gated_attention(fq, fk, v[:, :, :4], g)
+    with pytest.raises(ValueError, match="fq, fk and g must all be"):
+        triton_chunk_gated_attention(fq, fk, v, g[..., :5])
+    with pytest.raises(ValueError, match="initial_state must be"):
+        triton_chunk_gated_attention(fq, fk, v, g, (S0, z0[..., :3]))
+    with pytest.raises(ValueError, match="key_mask must be"):
+        triton_chunk_gated_attention(fq, fk, v, g, key_mask=torch.ones(B, 9, dtype=torch.bool, device=DEVICE))
+    big = torch.rand(1, 1, 4, 257, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 256 features"):
+        triton_chunk_gated_attention(big, big, v[:1, :1, :4], big)
+    with pytest.raises(ValueError, match="S must be"):
+        triton_gated_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], g[:, :, 0], S0)
+    with pytest.raises(ValueError, match="at most 256 features"):
+        triton_gated_step(big[:, :, 0], big[:, :, 0], v[:1, :1, 0], big[:, :, 0], torch.zeros(1, 1, 257, DV + 1))
+
+
+# ----------------------------------------------------------------------------- real shapes, on the GPU
+
+
+def _hedgehog_like(shape, device, dtype):
+    """Features as a Hedgehog map gives them: two softmaxes of F/2 each."""
+    z = torch.randn(*shape[:-1], shape[-1] // 2, device=device) * 2
+    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).to(dtype)
+
+
+def check_bf16_against_reference(b, h, T, f, dv, device):
+    """bf16 kernel vs the fp32 reference (on the same rounded inputs), LAWCAT-like decays, an
+    initial state in and the final state out, every gradient."""
+    torch.manual_seed(0)
+    fq, fk = (_hedgehog_like((b, h, T, f), device, torch.bfloat16) for _ in range(2))
+    v = torch.randn(b, h, T, dv, device=device).to(torch.bfloat16)
+    g = log_decays(torch.randn(b, h, T, f, device=device), "lawcat").to(torch.bfloat16)
+    S0 = torch.rand(b, h, f, dv, device=device)
+    z0 = torch.rand(b, h, f, device=device) + 0.5
+    dy, dS, dz = (torch.randn(s, device=device) for s in (v.shape, S0.shape, z0.shape))
+    out = {}
+    for impl in ("kernel", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
+        a, k_, c, gg, s, z = leaves
+        if impl == "kernel":
+            y, (S, Z) = triton_chunk_gated_attention(a, k_, c, gg, (s, z), output_final_state=True)
+        else:
+            y, S, Z = reference(a, k_, c, gg, s, z)
+        ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
+        out[impl] = [y, S, Z, *(l.grad for l in leaves)]
+    err = errors(out)
+    assert err["y"] <= 1e-2 and err["S"] <= 1e-4 and err["z"] <= 1e-4, err
+    assert max(err[n] for n in NAMES[3:]) <= 2e-2, err
+    return err
+
+
+def test_bf16_hedgehog_features_small():
+    """The GPU test's code at a small shape (three chunks, F = 32)."""
+    check_bf16_against_reference(1, 2, 40, 32, 16, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("f,dv", [(128, 64), (256, 256)])
+def test_gpu_chunk_real_shapes_bf16(f, dv):
+    check_bf16_against_reference(2, 8, 4096, f, dv, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("decay", ["lawcat", "strong"])
+def test_gpu_chunk_real_shape_fp32(decay):
+    """fp32 at a real shape, every gradient, to :func:`fp32_tolerance`."""
+    T = 4096
+    fq, fk, v, g, S0, z0 = make_inputs(T, seed=2, decay=decay, b=2, h=8, f=128, dv=64, device="cuda")
+    dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed=2, device="cuda")
+    out = {}
+    for impl in ("kernel", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
+        if impl == "kernel":
+            y, (S, Z) = triton_chunk_gated_attention(*leaves[:4], tuple(leaves[4:]), output_final_state=True)
+        else:
+            y, S, Z = reference(*leaves)
+        ((y * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
+        out[impl] = [y, S, Z, *(l.grad for l in leaves)]
+    err = errors(out)
+    assert max(err.values()) <= fp32_tolerance(decay), err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+def test_gpu_step_real_shapes():
+    """A decode step of a batch of 16 sequences, 32 heads, F = Dv = 128."""
+    fq, fk, v, g, S = random_step_inputs(16, 32, 128, 128, seed=1, device="cuda")
+    keep = torch.ones(16, dtype=torch.bool, device="cuda")
+    keep[3] = False
+    y_ref, new = gated_step(fq, fk, v, g, keep, GatedState(S=S))
+    y, S1 = triton_gated_step(fq, fk, v, g, S, keep)
+    assert rel(y, y_ref) <= 1e-5 and rel(S1, new.S) <= 1e-6 and torch.equal(S1[3], S[3])
