@@ -123,11 +123,50 @@ def _softmax_cols(u, valid):
 
 
 @triton.jit
-def _map_rows(x, w, m_f, NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
-    """The map of tokens as rows: ``x [C, BD]`` (exact in ``DT``), ``w [BD, BF]`` fp32. Returns
-    ``(p, n, z, r, s)``: the two softmaxes ``[C, BF]`` (zero on padded features), ``z = x w``,
-    and for NP-Map ``r = ||x||``, ``s = max(||z||, eps)`` (``[C]``; unused for Hedgehog)."""
-    z = _dot_split(x, w, DT, PREC, EMULATE, False, True)  # [C, BF]
+def _load_weight(w, offsets, mask, H, D, FH, DT: tl.constexpr):
+    """A tile of a map's weight as ``(hi, lo)``: for fp32 products the fp32 weight (``lo`` is
+    not used), for bf16 products its two bf16 halves, stored one after the other
+    (``[2, H, D, FH]``, see :func:`weight_halves`)."""
+    hi = tl.load(w + offsets, mask=mask, other=0.0)
+    if DT == tl.float32:
+        lo = hi
+    else:
+        lo = tl.load(w + H * D * FH + offsets, mask=mask, other=0.0)
+    return hi, lo
+
+
+@triton.jit
+def _dot_xw(a, w_hi, w_lo, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr, SPLIT_A: tl.constexpr):
+    """``a @ W`` with ``W`` given as its halves (:func:`_load_weight`): ``a_hi W_hi + a_hi W_lo``
+    (``+ a_lo W_hi`` when ``SPLIT_A``: ``a`` is fp32, not exact in ``DT``)."""
+    if DT == tl.float32:
+        out = _dot(a, w_hi, DT, PREC, EMULATE)
+    else:
+        a = a.to(tl.float32)
+        a_hi = a.to(DT)
+        out = _dot(a_hi, w_hi, DT, PREC, EMULATE) + _dot(a_hi, w_lo, DT, PREC, EMULATE)
+        if SPLIT_A:
+            out += _dot(a - a_hi.to(tl.float32), w_hi, DT, PREC, EMULATE)
+    return out
+
+
+@triton.jit
+def _dot_wx(wT_hi, wT_lo, b, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+    """``W^T @ b`` with ``W^T`` given as its halves and ``b`` exact in ``DT``."""
+    if DT == tl.float32:
+        out = _dot(wT_hi, b, DT, PREC, EMULATE)
+    else:
+        out = _dot(wT_hi, b, DT, PREC, EMULATE) + _dot(wT_lo, b, DT, PREC, EMULATE)
+    return out
+
+
+@triton.jit
+def _map_rows(x, w_hi, w_lo, m_f, NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+    """The map of tokens as rows: ``x [C, BD]`` (exact in ``DT``), the weight ``[BD, BF]`` as its
+    halves. Returns ``(p, n, z, r, s)``: the two softmaxes ``[C, BF]`` (zero on padded
+    features), ``z = x W``, and for NP-Map ``r = ||x||``, ``s = max(||z||, eps)`` (``[C]``;
+    unused for Hedgehog)."""
+    z = _dot_xw(x, w_hi, w_lo, DT, PREC, EMULATE, False)  # [C, BF]
     if NORM:
         xf = x.to(tl.float32)
         r = tl.sqrt(tl.sum(xf * xf, 1))
@@ -142,9 +181,11 @@ def _map_rows(x, w, m_f, NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexp
 
 
 @triton.jit
-def _map_cols(xT, wT, m_f, NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
-    """The map of tokens as columns: ``xT [BD, C]``, ``wT [BF, BD]`` -> ``(p^T, n^T) [BF, C]``."""
-    z = _dot_split(wT, xT, DT, PREC, EMULATE, True, False)  # [BF, C]
+def _map_cols(xT, wT_hi, wT_lo, m_f, NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+              EMULATE: tl.constexpr):
+    """The map of tokens as columns: ``xT [BD, C]``, ``W^T [BF, BD]`` as its halves ->
+    ``(p^T, n^T) [BF, C]``."""
+    z = _dot_wx(wT_hi, wT_lo, xT, DT, PREC, EMULATE)  # [BF, C]
     if NORM:
         xf = xT.to(tl.float32)
         r = tl.sqrt(tl.sum(xf * xf, 0))
@@ -199,8 +240,10 @@ def _fwd_kernel(
     k += i_bh * T * D
     v += i_bh * T * DV
     y += i_bh * T * DV
-    b_wq = tl.load(wq + i_h * D * FH + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f[None, :], other=0.0)
-    b_wkT = tl.load(wk + i_h * D * FH + o_d[None, :] * FH + o_f[:, None], mask=m_f[:, None] & m_d[None, :], other=0.0)
+    wq_hi, wq_lo = _load_weight(wq, i_h * D * FH + o_d[:, None] * FH + o_f[None, :], m_d[:, None] & m_f[None, :],
+                                H, D, FH, DT)
+    wkT_hi, wkT_lo = _load_weight(wk, i_h * D * FH + o_d[None, :] * FH + o_f[:, None], m_f[:, None] & m_d[None, :],
+                                  H, D, FH, DT)
     p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV], the p rows; + FH * DV: the n rows
     # z is kept as column 0 of [BF, 16] matrices (see chunk.py's forward)
     first = tl.arange(0, 16)[None, :] == 0
@@ -225,8 +268,8 @@ def _fwd_kernel(
         if HAS_MASK:
             ok = ok & (tl.load(km + i_b * T + t, mask=m_t, other=0) != 0)
             b_kT = tl.where(ok[None, :], b_kT, 0.0)
-        qp, qn, _, _, _ = _map_rows(b_q, b_wq, m_f, NORM, DT, PREC, EMULATE)
-        kpT, knT = _map_cols(b_kT, b_wkT, m_f, NORM, DT, PREC, EMULATE)
+        qp, qn, _, _, _ = _map_rows(b_q, wq_hi, wq_lo, m_f, NORM, DT, PREC, EMULATE)
+        kpT, knT = _map_cols(b_kT, wkT_hi, wkT_lo, m_f, NORM, DT, PREC, EMULATE)
         # the features as the products take them (bf16 for bf16 inputs), padding keys zero
         qp = tl.where(m_t[:, None], qp, 0.0).to(DT)
         qn = tl.where(m_t[:, None], qn, 0.0).to(DT)
@@ -281,9 +324,10 @@ def _bwd_dq(
     m_df = m_d[:, None] & m_f[None, :]
     F = 2 * FH
     p_w = i_h * D * FH + o_d[:, None] * FH + o_f[None, :]  # [BD, BF]
-    b_wq = tl.load(wq + p_w, mask=m_df, other=0.0)
-    b_wk = tl.load(wk + p_w, mask=m_df, other=0.0)
-    b_wqT = tl.load(wq + i_h * D * FH + o_d[None, :] * FH + o_f[:, None], mask=m_f[:, None] & m_d[None, :], other=0.0)
+    wq_hi, wq_lo = _load_weight(wq, p_w, m_df, H, D, FH, DT)
+    wk_hi, wk_lo = _load_weight(wk, p_w, m_df, H, D, FH, DT)
+    wqT_hi, wqT_lo = _load_weight(wq, i_h * D * FH + o_d[None, :] * FH + o_f[:, None], m_f[:, None] & m_d[None, :],
+                                  H, D, FH, DT)
     # S^T, [BDV, BF] per half, loaded transposed from S0 [F, DV]
     if HAS_INIT:
         p_st = i_bh * F * DV + o_f[None, :] * DV + o_e[:, None]
@@ -316,7 +360,7 @@ def _bwd_dq(
         if HAS_MASK:
             ok = ok & (tl.load(km + i_b * T + t, mask=m_t, other=0) != 0)
             b_k = tl.where(ok[:, None], b_k, 0.0)
-        kp, kn, _, _, _ = _map_rows(b_k, b_wk, m_f, NORM, DT, PREC, EMULATE)
+        kp, kn, _, _, _ = _map_rows(b_k, wk_hi, wk_lo, m_f, NORM, DT, PREC, EMULATE)
         kp = tl.where(ok[:, None], kp, 0.0).to(DT)
         kn = tl.where(ok[:, None], kn, 0.0).to(DT)
         P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [C, C]
@@ -327,10 +371,10 @@ def _bwd_dq(
         g_n += _dot(P, kn, DT, PREC, EMULATE)
         # the query map's backward, on the recomputed query features (fp32)
         b_q = tl.load(q + i_bh * T * D + t[:, None] * D + o_d[None, :], mask=m_td, other=0.0)
-        qp, qn, zq, rq, sq = _map_rows(b_q, b_wq, m_f, NORM, DT, PREC, EMULATE)
+        qp, qn, zq, rq, sq = _map_rows(b_q, wq_hi, wq_lo, m_f, NORM, DT, PREC, EMULATE)
         dz, c = _map_rows_bwd(qp, qn, g_p, g_n, zq, rq, sq, NORM)
         dz = tl.where(m_t[:, None], dz, 0.0)
-        b_dq = _dot_split(dz, b_wqT, DT, PREC, EMULATE, True, True)
+        b_dq = _dot_xw(dz, wqT_hi, wqT_lo, DT, PREC, EMULATE, True)
         if NORM:
             b_dq += c[:, None] * b_q.to(tl.float32)
         tl.store(dq + i_bh * T * D + t[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_td)
@@ -364,9 +408,10 @@ def _bwd_dk(
     m_df = m_d[:, None] & m_f[None, :]
     F = 2 * FH
     p_w = i_h * D * FH + o_d[:, None] * FH + o_f[None, :]
-    b_wq = tl.load(wq + p_w, mask=m_df, other=0.0)
-    b_wk = tl.load(wk + p_w, mask=m_df, other=0.0)
-    b_wkT = tl.load(wk + i_h * D * FH + o_d[None, :] * FH + o_f[:, None], mask=m_f[:, None] & m_d[None, :], other=0.0)
+    wq_hi, wq_lo = _load_weight(wq, p_w, m_df, H, D, FH, DT)
+    wk_hi, wk_lo = _load_weight(wk, p_w, m_df, H, D, FH, DT)
+    wkT_hi, wkT_lo = _load_weight(wk, i_h * D * FH + o_d[None, :] * FH + o_f[:, None], m_f[:, None] & m_d[None, :],
+                                  H, D, FH, DT)
     # dS^T, [BDV, BF] per half
     if HAS_DFINAL:
         p_st = i_bh * F * DV + o_f[None, :] * DV + o_e[:, None]
@@ -396,7 +441,7 @@ def _bwd_dk(
         b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         # the query features of the chunk, rows
         b_q = tl.load(q + i_bh * T * D + t[:, None] * D + o_d[None, :], mask=m_td, other=0.0)
-        qp, qn, _, _, _ = _map_rows(b_q, b_wq, m_f, NORM, DT, PREC, EMULATE)
+        qp, qn, _, _, _ = _map_rows(b_q, wq_hi, wq_lo, m_f, NORM, DT, PREC, EMULATE)
         qp = tl.where(m_t[:, None], qp, 0.0).to(DT)
         qn = tl.where(m_t[:, None], qn, 0.0).to(DT)
         Q = tl.where(later, _dot_split(b_v, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :], 0.0)  # [C, C]
@@ -412,10 +457,10 @@ def _bwd_dk(
             ok = ok & (tl.load(km + i_b * T + t, mask=m_t, other=0) != 0)
             b_k = tl.where(ok[:, None], b_k, 0.0)
             b_kT = tl.where(ok[None, :], b_kT, 0.0)
-        kp, kn, zk, rk, sk = _map_rows(b_k, b_wk, m_f, NORM, DT, PREC, EMULATE)
+        kp, kn, zk, rk, sk = _map_rows(b_k, wk_hi, wk_lo, m_f, NORM, DT, PREC, EMULATE)
         dz, c = _map_rows_bwd(kp, kn, g_p, g_n, zk, rk, sk, NORM)
         dz = tl.where(ok[:, None], dz, 0.0)
-        b_dk = _dot_split(dz, b_wkT, DT, PREC, EMULATE, True, True)
+        b_dk = _dot_xw(dz, wkT_hi, wkT_lo, DT, PREC, EMULATE, True)
         if NORM:
             b_dk += tl.where(ok, c, 0.0)[:, None] * b_k.to(tl.float32)
         tl.store(dk + i_bh * T * D + t[:, None] * D + o_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_td)
@@ -450,8 +495,10 @@ def _bwd_dv(
     m_v = o_v < DV
     m_fv = m_f[:, None] & m_v[None, :]
     F = 2 * FH
-    b_wk = tl.load(wk + i_h * D * FH + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f[None, :], other=0.0)
-    b_wqT = tl.load(wq + i_h * D * FH + o_d[None, :] * FH + o_f[:, None], mask=m_f[:, None] & m_d[None, :], other=0.0)
+    wk_hi, wk_lo = _load_weight(wk, i_h * D * FH + o_d[:, None] * FH + o_f[None, :], m_d[:, None] & m_f[None, :],
+                                H, D, FH, DT)
+    wqT_hi, wqT_lo = _load_weight(wq, i_h * D * FH + o_d[None, :] * FH + o_f[:, None], m_f[:, None] & m_d[None, :],
+                                  H, D, FH, DT)
     p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV]
     if HAS_DFINAL:
         dS_p = tl.load(ds_final + p_s, mask=m_fv, other=0.0)
@@ -473,11 +520,11 @@ def _bwd_dv(
         if HAS_MASK:
             ok = ok & (tl.load(km + i_b * T + t, mask=m_t, other=0) != 0)
             b_k = tl.where(ok[:, None], b_k, 0.0)
-        kp, kn, _, _, _ = _map_rows(b_k, b_wk, m_f, NORM, DT, PREC, EMULATE)
+        kp, kn, _, _, _ = _map_rows(b_k, wk_hi, wk_lo, m_f, NORM, DT, PREC, EMULATE)
         kp = tl.where(ok[:, None], kp, 0.0).to(DT)
         kn = tl.where(ok[:, None], kn, 0.0).to(DT)
         b_qT = tl.load(q + i_bh * T * D + t[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
-        qpT, qnT = _map_cols(b_qT, b_wqT, m_f, NORM, DT, PREC, EMULATE)
+        qpT, qnT = _map_cols(b_qT, wqT_hi, wqT_lo, m_f, NORM, DT, PREC, EMULATE)
         qpT = tl.where(m_t[None, :], qpT, 0.0).to(DT)
         qnT = tl.where(m_t[None, :], qnT, 0.0).to(DT)
         R = tl.where(later, _dot(kp, qpT, DT, PREC, EMULATE) + _dot(kn, qnT, DT, PREC, EMULATE), 0.0)  # [C, C]
@@ -531,34 +578,54 @@ def fused_compute_dtype(q, k, v) -> torch.dtype:
 
 
 def _fwd_config(D, FH, DV, chunk_size, heads, dtype):
-    """``(C, BD, BF, BV, num_warps)`` of the forward."""
+    """``(C, BD, BF, BV, num_warps, num_stages)`` of the forward. ``BV`` (value columns a
+    program) starts at 64 and halves while ``B * H * Dv / BV`` programs would leave
+    multiprocessors idle (every program computes the maps of its chunk, so more programs cost
+    more map work but run at once). Chunks of 16 tokens: compiled for sm_90a (Triton 3.9) at
+    D = Fh = Dv = 64 with bf16 products, the forward holds in registers (235-246 of 255, no
+    spill) with 8 warps at BV = 64 and 16 and 4 warps at BV = 32, while chunks of 32 spill
+    8-136 bytes a thread and chunks of 64 200-650 (``scripts/sm90_registers.py``)."""
     BD, BF = _pow2(D), _pow2(FH)
     if dtype == torch.float32:
-        return min(chunk_size, 16), BD, BF, 16, 4
-    C = min(chunk_size, 64)
+        return min(chunk_size, 16), BD, BF, 16, 4, 2
     BV = min(_pow2(DV), 64)
     sms = _sms()
     while sms and BV > 16 and heads * triton.cdiv(DV, BV) < sms:
         BV //= 2
-    return C, BD, BF, BV, 8
+    return min(chunk_size, 16), BD, BF, BV, (4 if BV == 32 else 8), 2
 
 
 def _bwd_config(D, FH, DV, chunk_size, heads, dtype):
-    """``(C, BD, BF, BV, BDV, num_warps)`` of the backward: the ``dq``/``dk`` programs take
-    every value column (``BDV``), the ``dv`` programs ``BV`` of them."""
+    """``(C, BD, BF, BV, BDV, num_warps, num_stages)`` of the backward: the ``dq``/``dk``
+    programs take every value column (``BDV``), the ``dv`` programs ``BV`` of them. The
+    ``dq``/``dk`` programs carry two ``[Dv, Fh]`` states, the ``[D, Fh]`` weight-gradient share
+    and three weight tiles through the walk: with 8 warps and chunks of 16 they hold in registers
+    on sm_90a (248-253 of 255 at D = Fh = Dv = 64, bf16), with chunks of 32 they spill 70-130
+    bytes a thread."""
     BD, BF, BDV = _pow2(D), _pow2(FH), _pow2(DV)
     if dtype == torch.float32:
-        return min(chunk_size, 16), BD, BF, 16, BDV, 4
-    C = min(chunk_size, 32)
-    BV = min(BDV, 64)
-    return C, BD, BF, BV, BDV, 8
+        return min(chunk_size, 16), BD, BF, 16, BDV, 4, 2
+    return min(chunk_size, 16), BD, BF, min(BDV, 64), BDV, 8, 2
+
+
+def weight_halves(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A map's fp32 weight ``[H, D, Fh]`` as the kernels read it: for bf16 products its bf16
+    halves ``hi = bf16(w)``, ``lo = bf16(w - hi)`` stacked (``[2, H, D, Fh]``; ``hi + lo`` is
+    ``w`` to about 2^-16), split once here rather than in every program; for fp32 products
+    ``w`` itself (``[1, H, D, Fh]``)."""
+    w = w.float()
+    if dtype == torch.float32:
+        return w[None].contiguous()
+    hi = w.to(dtype)
+    return torch.stack([hi, (w - hi.float()).to(dtype)]).contiguous()
 
 
 def fused_attention_fwd(q, k, v, wq, wk, norm, key_mask=None, S0=None, z0=None, output_final_state=False,
                         chunk_size=64, output_dtype=torch.float32, keep_fp32_output=False):
-    """Launch the forward on contiguous ``q, k: [B, H, T, D]``, ``v: [B, H, T, Dv]``,
-    ``wq, wk: [H, D, Fh]`` fp32, ``key_mask: [B, T]`` int8 or None. Returns
-    ``(y, y32, d, S, z)`` as :func:`linearize.kernels.linear.chunk.linear_attention_fwd`."""
+    """Launch the forward on contiguous ``q, k: [B, H, T, D]``, ``v: [B, H, T, Dv]``, the maps'
+    weights as :func:`weight_halves` gives them (``wq, wk: [., H, D, Fh]``), ``key_mask: [B, T]``
+    int8 or None. Returns ``(y, y32, d, S, z)`` as
+    :func:`linearize.kernels.linear.chunk.linear_attention_fwd`."""
     B, H, T, D = q.shape
     FH = wq.shape[-1]
     F, DV = 2 * FH, v.shape[-1]
@@ -570,12 +637,12 @@ def fused_attention_fwd(q, k, v, wq, wk, norm, key_mask=None, S0=None, z0=None, 
     z = torch.empty(B, H, F, device=v.device, dtype=torch.float32) if output_final_state else None
     store_y32 = keep_fp32_output and y.dtype != torch.float32
     y32 = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32) if store_y32 else None
-    C, BD, BF, BV, num_warps = _fwd_config(D, FH, DV, chunk_size, B * H, dtype)
+    C, BD, BF, BV, num_warps, num_stages = _fwd_config(D, FH, DV, chunk_size, B * H, dtype)
     _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
         q, k, v, wq, wk, key_mask, y, y32, d, S0, z0, S, z, T, H, D, FH, DV,
         C=C, BD=BD, BF=BF, BV=BV, NORM=norm, HAS_MASK=key_mask is not None, HAS_INIT=S0 is not None,
         STORE_FINAL=output_final_state, STORE_Y32=store_y32, DT=DT, PREC=PREC, EMULATE=EMULATE,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if keep_fp32_output and not store_y32:
         y32 = y
@@ -584,8 +651,9 @@ def fused_attention_fwd(q, k, v, wq, wk, norm, key_mask=None, S0=None, z0=None, 
 
 def fused_attention_bwd(q, k, v, wq, wk, norm, key_mask, y, d, dy, S0=None, z0=None, dS=None, dz=None,
                         chunk_size=64, want_dinit=True):
-    """Launch the backward. Returns ``(dq, dk, dv, dWq [H, D, Fh], dWk, dS0, dz0)`` (the last two
-    None without an initial state or when ``want_dinit`` is False)."""
+    """Launch the backward (weights as in :func:`fused_attention_fwd`). Returns
+    ``(dq, dk, dv, dWq [H, D, Fh], dWk, dS0, dz0)`` (the last two None without an initial state
+    or when ``want_dinit`` is False)."""
     B, H, T, D = q.shape
     FH = wq.shape[-1]
     F, DV = 2 * FH, v.shape[-1]
@@ -603,12 +671,12 @@ def fused_attention_bwd(q, k, v, wq, wk, norm, key_mask, y, d, dy, S0=None, z0=N
     want_dinit = want_dinit and has_init
     dS0 = torch.empty(B, H, F, DV, device=v.device, dtype=torch.float32) if want_dinit else None
     dz0 = torch.empty(B, H, F, device=v.device, dtype=torch.float32) if want_dinit else None
-    C, BD, BF, BV, BDV, num_warps = _bwd_config(D, FH, DV, chunk_size, B * H, dtype)
+    C, BD, BF, BV, BDV, num_warps, num_stages = _bwd_config(D, FH, DV, chunk_size, B * H, dtype)
     _bwd_kernel[(2 + triton.cdiv(DV, BV), B * H)](
         q, k, v, wq, wk, key_mask, y, d, dy, S0, z0, dS, dz, dq, dk, dv, dwq, dwk, dS0, dz0, T, H, D, FH, DV,
         C=C, BD=BD, BF=BF, BV=BV, BDV=BDV, NORM=norm, HAS_MASK=key_mask is not None, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit, DT=DT, PREC=PREC, EMULATE=EMULATE,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv, dwq.sum(0), dwk.sum(0), dS0, dz0
 
@@ -620,7 +688,8 @@ class FusedMapLinearAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, wq, wk, S0, z0, key_mask, norm, output_final_state, chunk_size, output_dtype):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        wq32, wk32 = wq.float().contiguous(), wk.float().contiguous()
+        dtype = fused_compute_dtype(q, k, v)
+        wq32, wk32 = weight_halves(wq, dtype), weight_halves(wk, dtype)
         if S0 is not None:
             S0, z0 = S0.float().contiguous(), z0.float().contiguous()
         keep = any(ctx.needs_input_grad[:7])
