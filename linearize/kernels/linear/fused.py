@@ -59,11 +59,25 @@ and each program has only one write to make anyway).
 
 Precision: as chunk.py (state and accumulation in fp32; fp32 inputs: every product in fp32;
 bf16 inputs: bf16 tensor cores with fp32 operands split into ``hi + lo`` halves where a product
-cancels). The map: ``x W`` with ``x`` exact in bf16 and ``W`` split (about 2^-16 relative, as
-``../feature_map/hedgehog.py``), the softmaxes in fp32; for the attention the features are
-rounded to bf16 (what the unfused path with bf16 features computes), the same rounded values in
-every product of a program, so numerator and denominator agree; in the backward ``dfq``/``dfk``
-stay fp32 in registers into the map's backward, whose products take ``dz`` split.
+cancels). The map: ``x W`` with ``x`` exact in bf16 and ``W`` as two bf16 halves ``hi + lo``
+(about 2^-16 relative, as ``../feature_map/hedgehog.py``; split once in PyTorch,
+:func:`weight_halves`, so no program holds an fp32 copy), the softmaxes in fp32; for the
+attention the features are rounded to bf16 (what the unfused Triton path computes from fp32
+features and bf16 values), the same rounded values in every product of a program, so numerator
+and denominator agree; in the backward ``dfq``/``dfk`` stay fp32 in registers into the map's
+backward, whose products take ``dz`` split, and ``dv``'s product with the long fp32 sum ``dS``
+takes it split too.
+
+Registers (compiled for sm_90a with Triton 3.9 and its ptxas, ``scripts/sm90_registers.py``;
+the GPU machines run Triton 3.6, whose figures may differ). At D = Fh = Dv = 64 with bf16
+products, in chunks of 16: the forward 241 registers (BV = 16) / 245 (BV = 64), no spill; the
+backward's ``dq``, ``dk``, ``dv`` programs alone 249, 253, 222, no spill; the three in one
+launch 255 and 20 bytes a thread of spill stores (static). NP-Map the same within 8 bytes.
+Chunks of 32 spill 8-136 bytes in the forward and 70-130 in ``dq``/``dk``, chunks of 64
+200-650. Not yet fitted: D = Dv = 128 (forward 72 bytes, ``dq`` 390, ``dk`` 170: two
+``[Dv, Fh]`` states, the ``[D, Fh]`` gradient share and three ``[D, Fh]`` weight tiles are
+carried through the walk), and fp32 products (FMA units, not tensor cores: the forward 28
+bytes, ``dq`` 780, ``dk`` 350). Speed has not been measured (no GPU run so far).
 
 Padding keys (``key_mask`` False): the kernels zero their features (``tl.where``, so a NaN key
 cannot leak), their keys' map gradient and their keys where ``dW_k`` and ``dk`` read them;
@@ -586,8 +600,8 @@ def _fwd_config(D, FH, DV, chunk_size, heads, dtype):
     spill) with 8 warps at BV = 64 and 16 and 4 warps at BV = 32, while chunks of 32 spill
     8-136 bytes a thread and chunks of 64 200-650 (``scripts/sm90_registers.py``)."""
     BD, BF = _pow2(D), _pow2(FH)
-    if dtype == torch.float32:
-        return min(chunk_size, 16), BD, BF, 16, 4, 2
+    if dtype == torch.float32:  # fp32 products run on FMA units: the exact path, not the fast one
+        return min(chunk_size, 16), BD, BF, 16, 8, 2
     BV = min(_pow2(DV), 64)
     sms = _sms()
     while sms and BV > 16 and heads * triton.cdiv(DV, BV) < sms:
@@ -604,7 +618,7 @@ def _bwd_config(D, FH, DV, chunk_size, heads, dtype):
     bytes a thread."""
     BD, BF, BDV = _pow2(D), _pow2(FH), _pow2(DV)
     if dtype == torch.float32:
-        return min(chunk_size, 16), BD, BF, 16, BDV, 4, 2
+        return min(chunk_size, 16), BD, BF, 16, BDV, 8, 2
     return min(chunk_size, 16), BD, BF, min(BDV, 64), BDV, 8, 2
 
 
