@@ -9,10 +9,9 @@ relative, ``||a - b|| / ||b||``, against the fp32 reference (``HedgehogFeatureMa
 ``NPMapFeatureMap``, then ``chunk_hybrid_attention`` with ``window=0``), with random ``dy`` and
 random gradients of the final state.
 
-Tolerances. fp32 inputs: 1e-5 (every product in fp32; seen over all 32 cases of the slow test:
-at most 2e-6, on dk; 6e-7 on everything else). bf16 inputs (the
-reference gets the same bf16 values, in fp32): the kernels round the features to bf16 for the
-attention's products (relative 2^-9 = 2e-3 at most per feature, the same rounding as the
+Tolerances. fp32 inputs: 1e-5 (every product in fp32; seen over all 32 cases of the slow
+test: at most 2e-6, on dk; 6e-7 on everything else). bf16 inputs (the reference gets the same
+bf16 values, in fp32): the kernels round the features to bf16 for the attention's products (relative 2^-9 = 2e-3 at most per feature, the same rounding as the
 unfused Triton path on fp32 features and bf16 values) and the bf16 outputs ``dq, dk, dv`` are
 rounded once more; products whose result cancels keep fp32 operands (hi + lo halves). The
 features' rounding is systematic where features take similar values, so it shows almost whole
