@@ -9,17 +9,17 @@ relative, ``||a - b|| / ||b||``, against the fp32 reference (``HedgehogFeatureMa
 ``NPMapFeatureMap``, then ``chunk_hybrid_attention`` with ``window=0``), with random ``dy`` and
 random gradients of the final state.
 
-Tolerances. fp32 inputs: 1e-5 (every product in fp32; seen over all 32 cases of the slow
-test: at most 2e-6, on dk; 6e-7 on everything else). bf16 inputs (the reference gets the same
-bf16 values, in fp32): the kernels round the features to bf16 for the attention's products (relative 2^-9 = 2e-3 at most per feature, the same rounding as the
-unfused Triton path on fp32 features and bf16 values) and the bf16 outputs ``dq, dk, dv`` are
-rounded once more; products whose result cancels keep fp32 operands (hi + lo halves). The
-features' rounding is systematic where features take similar values, so it shows almost whole
-in the sums ``S, z``. Seen in the interpreter (T = 40 and 100, D = 12 and 16): ``y`` 1.5-1.7e-3,
-``S, z`` 2.2-2.8e-3, ``dq, dk`` 3.2-4.4e-3, ``dv`` 6.1-6.4e-3, the maps' weights and
-reflections 2.4e-4 to 3.7e-3, ``dS0, dz0`` 6e-4 to 1.1e-3. Asserted, about 3x above: 5e-3 on
-``y``, 1e-2 on ``S, z`` and the maps' parameters, 2e-2 on ``dq, dk, dv`` (as the unfused
-kernels' tests), 5e-3 on ``dS0, dz0``.
+Tolerances. fp32 inputs: 1e-5 (every product in fp32; seen over all 32 cases of the slow test:
+at most 2e-6, on dk; 6e-7 on everything else). bf16 inputs (the reference gets the same bf16
+values, in fp32): the kernels round the features to bf16 for the attention's products (relative
+2^-9 = 2e-3 at most per feature, the same rounding as the unfused Triton path on fp32 features
+and bf16 values) and the bf16 outputs ``dq, dk, dv`` are rounded once more; products whose
+result cancels keep fp32 operands (hi + lo halves). The features' rounding is systematic where
+features take similar values, so it shows almost whole in the sums ``S, z``. Seen in the
+interpreter (T = 40 and 100, D = 12 and 16): ``y`` 1.5-1.7e-3, ``S, z`` 2.2-2.8e-3, ``dq, dk``
+3.2-4.4e-3, ``dv`` 6.1-6.4e-3, the maps' weights and reflections 2.4e-4 to 3.7e-3, ``dS0, dz0``
+6e-4 to 1.1e-3. Asserted, about 3x above: 5e-3 on ``y``, 1e-2 on ``S, z`` and the maps'
+parameters, 2e-2 on ``dq, dk, dv`` (as the unfused kernels' tests), 5e-3 on ``dS0, dz0``.
 """
 
 import os
