@@ -23,6 +23,11 @@ Backends:
 * ``ours+hh``: the fused Hedgehog feature maps (``linearize.kernels.feature_map``, ``D/2`` per
   softmax, so ``D`` features) on raw q and k, then ours; ``torch_hh+ours``: the same maps in
   plain PyTorch (``HedgehogFeatureMap``) then ours. (Not with ``--quick``.)
+* ``fused_hh`` / ``fused_np``: the same attention with the Hedgehog / NP-Map maps computed
+  inside the attention kernels (``linearize.kernels.linear.fused``, raw q and k in, the maps
+  recomputed in the backward). ``fus_x_lin``, ``hh_x_lin``, ``thh_x_lin`` are ``fused_hh``'s,
+  ``ours+hh``'s and ``torch_hh+ours``'s times over ours (attention alone, the best chunk size),
+  ``np_x_lin`` ``fused_np``'s. (``--no-fused`` leaves the fused ones out.)
 * ``ours_gated``: ``linearize.kernels.gated.chunk.triton_chunk_gated_attention`` (normalised
   linear attention with a per-channel decay, LAWCAT's; ``[B, H, T, D]``), log decays
   ``g = logsigmoid(N(0, 1)) / 16`` in bf16, the same for fla;
@@ -161,6 +166,33 @@ def hedgehog_backend(fused):
     return make
 
 
+def fused_maps_backend(kind):
+    from linearize.feature_maps import HedgehogFeatureMap, NPMapFeatureMap
+    from linearize.kernels.linear.fused import fused_map_linear_attention
+
+    def make(q, k, v):
+        D = q.shape[-1]
+        cls = HedgehogFeatureMap if kind == "hedgehog" else NPMapFeatureMap
+        maps = [cls(HEADS, D, D // 2).to(q.device) for _ in range(2)]
+        with torch.no_grad():
+            for m in maps:
+                m.weight.normal_(0, D**-0.5)
+        params = [p for m in maps for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(q.requires_grad)
+        xq, xk = (torch.randn_like(q).requires_grad_(q.requires_grad) for _ in range(2))
+        extra = dict(query_reflection=maps[0].reflection, key_reflection=maps[1].reflection) if kind == "npmap" else {}
+
+        def run():
+            y, _ = fused_map_linear_attention(xq, xk, v, kind, maps[0].weight, maps[1].weight, **extra,
+                                              output_dtype=q.dtype)
+            return y
+
+        return run, (xq, xk, v, *params)
+
+    return make
+
+
 def _log_decays(q):
     """LAWCAT-like log decays ``logsigmoid(N(0, 1)) / 16`` shaped like ``q``, in its dtype."""
     g = F.logsigmoid(torch.randn(q.shape, device=q.device)) / 16
@@ -253,6 +285,12 @@ def available_backends(args):
             backends["hybrid"] = hybrid_backend(args.window, args.sinks)
         except Exception as e:  # noqa: BLE001
             missing["hybrid"] = repr(e)
+    if not args.no_fused:
+        for name, kind in (("fused_hh", "hedgehog"), ("fused_np", "npmap")):
+            try:
+                backends[name] = fused_maps_backend(kind)
+            except Exception as e:  # noqa: BLE001
+                missing[name] = repr(e)
     if not args.quick:
         for name, fused in (("ours+hh", True), ("torch_hh+ours", False)):
             try:
@@ -317,6 +355,8 @@ def main(argv=None):
     parser.add_argument("--no-gated", action="store_true",
                         help="leave the gated kernels (ours and fla's chunk_gla) out")
     parser.add_argument("--no-hybrid", action="store_true", help="leave the sliding-window + linear hybrid out")
+    parser.add_argument("--no-fused", action="store_true",
+                        help="leave the fused feature-map attention (fused_hh, fused_np) out")
     parser.add_argument("--window", type=int, default=64, help="the hybrid's softmax window (default 64)")
     parser.add_argument("--sinks", type=int, default=4, help="the hybrid's attention sinks (default 4)")
     args = parser.parse_args(argv)
@@ -388,7 +428,7 @@ def _ms(x):
 def _ratios(rec, chunks):
     """Speed-ups of our best chunk size over the softmax baseline and fla, and bandwidth; the same
     for the gated kernel against fla's chunk_gla, and for the hybrid against SDPA and fla's plain
-    linear attention (its nearest equivalent)."""
+    linear attention (its nearest equivalent); the feature maps' cost over ours alone."""
     ms = rec["ms"]
     ours = [t for c in chunks if (t := _ms(ms.get(f"ours_c{c}"))) is not None]
     softmax = [t for n in ("sdpa_flash", "sdpa_cudnn") if (t := _ms(ms.get(n))) is not None]
@@ -418,6 +458,12 @@ def _ratios(rec, chunks):
             rec["hybrid_speedup_vs_fla"] = fla / hybrid
         if ours:
             rec["hybrid_over_linear"] = hybrid / min(ours)
+    if ours:  # the feature maps' cost: each way of computing them, over the attention alone
+        for name, key in (("fused_hh", "fused_over_linear"), ("ours+hh", "hh_over_linear"),
+                          ("torch_hh+ours", "torch_hh_over_linear"), ("fused_np", "npmap_over_linear")):
+            t = _ms(ms.get(name))
+            if t is not None:
+                rec[key] = t / min(ours)
 
 
 def _cell(x, width=10):
@@ -434,7 +480,8 @@ COLUMNS = [("ours_TBps", "ours_TB/s"), ("ours_vs_floor", "x_floor"), ("speedup_v
            ("speedup_vs_fla", "vs_fla"), ("gated_vs_floor", "g_x_floor"), ("gated_speedup_vs_sdpa", "g_vs_sdpa"),
            ("gated_speedup_vs_fla_gla", "g_vs_fla"), ("hybrid_vs_floor", "hyb_x_floor"),
            ("hybrid_speedup_vs_sdpa", "hyb_vs_sdpa"), ("hybrid_speedup_vs_fla", "hyb_vs_fla"),
-           ("hybrid_over_linear", "hyb_x_lin")]
+           ("hybrid_over_linear", "hyb_x_lin"), ("fused_over_linear", "fus_x_lin"),
+           ("hh_over_linear", "hh_x_lin"), ("torch_hh_over_linear", "thh_x_lin"), ("npmap_over_linear", "np_x_lin")]
 
 
 def _row(rec, names, header=False):

@@ -2,7 +2,11 @@
 
 Students call :func:`hybrid_attention` (or :func:`gated_attention`, for decayed linear
 attention, or :func:`still_attention`, for STILL's token-selecting hybrid); it picks the form (chunked for prefill and training,
-the recurrent step for decoding) and, where one exists, a fused kernel on CUDA.
+the recurrent step for decoding) and, where one exists, a fused kernel on CUDA. The Hedgehog and
+LoLCATs students call :func:`feature_map_attention`, which takes their feature-map modules:
+it applies them and calls :func:`hybrid_attention`, or, where the fused kernel applies, hands
+raw queries and keys and the maps' parameters to the kernel that computes the maps inside the
+attention (:mod:`linearize.kernels.linear.fused`).
 
 Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
 (:mod:`linearize.kernels.linear`), sliding-window + linear attention with sinks
@@ -19,7 +23,8 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
   need ``TRITON_INTERPRET=1``): :func:`hybrid_attention` sends plain linear attention (window 0,
   no sinks) to the linear kernels and any other window (up to 128) and sinks (up to 64) to the
   hybrid kernels; an error if ``triton`` cannot be imported or the window or the sinks are
-  larger.
+  larger. :func:`feature_map_attention` sends the chunked form of plain linear attention with
+  Hedgehog or NP-Map maps to the fused-map kernel; everything else goes the unfused way.
 
 Triton replaces the chunked form and the one-token step; the quadratic ``naive`` form and the
 multi-token ``recurrent`` loop, which exist to check the others, always run the reference. The
@@ -59,6 +64,7 @@ __all__ = [
     "naive_gated_attention",
     "recurrent_gated_attention",
     "HybridState",
+    "feature_map_attention",
     "hybrid_attention",
     "chunk_hybrid_attention",
     "hybrid_step",
@@ -135,9 +141,80 @@ def _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size):
         S, z = final if output_state else (None, None)
     if not output_state:
         return y, None
-    if state is None:  # the empty window and sink buffers of a window-0 state
-        state = HybridState.empty(B, H, q.shape[-1], v.shape[-1], F, device=v.device)
-    return y, dataclasses.replace(state, S=S, z=z)
+    return y, _linear_state(state, q, v, F, S, z)
+
+
+def _linear_state(state, q, v, features, S, z):
+    """The :class:`HybridState` of plain linear attention after a call: ``state`` (or an empty
+    one: no window or sink buffers) with the new ``S, z``."""
+    if state is None:
+        B, H = q.shape[:2]
+        state = HybridState.empty(B, H, q.shape[-1], v.shape[-1], features, device=v.device)
+    return dataclasses.replace(state, S=S, z=z)
+
+
+def _fused_map_kind(feature_map_q, feature_map_k) -> str | None:
+    """``"hedgehog"`` or ``"npmap"`` when both maps are of that kind (the kinds the fused kernel
+    computes), else None."""
+    from ..feature_maps import HedgehogFeatureMap, NPMapFeatureMap
+
+    for kind, cls in (("hedgehog", HedgehogFeatureMap), ("npmap", NPMapFeatureMap)):
+        if type(feature_map_q) is cls and type(feature_map_k) is cls:
+            return kind
+    return None
+
+
+def feature_map_attention(
+    q, k, v, feature_map_q, feature_map_k, gamma, window, scale, key_mask=None, state=None, output_state=False,
+    form="auto", chunk_size=64, sinks=0,
+):
+    """:func:`hybrid_attention` over ``fq = feature_map_q(q)``, ``fk = feature_map_k(k)`` (the
+    maps of :mod:`linearize.feature_maps`, applied to fp32 ``q`` and ``k``). Arguments and
+    result as :func:`hybrid_attention`, with the two map modules in place of ``fq, fk``.
+
+    With ``LINEARIZE_KERNELS=triton``, the chunked form of plain linear attention (``window ==
+    0``, no sinks, no window in the carried state) with Hedgehog or NP-Map maps on both sides
+    goes to :func:`linearize.kernels.linear.fused.fused_map_linear_attention`, which computes
+    the maps inside the attention kernels (forward and backward) from raw ``q``, ``k`` and the
+    maps' parameters. Everything else computes the maps here and calls
+    :func:`hybrid_attention`: other maps, windows and sinks, the quadratic and recurrent forms,
+    and the one-token decode step (one token's map costs next to nothing in PyTorch; the step
+    itself still runs the Triton decode kernel).
+    """
+    kind = _fused_map_kind(feature_map_q, feature_map_k)
+    plain = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
+    if kind is not None and plain and _pick_form(form, q.shape[2], state) == "chunk" and _use_triton():
+        from .linear import fused
+
+        fits = (q.shape[-1] <= fused.MAX_HEAD_DIM and feature_map_q.feature_dim <= fused.MAX_MAP_FEATURES
+                and v.shape[-1] <= fused.MAX_VALUE_DIM)
+        if fits:
+            return _triton_fused_maps(q, k, v, kind, feature_map_q, feature_map_k, key_mask, state, output_state,
+                                      chunk_size)
+    fq, fk = feature_map_q(q.float()), feature_map_k(k.float())
+    return hybrid_attention(
+        q, k, v, fq, fk, gamma, window, scale, key_mask=key_mask, state=state, output_state=output_state, form=form,
+        chunk_size=chunk_size, sinks=sinks,
+    )
+
+
+def _triton_fused_maps(q, k, v, kind, feature_map_q, feature_map_k, key_mask, state, output_state, chunk_size):
+    """Plain normalised linear attention with the maps inside the Triton kernels, with the
+    reference's contract: ``(y [B, H, T, Dv] fp32, HybridState or None)``."""
+    from .linear import fused
+
+    reflections = {}
+    if kind == "npmap":
+        reflections = dict(query_reflection=feature_map_q.reflection, key_reflection=feature_map_k.reflection)
+    chunk = max(c for c in (16, 32, 64, 128) if c <= max(chunk_size, 16))
+    y, final = fused.fused_map_linear_attention(
+        q, k, v, kind, feature_map_q.weight, feature_map_k.weight, **reflections,
+        initial_state=None if state is None else (state.S, state.z), output_final_state=output_state,
+        chunk_size=chunk, key_mask=key_mask, output_dtype=torch.float32,
+    )
+    if not output_state:
+        return y, None
+    return y, _linear_state(state, q, v, feature_map_q.feature_size, *final)
 
 
 def hybrid_attention(

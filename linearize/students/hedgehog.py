@@ -23,7 +23,7 @@ import copy
 from dataclasses import dataclass
 
 from ..feature_maps import build_feature_map
-from ..kernels import hybrid_attention, naive_hybrid_attention
+from ..kernels import feature_map_attention, naive_hybrid_attention
 from .base import Student
 
 
@@ -49,9 +49,10 @@ class HedgehogStudent(Student):
         return None
 
     def attend(self, q, k, v, key_mask, state, output_state):
-        fq, fk = self.feature_map_q(q.float()), self.feature_map_k(k.float())
-        return hybrid_attention(
-            q, k, v, fq, fk, self.window_factor(), self.window, self.scaling,
+        # phi_q(q), phi_k(k), then the attention; with LINEARIZE_KERNELS=triton and no window the
+        # maps run inside the attention kernel (see linearize.kernels.feature_map_attention)
+        return feature_map_attention(
+            q, k, v, self.feature_map_q, self.feature_map_k, self.window_factor(), self.window, self.scaling,
             key_mask=key_mask, state=state, output_state=output_state, form=self.form, sinks=self.sinks,
         )
 

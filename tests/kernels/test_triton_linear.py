@@ -315,12 +315,16 @@ def test_dispatch(monkeypatch):
 def test_hedgehog_student_through_the_kernels(monkeypatch):
     """A tiny Llama with Hedgehog students (left-padded batch): logits, the gradients of the
     feature maps, and greedy decoding through the cache (the fused step) are the same with the
-    Triton kernels as with the reference."""
+    Triton kernels as with the reference. The maps run in PyTorch here (the fused-map kernel,
+    which the Hedgehog map would otherwise take, is switched off): this is the unfused kernels'
+    test; tests/kernels/test_triton_fused_maps.py has the fused one's."""
     from conftest import converted_model, token_ids
 
+    import linearize.kernels as kernels_module
     import linearize.kernels.linear as linear
     from linearize import ConversionSpec, students
 
+    monkeypatch.setattr(kernels_module, "_fused_map_kind", lambda *maps: None)
     chunk, step = _Spy(monkeypatch, linear, "chunk_linear_attention"), _Spy(monkeypatch, linear, "linear_step")
     model = converted_model("llama", ConversionSpec("hedgehog"), seed=0).to(DEVICE)
     x = token_ids(2, 20, seed=1).to(DEVICE)
