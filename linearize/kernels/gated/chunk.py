@@ -102,46 +102,136 @@ from ..linear.chunk import (
 )
 
 _TINY = tl.constexpr(TINY)
-CHUNK = 16  # tokens per chunk: exact pairwise decays inside, the carried state between chunks
+SUB_CHUNK = 16  # tokens of a sub-chunk: exact pairwise decays inside
+CHUNK_SIZES = (16, 64)  # tokens a sequential step takes: one sub-chunk, or four
+CHUNK = 64  # the default
 DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
 
 
 @triton.jit
-def _intra_kernel(fq, fk, g, A, T, F, C: tl.constexpr, BK: tl.constexpr):
-    """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for ``j <= t`` in ``t``'s chunk, else 0.
-    Grid ``(T / C, B * H)``; the features are summed ``BK`` at a time."""
-    i_t = tl.program_id(0)
+def _chunk_decays(g, t0, T, F, o_f, m_f, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr,
+                  FEATURES_FIRST: tl.constexpr):
+    """The decays of the chunk of ``C`` tokens from ``t0`` (``g`` offset to the head) for features
+    ``o_f``: ``(to_start, to_end, total)``, ``to_start_i = b_i`` (from the chunk start through
+    ``i``, inclusive), ``to_end_j = b_last - b_j``, ``[C, BF]`` tiles (``[BF, C]`` when
+    ``FEATURES_FIRST``), and ``total = b_last`` (``[BF]``).
+
+    Built from sums inside sub-chunks of ``SC`` tokens: with ``c`` the running sum inside a
+    sub-chunk and ``G`` a sub-chunk's total, ``to_start = c + (G of the earlier sub-chunks)`` and
+    ``to_end = (G - c) + (G of the later sub-chunks)``. Every term is ``<= 0``, and the only
+    difference taken (``G - c``) is between sums over one sub-chunk, as in the 16-token scheme,
+    so no rounding of a long running sum enters a decay."""
+    if C == SC:
+        if FEATURES_FIRST:
+            t = t0 + tl.arange(0, C)
+            x = tl.load(g + t[None, :] * F + o_f[:, None], mask=m_f[:, None] & (t < T)[None, :], other=0.0)
+            c = tl.cumsum(x.to(tl.float32), 1)  # [BF, C]
+            total = tl.sum(tl.where(tl.arange(0, C)[None, :] == C - 1, c, 0.0), 1)
+            to_end = total[:, None] - c
+        else:
+            t = t0 + tl.arange(0, C)
+            x = tl.load(g + t[:, None] * F + o_f[None, :], mask=(t < T)[:, None] & m_f[None, :], other=0.0)
+            c = tl.cumsum(x.to(tl.float32), 0)  # [C, BF]
+            total = tl.sum(tl.where(tl.arange(0, C)[:, None] == C - 1, c, 0.0), 0)
+            to_end = total[None, :] - c
+        to_start = c
+    else:
+        NS: tl.constexpr = C // SC
+        o_s = tl.arange(0, NS)
+        o_c = tl.arange(0, SC)
+        before = o_s[:, None] < o_s[None, :]  # [M, M']: M < M'
+        if FEATURES_FIRST:
+            t = t0 + o_s[None, :, None] * SC + o_c[None, None, :]  # [1, NS, SC]
+            x = tl.load(g + t * F + o_f[:, None, None], mask=(t < T) & m_f[:, None, None], other=0.0)
+            c = tl.cumsum(x.to(tl.float32), 2)  # [BF, NS, SC]
+            G = tl.sum(tl.where(o_c[None, None, :] == SC - 1, c, 0.0), 2)  # [BF, NS]
+            G_before = tl.sum(tl.where(before[None, :, :], G[:, :, None], 0.0), 1)  # [BF, M]: sum over M' < M
+            G_after = tl.sum(tl.where(before[None, :, :], G[:, None, :], 0.0), 2)  # [BF, M]: sum over M' > M
+            to_start = tl.reshape(c + G_before[:, :, None], [BF, C])
+            to_end = tl.reshape((G[:, :, None] - c) + G_after[:, :, None], [BF, C])
+            total = tl.sum(G, 1)
+        else:
+            t = t0 + o_s[:, None, None] * SC + o_c[None, :, None]  # [NS, SC, 1]
+            x = tl.load(g + t * F + o_f[None, None, :], mask=(t < T) & m_f[None, None, :], other=0.0)
+            c = tl.cumsum(x.to(tl.float32), 1)  # [NS, SC, BF]
+            G = tl.sum(tl.where(o_c[None, :, None] == SC - 1, c, 0.0), 1)  # [NS, BF]
+            G_before = tl.sum(tl.where(before[:, :, None], G[:, None, :], 0.0), 0)  # [M', BF]: sum over M < M'
+            G_after = tl.sum(tl.where(before[:, :, None], G[None, :, :], 0.0), 1)  # [M, BF]: sum over M' > M
+            to_start = tl.reshape(c + G_before[:, None, :], [C, BF])
+            to_end = tl.reshape((G[:, None, :] - c) + G_after[:, None, :], [C, BF])
+            total = tl.sum(G, 0)
+    return to_start, to_end, total
+
+
+@triton.jit
+def _intra_kernel(fq, fk, g, A, T, F, C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
+                  DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+    """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for the keys ``j`` of ``t``'s chunk up to
+    ``t``'s sub-chunk; grid ``(T / SC, B * H)``, a program per query sub-chunk ``I``.
+
+    Its own sub-chunk (the diagonal block, ``j <= t``, zero above): pairwise, a ``[SC, SC, BK]``
+    product, the features summed ``BK`` at a time. Each earlier sub-chunk ``J`` of the chunk (an
+    off-diagonal block, ``C = 64`` only): one product of the queries decayed from the start of
+    ``I`` and the keys decayed to it, ``(fq_i exp(b_i - r)) . (fk_j exp(r - b_j))`` with ``r``
+    the decay at the end of sub-chunk ``I - 1``, both factors ``<= 1``. Blocks after ``I`` are
+    not written (the kernels that read ``A`` mask them)."""
+    i_s = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    o_c = tl.arange(0, C)
-    t = i_t * C + o_c
+    o_c = tl.arange(0, SC)
+    t = i_s * SC + o_c
     m_t = t < T
+    p_row = A + (i_bh * T + t[:, None]) * C  # [SC, 1]: the rows of A
     causal3 = (o_c[:, None] >= o_c[None, :])[:, :, None]  # [i, j, 1]
-    acc = tl.zeros([C, C], dtype=tl.float32)
+    acc = tl.zeros([SC, SC], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(F, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < F)[None, :]
         p = i_bh * T * F + t[:, None] * F + o_k[None, :]
         b_fq = tl.load(fq + p, mask=m, other=0.0).to(tl.float32)
         b_fk = tl.load(fk + p, mask=m, other=0.0).to(tl.float32)
-        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)  # [C, BK]
-        decay = tl.exp(tl.where(causal3, b[:, None, :] - b[None, :, :], float("-inf")))  # [C, C, BK], <= 1
+        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)  # [SC, BK]
+        decay = tl.exp(tl.where(causal3, b[:, None, :] - b[None, :, :], float("-inf")))  # [SC, SC, BK], <= 1
         acc += tl.sum(b_fq[:, None, :] * b_fk[None, :, :] * decay, 2)
-    tl.store(A + (i_bh * T + t[:, None]) * C + o_c[None, :], acc, mask=m_t[:, None])
+    if C == SC:
+        tl.store(p_row + o_c[None, :], acc, mask=m_t[:, None])
+    else:
+        I = i_s % (C // SC)
+        tl.store(p_row + I * SC + o_c[None, :], acc, mask=m_t[:, None])
+        # off-diagonal blocks, every feature at once
+        o_f = tl.arange(0, BF)
+        m_f = o_f < F
+        m = m_t[:, None] & m_f[None, :]
+        p = i_bh * T * F + t[:, None] * F + o_f[None, :]
+        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)
+        q_loc = tl.load(fq + p, mask=m, other=0.0).to(tl.float32) * tl.exp(b)  # [SC, BF]: decayed from r
+        between = tl.zeros([BF], dtype=tl.float32)  # the decay of the sub-chunks strictly between J and I
+        for jj in range(0, I):
+            J = I - 1 - jj
+            t_J = (i_s - I + J) * SC + o_c  # all < T
+            p_J = i_bh * T * F + t_J[None, :] * F + o_f[:, None]  # [BF, SC]: keys loaded transposed
+            b_J = tl.cumsum(tl.load(g + p_J, mask=m_f[:, None], other=0.0).to(tl.float32), 1)
+            G_J = tl.sum(tl.where(o_c[None, :] == SC - 1, b_J, 0.0), 1)  # [BF]
+            k_locT = tl.load(fk + p_J, mask=m_f[:, None], other=0.0).to(tl.float32) * tl.exp(
+                (G_J[:, None] - b_J) + between[:, None]
+            )  # [BF, SC]: decayed to r
+            a = _dot_split(q_loc, k_locT, DT, PREC, EMULATE, True, True)
+            tl.store(p_row + J * SC + o_c[None, :], a, mask=m_t[:, None])
+            between += G_J
 
 
 @triton.jit
 def _fwd_kernel(
     fq, fk, v, g, A, y, y32, den, s0, z0, s_out, z_out,
     T, F, DV,
-    C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Y32: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Grid ``(Dv / BV, B * H)``: value columns ``[i_v * BV, (i_v + 1) * BV)`` of one head,
-    chunks in order, ``S [BF, BV]`` and ``z`` in registers."""
+    chunks of ``C`` in order, ``S [BF, BV]`` and ``z`` in registers."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    o_c = tl.arange(0, C)
+    o_C = tl.arange(0, C)
     o_f = tl.arange(0, BF)
     o_v = i_v * BV + tl.arange(0, BV)
     m_f = o_f < F
@@ -154,42 +244,42 @@ def _fwd_kernel(
     y += i_bh * T * DV
     A += i_bh * T * C
     p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV]
-    # z is column 0 of a [BF, C] matrix, so that fq . z is a (small) matrix product, as in the
-    # linear kernel, the same shape as A (the denominator is one row sum); its update is a plain
-    # fp32 row sum.
-    first = o_c[None, :] == 0
+    # z is column 0 of a [BF, SC] matrix, so that fq . z is a (small) matrix product, as in the
+    # linear kernel; its update is a plain fp32 row sum.
+    first = tl.arange(0, SC)[None, :] == 0
     if HAS_INIT:
         S = tl.load(s0 + p_s, mask=m_fv, other=0.0).to(tl.float32)
         z = tl.load(z0 + i_bh * F + o_f, mask=m_f, other=0.0).to(tl.float32)
-        Z = tl.where(first, z[:, None], 0.0)  # [BF, C]
+        Z = tl.where(first, z[:, None], 0.0)  # [BF, SC]
     else:
         S = tl.zeros([BF, BV], dtype=tl.float32)
-        Z = tl.zeros([BF, C], dtype=tl.float32)
-    last = o_c[None, :] == C - 1  # [1, C]
+        Z = tl.zeros([BF, SC], dtype=tl.float32)
+    # A's blocks after the query's sub-chunk are not written
+    blocks = (o_C[:, None] // SC) >= (o_C[None, :] // SC)  # [C, C]
     for i_t in range(0, tl.cdiv(T, C)):
-        t = i_t * C + o_c
+        t0 = i_t * C
+        t = t0 + o_C
         m_t = t < T
         m_tf = m_t[:, None] & m_f[None, :]
         m_ft = m_f[:, None] & m_t[None, :]
         b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
-        b = tl.cumsum(tl.load(g + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32), 0)
+        to_start, _, _ = _chunk_decays(g, t0, T, F, o_f, m_f, C, SC, BF, False)
         # keys and decays loaded transposed, [BF, C] (no tl.trans)
         b_fkT = tl.load(fk + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32)
-        bT = tl.cumsum(tl.load(g + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32), 1)
-        b_last = tl.sum(tl.where(last, bT, 0.0), 1)  # [BF]: the decay over the whole chunk
+        _, to_endT, total = _chunk_decays(g, t0, T, F, o_f, m_f, C, SC, BF, True)
         b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
-        b_A = tl.load(A + t[:, None] * C + o_c[None, :], mask=m_t[:, None], other=0.0)  # [C, C]
-        q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
-        k_outT = b_fkT * tl.exp(b_last[:, None] - bT)  # keys as they stand at the chunk end
+        b_A = tl.load(A + t[:, None] * C + o_C[None, :], mask=m_t[:, None] & blocks, other=0.0)  # [C, C]
+        q_in = b_fq * tl.exp(to_start)  # queries against the state at the chunk start
+        k_outT = b_fkT * tl.exp(to_endT)  # keys as they stand at the chunk end
         o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
-        d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True) + b_A, 1)  # [C]
+        d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True), 1) + tl.sum(b_A, 1)  # [C]
         o = o / tl.maximum(d, _TINY)[:, None]
         tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         if STORE_Y32:  # the backward's copy of y, in fp32
             tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
         if i_v == 0:
             tl.store(den + i_bh * T + t, d, mask=m_t)
-        decay = tl.exp(b_last)[:, None]  # [BF, 1]
+        decay = tl.exp(total)[:, None]  # [BF, 1]
         S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
         Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
     if STORE_FINAL:
@@ -201,12 +291,13 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq(
     i_k, i_bh, fq, fk, v, g, y, den, dy, s0, z0, dfq, dgq, T, F, DV,
-    C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_DG: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_INIT: tl.constexpr,
+    STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``dfq`` (and ``fq dfq`` for ``dg``) for features ``[i_k * BK, (i_k + 1) * BK)``, chunks
-    in order."""
-    o_c = tl.arange(0, C)
+    in order, each a sub-chunk at a time against the state at the chunk start."""
+    NS: tl.constexpr = C // SC
+    o_c = tl.arange(0, SC)
     o_k = i_k * BK + tl.arange(0, BK)
     o_d = tl.arange(0, BDV)
     m_k = o_k < F
@@ -221,49 +312,83 @@ def _bwd_dq(
     causal = o_c[:, None] >= o_c[None, :]
     strict3 = (o_c[:, None] > o_c[None, :])[:, :, None]  # [i, j, 1]: j < i
     diagonal = o_c[:, None] == o_c[None, :]
-    last = o_c[:, None] == C - 1
+    last = o_c[:, None] == SC - 1
     for i_t in range(0, tl.cdiv(T, C)):
-        t = i_t * C + o_c
-        m_t = t < T
-        m_td = m_t[:, None] & m_d[None, :]
-        m_tk = m_t[:, None] & m_k[None, :]
-        inv = _inverse_den(den, i_bh, t, m_t, T)
-        b_dy = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        b_y = tl.load(y + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        b_dn = b_dy * inv[:, None]  # [C, BDV]
-        b_dd = -tl.sum(b_dy * b_y, 1) * inv  # [C]
-        # v^T [BDV, C], loaded transposed (no tl.trans)
-        b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
-        p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
-        b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
-        b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)
-        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
-        P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [C, C]
-        # fp32 operands: this term and the next cancel in part
-        b_dq = (_dot_split(b_dn, ST, DT, PREC, EMULATE, True, True) + b_dd[:, None] * z[None, :]) * tl.exp(b)
-        # pairs j < i; the diagonal pair (decay 1) is added after, and left out of fq dfq (see dg)
-        decay = tl.exp(tl.where(strict3, b[:, None, :] - b[None, :, :], float("-inf")))  # [C, C, BK]
-        b_dq += tl.sum(P[:, :, None] * b_fk[None, :, :] * decay, 1)
-        if STORE_DG:
-            b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)
-            tl.store(dgq + p_k, b_fq * b_dq, mask=m_tk)
-        b_dq += tl.sum(tl.where(diagonal, P, 0.0), 1)[:, None] * b_fk
-        tl.store(dfq + p_k, b_dq.to(dfq.dtype.element_ty), mask=m_tk)
-        k_out = b_fk * tl.exp(b_last[None, :] - b)  # [C, BK]
-        chunk_decay = tl.exp(b_last)
-        ST = ST * chunk_decay[None, :] + _dot_split(b_vT, k_out, DT, PREC, EMULATE, False, True)
-        z = z * chunk_decay + tl.sum(k_out, 0)
+        before = tl.zeros([BK], dtype=tl.float32)  # the decay of the chunk's earlier sub-chunks
+        U = tl.zeros([BDV, BK], dtype=tl.float32)  # the chunk's increment of S^T, and of z
+        u = tl.zeros([BK], dtype=tl.float32)
+        for I in tl.static_range(NS):
+            t = i_t * C + I * SC + o_c
+            m_t = t < T
+            m_td = m_t[:, None] & m_d[None, :]
+            m_tk = m_t[:, None] & m_k[None, :]
+            inv = _inverse_den(den, i_bh, t, m_t, T)
+            b_dy = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            b_y = tl.load(y + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            b_dn = b_dy * inv[:, None]  # [SC, BDV]
+            b_dd = -tl.sum(b_dy * b_y, 1) * inv  # [SC]
+            # v^T [BDV, SC], loaded transposed (no tl.trans)
+            b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+            p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
+            b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [SC, BK]
+            b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)  # from the sub-chunk start
+            b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
+            P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [SC, SC]
+            # fp32 operands: this term and the next cancel in part
+            b_dq = (_dot_split(b_dn, ST, DT, PREC, EMULATE, True, True) + b_dd[:, None] * z[None, :]) * tl.exp(
+                b + before[None, :]
+            )
+            # pairs j < i; the diagonal pair (decay 1) is added after, and left out of fq dfq (see dg)
+            decay = tl.exp(tl.where(strict3, b[:, None, :] - b[None, :, :], float("-inf")))  # [SC, SC, BK]
+            b_dq += tl.sum(P[:, :, None] * b_fk[None, :, :] * decay, 1)
+            if I > 0:
+                # keys of the earlier sub-chunks J, decayed to this one's start (r): a product each
+                acc = tl.zeros([SC, BK], dtype=tl.float32)
+                between = tl.zeros([BK], dtype=tl.float32)  # the decay of the sub-chunks between J and I
+                for jj in tl.static_range(I):
+                    t_J = i_t * C + (I - 1 - jj) * SC + o_c
+                    m_J = t_J < T  # (in the last chunk a sub-chunk may lie past the end)
+                    p_J = i_bh * T * F + t_J[:, None] * F + o_k[None, :]
+                    m_Jk = m_J[:, None] & m_k[None, :]
+                    b_vT_J = tl.load(v + i_bh * T * DV + t_J[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_J[None, :],
+                                     other=0.0)
+                    b_J = tl.cumsum(tl.load(g + p_J, mask=m_Jk, other=0.0).to(tl.float32), 0)
+                    G_J = tl.sum(tl.where(last, b_J, 0.0), 0)
+                    k_loc = tl.load(fk + p_J, mask=m_Jk, other=0.0).to(tl.float32) * tl.exp(
+                        (G_J[None, :] - b_J) + between[None, :]
+                    )  # [SC, BK], decayed to r
+                    P_J = _dot_split(b_dn, b_vT_J, DT, PREC, EMULATE, True, False) + b_dd[:, None]  # [SC, SC]
+                    acc += _dot_split(P_J, k_loc, DT, PREC, EMULATE, True, True)
+                    between += G_J
+                b_dq += acc * tl.exp(b)  # queries decayed from r
+            if STORE_DG:
+                b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                tl.store(dgq + p_k, b_fq * b_dq, mask=m_tk)
+            b_dq += tl.sum(tl.where(diagonal, P, 0.0), 1)[:, None] * b_fk
+            tl.store(dfq + p_k, b_dq.to(dfq.dtype.element_ty), mask=m_tk)
+            # the state's increment, summed over the sub-chunks as U <- exp(G_I) U + ..., so that
+            # each key's exp(b_end - b_j) is a product of factors <= 1
+            k_out = b_fk * tl.exp(b_last[None, :] - b)  # [SC, BK], decayed to the sub-chunk end
+            sub_decay = tl.exp(b_last)
+            U = U * sub_decay[None, :] + _dot_split(b_vT, k_out, DT, PREC, EMULATE, False, True)
+            u = u * sub_decay + tl.sum(k_out, 0)
+            before += b_last
+        chunk_decay = tl.exp(before)
+        ST = ST * chunk_decay[None, :] + U
+        z = z * chunk_decay + u
 
 
 @triton.jit
 def _bwd_dk(
     i_k, i_bh, fq, fk, v, g, y, den, dy, ds_final, dz_final, dfk, dgk, dz0, T, F, DV,
-    C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
-    STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    STORE_DINIT: tl.constexpr, STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``dfk`` (and ``fk dfk`` for ``dg``) for features ``[i_k * BK, (i_k + 1) * BK)`` and the
-    initial ``z``'s gradient, chunks in reverse."""
-    o_c = tl.arange(0, C)
+    initial ``z``'s gradient, chunks in reverse, each a sub-chunk at a time (in reverse) against
+    the adjoint at the chunk end."""
+    NS: tl.constexpr = C // SC
+    o_c = tl.arange(0, SC)
     o_k = i_k * BK + tl.arange(0, BK)
     o_d = tl.arange(0, BDV)
     m_k = o_k < F
@@ -280,39 +405,75 @@ def _bwd_dk(
     later = o_c[:, None] <= o_c[None, :]  # [key j, query i]: i >= j
     strict3 = (o_c[:, None] < o_c[None, :])[:, :, None]  # [j, i, 1]: i > j
     diagonal = o_c[:, None] == o_c[None, :]
-    last = o_c[:, None] == C - 1
+    last = o_c[:, None] == SC - 1
     n_t = tl.cdiv(T, C)
     for i_r in range(0, n_t):
-        t = (n_t - 1 - i_r) * C + o_c
-        m_t = t < T
-        m_dt = m_d[:, None] & m_t[None, :]
-        m_tk = m_t[:, None] & m_k[None, :]
-        inv = _inverse_den(den, i_bh, t, m_t, T)
-        # dy^T and y^T [BDV, C], loaded transposed (no tl.trans)
-        b_dyT = tl.load(dy + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
-        b_yT = tl.load(y + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
-        b_dnT = b_dyT * inv[None, :]  # [BDV, C]
-        b_dd = -tl.sum(b_dyT * b_yT, 0) * inv  # [C]
-        b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
-        b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
-        b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)
-        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
-        Q = tl.where(later, _dot_split(b_v, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :], 0.0)  # [C, C]
-        # fp32 operands: this term and the next cancel in part
-        b_dk = (_dot_split(b_v, dST, DT, PREC, EMULATE, False, True) + dz[None, :]) * tl.exp(b_last[None, :] - b)
-        # pairs i > j; the diagonal pair after, and left out of fk dfk (see dg)
-        decay = tl.exp(tl.where(strict3, b[None, :, :] - b[:, None, :], float("-inf")))  # [j, i, BK]: b_i - b_j
-        b_dk += tl.sum(Q[:, :, None] * b_fq[None, :, :] * decay, 1)
-        if STORE_DG:
-            b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)
-            tl.store(dgk + p_k, b_fk * b_dk, mask=m_tk)
-        b_dk += tl.sum(tl.where(diagonal, Q, 0.0), 1)[:, None] * b_fq
-        tl.store(dfk + p_k, b_dk.to(dfk.dtype.element_ty), mask=m_tk)
-        q_in = b_fq * tl.exp(b)  # [C, BK]
-        chunk_decay = tl.exp(b_last)
-        dST = dST * chunk_decay[None, :] + _dot_split(b_dnT, q_in, DT, PREC, EMULATE, True, True)
-        dz = dz * chunk_decay + tl.sum(q_in * b_dd[:, None], 0)
+        after = tl.zeros([BK], dtype=tl.float32)  # the decay of the chunk's later sub-chunks
+        U = tl.zeros([BDV, BK], dtype=tl.float32)  # the chunk's increment of dH^T, and of dz
+        u = tl.zeros([BK], dtype=tl.float32)
+        for jj in tl.static_range(NS):
+            J: tl.constexpr = NS - 1 - jj
+            t = (n_t - 1 - i_r) * C + J * SC + o_c
+            m_t = t < T
+            m_dt = m_d[:, None] & m_t[None, :]
+            m_tk = m_t[:, None] & m_k[None, :]
+            inv = _inverse_den(den, i_bh, t, m_t, T)
+            # dy^T and y^T [BDV, SC], loaded transposed (no tl.trans)
+            b_dyT = tl.load(dy + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
+            b_yT = tl.load(y + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
+            b_dnT = b_dyT * inv[None, :]  # [BDV, SC]
+            b_dd = -tl.sum(b_dyT * b_yT, 0) * inv  # [SC]
+            b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+            p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
+            b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [SC, BK]
+            b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)  # from the sub-chunk start
+            b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
+            Q = tl.where(later, _dot_split(b_v, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :], 0.0)  # [SC, SC]
+            k_decay = tl.exp(b_last[None, :] - b)  # [SC, BK]: to the sub-chunk end (r)
+            # fp32 operands: this term and the next cancel in part
+            b_dk = (_dot_split(b_v, dST, DT, PREC, EMULATE, False, True) + dz[None, :]) * (
+                k_decay * tl.exp(after)[None, :]
+            )
+            # pairs i > j; the diagonal pair after, and left out of fk dfk (see dg)
+            decay = tl.exp(tl.where(strict3, b[None, :, :] - b[:, None, :], float("-inf")))  # [j, i, BK]: b_i - b_j
+            b_dk += tl.sum(Q[:, :, None] * b_fq[None, :, :] * decay, 1)
+            if J < NS - 1:
+                # queries of the later sub-chunks I, decayed from this one's end (r): a product each
+                acc = tl.zeros([SC, BK], dtype=tl.float32)
+                between = tl.zeros([BK], dtype=tl.float32)  # the decay of the sub-chunks between J and I
+                for ii in tl.static_range(J + 1, NS):
+                    t_I = (n_t - 1 - i_r) * C + ii * SC + o_c
+                    m_I = t_I < T
+                    inv_I = _inverse_den(den, i_bh, t_I, m_I, T)
+                    m_dI = m_d[:, None] & m_I[None, :]
+                    b_dyT_I = tl.load(dy + i_bh * T * DV + t_I[None, :] * DV + o_d[:, None], mask=m_dI, other=0.0)
+                    b_yT_I = tl.load(y + i_bh * T * DV + t_I[None, :] * DV + o_d[:, None], mask=m_dI, other=0.0)
+                    b_dyT_I = b_dyT_I.to(tl.float32)
+                    b_dd_I = -tl.sum(b_dyT_I * b_yT_I.to(tl.float32), 0) * inv_I
+                    p_I = i_bh * T * F + t_I[:, None] * F + o_k[None, :]
+                    m_Ik = m_I[:, None] & m_k[None, :]
+                    b_I = tl.cumsum(tl.load(g + p_I, mask=m_Ik, other=0.0).to(tl.float32), 0)
+                    G_I = tl.sum(tl.where(last, b_I, 0.0), 0)
+                    q_loc = tl.load(fq + p_I, mask=m_Ik, other=0.0).to(tl.float32) * tl.exp(b_I + between[None, :])
+                    Q_I = _dot_split(b_v, b_dyT_I * inv_I[None, :], DT, PREC, EMULATE, False, True) + b_dd_I[None, :]
+                    acc += _dot_split(Q_I, q_loc, DT, PREC, EMULATE, True, True)
+                    between += G_I
+                b_dk += acc * k_decay
+            if STORE_DG:
+                b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                tl.store(dgk + p_k, b_fk * b_dk, mask=m_tk)
+            b_dk += tl.sum(tl.where(diagonal, Q, 0.0), 1)[:, None] * b_fq
+            tl.store(dfk + p_k, b_dk.to(dfk.dtype.element_ty), mask=m_tk)
+            # the adjoint's increment, summed over the sub-chunks (in reverse) as
+            # U <- exp(G_J) U + ..., each query's exp(b_i) a product of factors <= 1
+            q_in = b_fq * tl.exp(b)  # [SC, BK], decayed from the sub-chunk start
+            sub_decay = tl.exp(b_last)
+            U = U * sub_decay[None, :] + _dot_split(b_dnT, q_in, DT, PREC, EMULATE, True, True)
+            u = u * sub_decay + tl.sum(q_in * b_dd[:, None], 0)
+            after += b_last
+        chunk_decay = tl.exp(after)
+        dST = dST * chunk_decay[None, :] + U
+        dz = dz * chunk_decay + u
     if STORE_DINIT:
         tl.store(dz0 + i_bh * F + o_k, dz, mask=m_k)
 
@@ -320,12 +481,12 @@ def _bwd_dk(
 @triton.jit
 def _bwd_dv(
     i_v, i_bh, fq, fk, g, A, den, dy, ds_final, dv, ds0, T, F, DV,
-    C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    STORE_DINIT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``dv`` for values ``[i_v * BV, (i_v + 1) * BV)`` and that block of the initial ``S``'s
-    gradient, chunks in reverse."""
-    o_c = tl.arange(0, C)
+    gradient, chunks of ``C`` in reverse."""
+    o_C = tl.arange(0, C)
     o_f = tl.arange(0, BF)
     o_v = i_v * BV + tl.arange(0, BV)
     m_f = o_f < F
@@ -336,10 +497,12 @@ def _bwd_dv(
         dS = tl.load(ds_final + p_s, mask=m_fv, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BF, BV], dtype=tl.float32)
-    last = o_c[:, None] == C - 1
+    blocksT = (o_C[:, None] // SC) <= (o_C[None, :] // SC)  # [j, i]: A's blocks that are written
+    g_h = g + i_bh * T * F
     n_t = tl.cdiv(T, C)
     for i_r in range(0, n_t):
-        t = (n_t - 1 - i_r) * C + o_c
+        t0 = (n_t - 1 - i_r) * C
+        t = t0 + o_C
         m_t = t < T
         m_tv = m_t[:, None] & m_v[None, :]
         m_tf = m_t[:, None] & m_f[None, :]
@@ -347,20 +510,17 @@ def _bwd_dv(
         inv = _inverse_den(den, i_bh, t, m_t, T)
         b_dn = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_dn = b_dn * inv[:, None]  # [C, BV]
-        p_f = i_bh * T * F + t[:, None] * F + o_f[None, :]
-        b_fk = tl.load(fk + p_f, mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
-        b = tl.cumsum(tl.load(g + p_f, mask=m_tf, other=0.0).to(tl.float32), 0)
-        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BF]
-        k_out = b_fk * tl.exp(b_last[None, :] - b)
+        b_fk = tl.load(fk + i_bh * T * F + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)
+        _, to_end, total = _chunk_decays(g_h, t0, T, F, o_f, m_f, C, SC, BF, False)
+        k_out = b_fk * tl.exp(to_end)  # [C, BF]
         # queries, decays and A loaded transposed (no tl.trans)
-        p_fT = i_bh * T * F + t[None, :] * F + o_f[:, None]
-        b_fqT = tl.load(fq + p_fT, mask=m_ft, other=0.0).to(tl.float32)  # [BF, C]
-        bT = tl.cumsum(tl.load(g + p_fT, mask=m_ft, other=0.0).to(tl.float32), 1)
-        q_inT = b_fqT * tl.exp(bT)
-        b_AT = tl.load(A + (i_bh * T + t[None, :]) * C + o_c[:, None], mask=m_t[None, :], other=0.0)  # [j, i]
+        b_fqT = tl.load(fq + i_bh * T * F + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32)
+        to_startT, _, _ = _chunk_decays(g_h, t0, T, F, o_f, m_f, C, SC, BF, True)
+        q_inT = b_fqT * tl.exp(to_startT)  # [BF, C]
+        b_AT = tl.load(A + (i_bh * T + t[None, :]) * C + o_C[:, None], mask=m_t[None, :] & blocksT, other=0.0)  # [j, i]
         b_dv = _dot(k_out, dS, DT, PREC, EMULATE) + _dot(b_AT, b_dn, DT, PREC, EMULATE)
         tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        dS = dS * tl.exp(b_last)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
+        dS = dS * tl.exp(total)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
     if STORE_DINIT:
         tl.store(ds0 + p_s, dS, mask=m_fv)
 
@@ -369,9 +529,9 @@ def _bwd_dv(
 def _bwd_kernel(
     fq, fk, v, g, A, y, den, dy, s0, z0, ds_final, dz_final, dfq, dfk, dv, dgq, dgk, ds0, dz0,
     T, F, DV,
-    C: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr, NK: tl.constexpr,
-    HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, STORE_DG: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
+    NK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Grid ``(2 * NK + NV, B * H)``: the first ``NK`` programs of a head compute ``dfq``, the next
     ``NK`` ``dfk`` (and ``dz0``), the last ``NV`` ``dv`` (and ``dS0``); all run at once."""
@@ -380,17 +540,17 @@ def _bwd_kernel(
     if i_p < NK:
         _bwd_dq(
             i_p, i_bh, fq, fk, v, g, y, den, dy, s0, z0, dfq, dgq, T, F, DV,
-            C, BK, BDV, HAS_INIT, STORE_DG, DT, PREC, EMULATE,
+            C, SC, BK, BDV, HAS_INIT, STORE_DG, DT, PREC, EMULATE,
         )
     elif i_p < 2 * NK:
         _bwd_dk(
             i_p - NK, i_bh, fq, fk, v, g, y, den, dy, ds_final, dz_final, dfk, dgk, dz0, T, F, DV,
-            C, BK, BDV, HAS_DFINAL, STORE_DINIT, STORE_DG, DT, PREC, EMULATE,
+            C, SC, BK, BDV, HAS_DFINAL, STORE_DINIT, STORE_DG, DT, PREC, EMULATE,
         )
     else:
         _bwd_dv(
             i_p - 2 * NK, i_bh, fq, fk, g, A, den, dy, ds_final, dv, ds0, T, F, DV,
-            C, BF, BV, HAS_DFINAL, STORE_DINIT, DT, PREC, EMULATE,
+            C, SC, BF, BV, HAS_DFINAL, STORE_DINIT, DT, PREC, EMULATE,
         )
 
 
@@ -420,7 +580,7 @@ def _dg_kernel(dgq, dgk, dg_last, dg, T, F, C: tl.constexpr, BK: tl.constexpr, H
 # ----------------------------------------------------------------------------- launchers
 
 
-def _fwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16):
+def _fwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUNK):
     """``(BF, BV, num_warps)`` of the forward (and of the backward's ``dv`` programs). ``BV``
     keeps a program's tiles (``[C, BF]`` inputs and exponentials, the ``[BF, BV]`` state) in
     registers, then shrinks while ``B * H`` programs per block would leave multiprocessors idle;
@@ -435,24 +595,25 @@ def _fwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16):
     return BF, BV, (8 if BF * BV >= 8192 else 4)
 
 
-def _bwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16):
+def _bwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUNK):
     """``(BF, BK, BV, BDV)`` of the backward (8 warps): ``dfq``/``dfk`` programs take ``BK``
     features and every value column (their pairwise sums are ``[16, 16, BK]``), ``dv`` programs
     ``BV`` columns and every feature."""
-    BF, BV, _ = _fwd_config(F, DV, heads, dtype)
+    BF, BV, _ = _fwd_config(F, DV, heads, dtype, C)
     return BF, min(BF, 32), BV, _pow2(DV)
 
 
 def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False, output_dtype=None,
-                        keep_fp32_output=False):
-    """Launch the forward kernels on contiguous ``fq, fk, g: [B, H, T, F]``, ``v: [B, H, T, Dv]``.
+                        keep_fp32_output=False, chunk_size=CHUNK):
+    """Launch the forward kernels on contiguous ``fq, fk, g: [B, H, T, F]``, ``v: [B, H, T, Dv]``,
+    ``chunk_size`` (``C``) tokens a step.
 
-    Returns ``(y [B, H, T, Dv], y32, d [B, H, T] fp32, A [B, H, T, 16] fp32, S [B, H, F, Dv] fp32
+    Returns ``(y [B, H, T, Dv], y32, d [B, H, T] fp32, A [B, H, T, C] fp32, S [B, H, F, Dv] fp32
     or None, z [B, H, F] fp32 or None)``; ``y32`` is ``y`` in fp32 when ``keep_fp32_output`` (the
     same tensor when ``y`` is fp32), else None."""
     B, H, T, F = fq.shape
     DV = v.shape[-1]
-    C = CHUNK
+    C = chunk_size
     dtype = compute_dtype(fq, fk, v)
     DT, PREC, EMULATE = _dot_config(dtype)
     dev = v.device
@@ -463,11 +624,14 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
     z = torch.empty(B, H, F, device=dev, dtype=torch.float32) if output_final_state else None
     store_y32 = keep_fp32_output and y.dtype != torch.float32
     y32 = torch.empty(B, H, T, DV, device=dev, dtype=torch.float32) if store_y32 else None
-    _intra_kernel[(triton.cdiv(T, C), B * H)](fq, fk, g, A, T, F, C=C, BK=min(_pow2(F), 32), num_warps=4)
-    BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype)
+    _intra_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
+        fq, fk, g, A, T, F, C=C, SC=SUB_CHUNK, BK=min(_pow2(F), 32), BF=_pow2(F),
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4,
+    )
+    BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype, C)
     _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
         fq, fk, v, g, A, y, y32, d, S0, z0, S, z, T, F, DV,
-        C=C, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
+        C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
     )
     if keep_fp32_output and not store_y32:
@@ -477,13 +641,14 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
 
 def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=None, dS=None, dz=None,
                         want_dinit=True, want_dg=True):
-    """Launch the backward kernels. ``y``: the forward's output in fp32; ``S, z``: the final state
-    (needed with ``dS``/``dz``, its gradients, for ``dg``). Returns ``(dfq, dfk, dv, dg, dS0,
-    dz0)``; ``dg`` is None unless ``want_dg``, the last two None without an initial state or when
+    """Launch the backward kernels. ``A``: the forward's intra-chunk weights (its last dimension
+    is the chunk size); ``y``: the forward's output in fp32; ``S, z``: the final state (needed
+    with ``dS``/``dz``, its gradients, for ``dg``). Returns ``(dfq, dfk, dv, dg, dS0, dz0)``;
+    ``dg`` is None unless ``want_dg``, the last two None without an initial state or when
     ``want_dinit`` is False."""
     B, H, T, F = fq.shape
     DV = v.shape[-1]
-    C = CHUNK
+    C = A.shape[-1]
     dtype = compute_dtype(fq, fk, v)
     DT, PREC, EMULATE = _dot_config(dtype)
     dev = v.device
@@ -498,11 +663,11 @@ def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=N
     want_dinit = want_dinit and has_init
     dS0 = torch.empty(B, H, F, DV, device=dev, dtype=torch.float32) if want_dinit else None
     dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if want_dinit else None
-    BF, BK, BV, BDV = _bwd_config(F, DV, B * H, dtype)
+    BF, BK, BV, BDV = _bwd_config(F, DV, B * H, dtype, C)
     NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
     _bwd_kernel[(2 * NK + NV, B * H)](
         fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dgq, dgk, dS0, dz0, T, F, DV,
-        C=C, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
+        C=C, SC=SUB_CHUNK, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
         HAS_INIT=has_init, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit, STORE_DG=want_dg,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
     )
@@ -522,13 +687,13 @@ class ChunkGatedAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: inputs ``fq, fk, v, g, S0, z0`` (the last two may be None)."""
 
     @staticmethod
-    def forward(ctx, fq, fk, v, g, S0, z0, output_final_state, output_dtype):
+    def forward(ctx, fq, fk, v, g, S0, z0, output_final_state, output_dtype, chunk_size):
         fq, fk, v, g = fq.contiguous(), fk.contiguous(), v.contiguous(), g.contiguous()
         if S0 is not None:
             S0, z0 = S0.float().contiguous(), z0.float().contiguous()
         keep = any(ctx.needs_input_grad[:6])
         y, y32, d, A, S, z = gated_attention_fwd(
-            fq, fk, v, g, S0, z0, output_final_state, output_dtype, keep_fp32_output=keep
+            fq, fk, v, g, S0, z0, output_final_state, output_dtype, keep_fp32_output=keep, chunk_size=chunk_size
         )
         ctx.save_for_backward(fq, fk, v, g, S0, z0, y32, d, A, S, z)
         ctx.set_materialize_grads(False)
@@ -543,7 +708,7 @@ class ChunkGatedAttentionFunction(torch.autograd.Function):
             fq, fk, v, g, A, y, d, dy.contiguous(), S0, z0, S, z, dS, dz,
             want_dinit=ctx.needs_input_grad[4] or ctx.needs_input_grad[5], want_dg=ctx.needs_input_grad[3],
         )
-        return dfq, dfk, dv, dg, dS0, dz0, None, None
+        return dfq, dfk, dv, dg, dS0, dz0, None, None, None
 
 
 def triton_chunk_gated_attention(
@@ -555,6 +720,7 @@ def triton_chunk_gated_attention(
     output_final_state: bool = False,
     key_mask: torch.Tensor | None = None,
     output_dtype: torch.dtype | None = None,
+    chunk_size: int = CHUNK,
 ):
     """Causal normalised linear attention with a per-channel data-dependent decay, chunked, in
     Triton (forward and backward).
@@ -593,6 +759,8 @@ def triton_chunk_gated_attention(
         v = torch.randn(2, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
         y, (S, z) = triton_chunk_gated_attention(fq, fk, v, g, output_final_state=True)
     """
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}; got {chunk_size!r}")
     if fq.dim() != 4 or fk.shape != fq.shape or g.shape != fq.shape:
         raise ValueError(
             f"fq, fk and g must all be [B, H, T, F]; got {tuple(fq.shape)}, {tuple(fk.shape)} and {tuple(g.shape)}"
@@ -626,5 +794,5 @@ def triton_chunk_gated_attention(
         if S0 is None:
             S0, z0 = fq.new_zeros(B, H, F, DV, dtype=torch.float32), fq.new_zeros(B, H, F, dtype=torch.float32)
         return y, (S0.float(), z0.float())
-    y, S, z = ChunkGatedAttentionFunction.apply(fq, fk, v, g, S0, z0, output_final_state, output_dtype)
+    y, S, z = ChunkGatedAttentionFunction.apply(fq, fk, v, g, S0, z0, output_final_state, output_dtype, chunk_size)
     return y, ((S, z) if output_final_state else None)
