@@ -109,61 +109,6 @@ DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
 
 
 @triton.jit
-def _chunk_decays(g, t0, T, F, o_f, m_f, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr,
-                  FEATURES_FIRST: tl.constexpr):
-    """The decays of the chunk of ``C`` tokens from ``t0`` (``g`` offset to the head) for features
-    ``o_f``: ``(to_start, to_end, total)``, ``to_start_i = b_i`` (from the chunk start through
-    ``i``, inclusive), ``to_end_j = b_last - b_j``, ``[C, BF]`` tiles (``[BF, C]`` when
-    ``FEATURES_FIRST``), and ``total = b_last`` (``[BF]``).
-
-    Built from sums inside sub-chunks of ``SC`` tokens: with ``c`` the running sum inside a
-    sub-chunk and ``G`` a sub-chunk's total, ``to_start = c + (G of the earlier sub-chunks)`` and
-    ``to_end = (G - c) + (G of the later sub-chunks)``. Every term is ``<= 0``, and the only
-    difference taken (``G - c``) is between sums over one sub-chunk, as in the 16-token scheme,
-    so no rounding of a long running sum enters a decay."""
-    if C == SC:
-        if FEATURES_FIRST:
-            t = t0 + tl.arange(0, C)
-            x = tl.load(g + t[None, :] * F + o_f[:, None], mask=m_f[:, None] & (t < T)[None, :], other=0.0)
-            c = tl.cumsum(x.to(tl.float32), 1)  # [BF, C]
-            total = tl.sum(tl.where(tl.arange(0, C)[None, :] == C - 1, c, 0.0), 1)
-            to_end = total[:, None] - c
-        else:
-            t = t0 + tl.arange(0, C)
-            x = tl.load(g + t[:, None] * F + o_f[None, :], mask=(t < T)[:, None] & m_f[None, :], other=0.0)
-            c = tl.cumsum(x.to(tl.float32), 0)  # [C, BF]
-            total = tl.sum(tl.where(tl.arange(0, C)[:, None] == C - 1, c, 0.0), 0)
-            to_end = total[None, :] - c
-        to_start = c
-    else:
-        NS: tl.constexpr = C // SC
-        o_s = tl.arange(0, NS)
-        o_c = tl.arange(0, SC)
-        before = o_s[:, None] < o_s[None, :]  # [M, M']: M < M'
-        if FEATURES_FIRST:
-            t = t0 + o_s[None, :, None] * SC + o_c[None, None, :]  # [1, NS, SC]
-            x = tl.load(g + t * F + o_f[:, None, None], mask=(t < T) & m_f[:, None, None], other=0.0)
-            c = tl.cumsum(x.to(tl.float32), 2)  # [BF, NS, SC]
-            G = tl.sum(tl.where(o_c[None, None, :] == SC - 1, c, 0.0), 2)  # [BF, NS]
-            G_before = tl.sum(tl.where(before[None, :, :], G[:, :, None], 0.0), 1)  # [BF, M]: sum over M' < M
-            G_after = tl.sum(tl.where(before[None, :, :], G[:, None, :], 0.0), 2)  # [BF, M]: sum over M' > M
-            to_start = tl.reshape(c + G_before[:, :, None], [BF, C])
-            to_end = tl.reshape((G[:, :, None] - c) + G_after[:, :, None], [BF, C])
-            total = tl.sum(G, 1)
-        else:
-            t = t0 + o_s[:, None, None] * SC + o_c[None, :, None]  # [NS, SC, 1]
-            x = tl.load(g + t * F + o_f[None, None, :], mask=(t < T) & m_f[None, None, :], other=0.0)
-            c = tl.cumsum(x.to(tl.float32), 1)  # [NS, SC, BF]
-            G = tl.sum(tl.where(o_c[None, :, None] == SC - 1, c, 0.0), 1)  # [NS, BF]
-            G_before = tl.sum(tl.where(before[:, :, None], G[:, None, :], 0.0), 0)  # [M', BF]: sum over M < M'
-            G_after = tl.sum(tl.where(before[:, :, None], G[None, :, :], 0.0), 1)  # [M, BF]: sum over M' > M
-            to_start = tl.reshape(c + G_before[:, None, :], [C, BF])
-            to_end = tl.reshape((G[:, None, :] - c) + G_after[:, None, :], [C, BF])
-            total = tl.sum(G, 0)
-    return to_start, to_end, total
-
-
-@triton.jit
 def _intra_kernel(fq, fk, g, A, T, F, C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for the keys ``j`` of ``t``'s chunk up to
@@ -228,9 +173,13 @@ def _fwd_kernel(
     DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Grid ``(Dv / BV, B * H)``: value columns ``[i_v * BV, (i_v + 1) * BV)`` of one head,
-    chunks of ``C`` in order, ``S [BF, BV]`` and ``z`` in registers."""
+    chunks of ``C`` in order, ``S [BF, BV]`` and ``z`` in registers. A chunk's queries are read
+    out at once against the state at the chunk start (``[C, BF]`` tiles); then the state takes
+    the chunk's keys, a sub-chunk at a time."""
+    NS: tl.constexpr = C // SC
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, SC)
     o_C = tl.arange(0, C)
     o_f = tl.arange(0, BF)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -246,7 +195,7 @@ def _fwd_kernel(
     p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV]
     # z is column 0 of a [BF, SC] matrix, so that fq . z is a (small) matrix product, as in the
     # linear kernel; its update is a plain fp32 row sum.
-    first = tl.arange(0, SC)[None, :] == 0
+    first = o_c[None, :] == 0
     if HAS_INIT:
         S = tl.load(s0 + p_s, mask=m_fv, other=0.0).to(tl.float32)
         z = tl.load(z0 + i_bh * F + o_f, mask=m_f, other=0.0).to(tl.float32)
@@ -254,34 +203,68 @@ def _fwd_kernel(
     else:
         S = tl.zeros([BF, BV], dtype=tl.float32)
         Z = tl.zeros([BF, SC], dtype=tl.float32)
-    # A's blocks after the query's sub-chunk are not written
-    blocks = (o_C[:, None] // SC) >= (o_C[None, :] // SC)  # [C, C]
+    blocks = (o_C[:, None] // SC) >= (o_C[None, :] // SC)  # [C, C]: A's blocks that are written
+    last_col = o_c[None, :] == SC - 1
     for i_t in range(0, tl.cdiv(T, C)):
-        t0 = i_t * C
-        t = t0 + o_C
+        t = i_t * C + o_C
         m_t = t < T
         m_tf = m_t[:, None] & m_f[None, :]
         m_ft = m_f[:, None] & m_t[None, :]
-        b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
-        to_start, _, _ = _chunk_decays(g, t0, T, F, o_f, m_f, C, SC, BF, False)
-        # keys and decays loaded transposed, [BF, C] (no tl.trans)
-        b_fkT = tl.load(fk + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32)
-        _, to_endT, total = _chunk_decays(g, t0, T, F, o_f, m_f, C, SC, BF, True)
-        b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
-        b_A = tl.load(A + t[:, None] * C + o_C[None, :], mask=m_t[:, None] & blocks, other=0.0)  # [C, C]
-        q_in = b_fq * tl.exp(to_start)  # queries against the state at the chunk start
-        k_outT = b_fkT * tl.exp(to_endT)  # keys as they stand at the chunk end
-        o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
-        d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True), 1) + tl.sum(b_A, 1)  # [C]
-        o = o / tl.maximum(d, _TINY)[:, None]
-        tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        if STORE_Y32:  # the backward's copy of y, in fp32
-            tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
-        if i_v == 0:
-            tl.store(den + i_bh * T + t, d, mask=m_t)
-        decay = tl.exp(total)[:, None]  # [BF, 1]
-        S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
-        Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+        if C == SC:
+            # 16 tokens a step: read-out against the state, then the state takes the chunk
+            b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
+            b = tl.cumsum(tl.load(g + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32), 0)
+            # keys and decays loaded transposed, [BF, C] (no tl.trans)
+            b_fkT = tl.load(fk + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32)
+            bT = tl.cumsum(tl.load(g + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32), 1)
+            b_last = tl.sum(tl.where(last_col, bT, 0.0), 1)  # [BF]: the decay over the whole chunk
+            b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
+            b_A = tl.load(A + t[:, None] * C + o_C[None, :], mask=m_t[:, None], other=0.0)  # [C, C]
+            q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
+            k_outT = b_fkT * tl.exp(b_last[:, None] - bT)  # keys as they stand at the chunk end
+            o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+            d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True) + b_A, 1)  # [C]
+            o = o / tl.maximum(d, _TINY)[:, None]
+            tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+            if STORE_Y32:  # the backward's copy of y, in fp32
+                tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
+            if i_v == 0:
+                tl.store(den + i_bh * T + t, d, mask=m_t)
+            decay = tl.exp(b_last)[:, None]  # [BF, 1]
+            S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
+            Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+        else:
+            m_tv = m_t[:, None] & m_v[None, :]
+            # read-out: queries decayed from the chunk start (a running sum of g <= 0: no difference
+            # is taken), against the state at the chunk start, plus the chunk's own keys through A
+            b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
+            b = tl.cumsum(tl.load(g + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32), 0)
+            b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)  # [C, BV]
+            b_A = tl.load(A + t[:, None] * C + o_C[None, :], mask=m_t[:, None] & blocks, other=0.0)  # [C, C]
+            q_in = b_fq * tl.exp(b)
+            o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+            d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True), 1) + tl.sum(b_A, 1)  # [C]
+            o = o / tl.maximum(d, _TINY)[:, None]
+            tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_tv)
+            if STORE_Y32:  # the backward's copy of y, in fp32
+                tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_tv)
+            if i_v == 0:
+                tl.store(den + i_bh * T + t, d, mask=m_t)
+            # update, a sub-chunk J at a time as the 16-token scheme does it (S <- exp(G_J) S +
+            # (fk_j exp(G_J - c_j))^T v1_j, with c the running sum of g inside J and G_J its total)
+            for J in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
+                t_J = i_t * C + J * SC + o_c
+                m_J = t_J < T
+                m_fJ = m_f[:, None] & m_J[None, :]
+                # keys and decays loaded transposed, [BF, SC] (no tl.trans)
+                b_fkT = tl.load(fk + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32)
+                cT = tl.cumsum(tl.load(g + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32), 1)
+                G_J = tl.sum(tl.where(last_col, cT, 0.0), 1)  # [BF]
+                k_outT = b_fkT * tl.exp(G_J[:, None] - cT)  # keys as they stand at the sub-chunk end
+                b_v_J = tl.load(v + t_J[:, None] * DV + o_v[None, :], mask=m_J[:, None] & m_v[None, :], other=0.0)
+                decay = tl.exp(G_J)[:, None]  # [BF, 1]
+                S = S * decay + _dot_split(k_outT, b_v_J, DT, PREC, EMULATE, True, False)
+                Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
     if STORE_FINAL:
         tl.store(s_out + p_s, S, mask=m_fv)
         if i_v == 0:
@@ -317,7 +300,7 @@ def _bwd_dq(
         before = tl.zeros([BK], dtype=tl.float32)  # the decay of the chunk's earlier sub-chunks
         U = tl.zeros([BDV, BK], dtype=tl.float32)  # the chunk's increment of S^T, and of z
         u = tl.zeros([BK], dtype=tl.float32)
-        for I in tl.static_range(NS):
+        for I in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
             t = i_t * C + I * SC + o_c
             m_t = t < T
             m_td = m_t[:, None] & m_d[None, :]
@@ -341,11 +324,11 @@ def _bwd_dq(
             # pairs j < i; the diagonal pair (decay 1) is added after, and left out of fq dfq (see dg)
             decay = tl.exp(tl.where(strict3, b[:, None, :] - b[None, :, :], float("-inf")))  # [SC, SC, BK]
             b_dq += tl.sum(P[:, :, None] * b_fk[None, :, :] * decay, 1)
-            if I > 0:
+            if NS > 1:
                 # keys of the earlier sub-chunks J, decayed to this one's start (r): a product each
                 acc = tl.zeros([SC, BK], dtype=tl.float32)
                 between = tl.zeros([BK], dtype=tl.float32)  # the decay of the sub-chunks between J and I
-                for jj in tl.static_range(I):
+                for jj in range(0, I):
                     t_J = i_t * C + (I - 1 - jj) * SC + o_c
                     m_J = t_J < T  # (in the last chunk a sub-chunk may lie past the end)
                     p_J = i_bh * T * F + t_J[:, None] * F + o_k[None, :]
@@ -411,9 +394,9 @@ def _bwd_dk(
         after = tl.zeros([BK], dtype=tl.float32)  # the decay of the chunk's later sub-chunks
         U = tl.zeros([BDV, BK], dtype=tl.float32)  # the chunk's increment of dH^T, and of dz
         u = tl.zeros([BK], dtype=tl.float32)
-        for jj in tl.static_range(NS):
-            J: tl.constexpr = NS - 1 - jj
-            t = (n_t - 1 - i_r) * C + J * SC + o_c
+        n_sub = tl.minimum(tl.cdiv(T - (n_t - 1 - i_r) * C, SC), NS)  # the sub-chunks that hold tokens
+        for jj in range(NS - n_sub, NS):  # key sub-chunk J = NS - 1 - jj
+            t = (n_t - 1 - i_r) * C + (NS - 1 - jj) * SC + o_c
             m_t = t < T
             m_dt = m_d[:, None] & m_t[None, :]
             m_tk = m_t[:, None] & m_k[None, :]
@@ -437,11 +420,11 @@ def _bwd_dk(
             # pairs i > j; the diagonal pair after, and left out of fk dfk (see dg)
             decay = tl.exp(tl.where(strict3, b[None, :, :] - b[:, None, :], float("-inf")))  # [j, i, BK]: b_i - b_j
             b_dk += tl.sum(Q[:, :, None] * b_fq[None, :, :] * decay, 1)
-            if J < NS - 1:
+            if NS > 1:
                 # queries of the later sub-chunks I, decayed from this one's end (r): a product each
                 acc = tl.zeros([SC, BK], dtype=tl.float32)
                 between = tl.zeros([BK], dtype=tl.float32)  # the decay of the sub-chunks between J and I
-                for ii in tl.static_range(J + 1, NS):
+                for ii in range(NS - jj, n_sub):
                     t_I = (n_t - 1 - i_r) * C + ii * SC + o_c
                     m_I = t_I < T
                     inv_I = _inverse_den(den, i_bh, t_I, m_I, T)
@@ -485,7 +468,10 @@ def _bwd_dv(
     STORE_DINIT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``dv`` for values ``[i_v * BV, (i_v + 1) * BV)`` and that block of the initial ``S``'s
-    gradient, chunks of ``C`` in reverse."""
+    gradient, chunks in reverse, each a sub-chunk at a time (in reverse) against the adjoint at
+    the chunk end."""
+    NS: tl.constexpr = C // SC
+    o_c = tl.arange(0, SC)
     o_C = tl.arange(0, C)
     o_f = tl.arange(0, BF)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -497,30 +483,57 @@ def _bwd_dv(
         dS = tl.load(ds_final + p_s, mask=m_fv, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BF, BV], dtype=tl.float32)
-    blocksT = (o_C[:, None] // SC) <= (o_C[None, :] // SC)  # [j, i]: A's blocks that are written
-    g_h = g + i_bh * T * F
+    last_row = o_c[:, None] == SC - 1  # [SC, 1]
+    last_col = o_c[None, :] == SC - 1  # [1, SC]
     n_t = tl.cdiv(T, C)
     for i_r in range(0, n_t):
-        t0 = (n_t - 1 - i_r) * C
-        t = t0 + o_C
-        m_t = t < T
-        m_tv = m_t[:, None] & m_v[None, :]
-        m_tf = m_t[:, None] & m_f[None, :]
-        m_ft = m_f[:, None] & m_t[None, :]
-        inv = _inverse_den(den, i_bh, t, m_t, T)
-        b_dn = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_dn = b_dn * inv[:, None]  # [C, BV]
-        b_fk = tl.load(fk + i_bh * T * F + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)
-        _, to_end, total = _chunk_decays(g_h, t0, T, F, o_f, m_f, C, SC, BF, False)
-        k_out = b_fk * tl.exp(to_end)  # [C, BF]
-        # queries, decays and A loaded transposed (no tl.trans)
-        b_fqT = tl.load(fq + i_bh * T * F + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32)
-        to_startT, _, _ = _chunk_decays(g_h, t0, T, F, o_f, m_f, C, SC, BF, True)
-        q_inT = b_fqT * tl.exp(to_startT)  # [BF, C]
-        b_AT = tl.load(A + (i_bh * T + t[None, :]) * C + o_C[:, None], mask=m_t[None, :] & blocksT, other=0.0)  # [j, i]
-        b_dv = _dot(k_out, dS, DT, PREC, EMULATE) + _dot(b_AT, b_dn, DT, PREC, EMULATE)
-        tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        dS = dS * tl.exp(total)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
+        if NS > 1:
+            t_C = (n_t - 1 - i_r) * C + o_C
+            m_C = t_C < T
+            inv_C = _inverse_den(den, i_bh, t_C, m_C, T)
+            b_dn_C = tl.load(dy + i_bh * T * DV + t_C[:, None] * DV + o_v[None, :], mask=m_C[:, None] & m_v[None, :],
+                             other=0.0).to(tl.float32) * inv_C[:, None]  # [C, BV]
+            after = tl.zeros([BF], dtype=tl.float32)  # the decay of the chunk's later sub-chunks
+            chunk_total = tl.zeros([BF], dtype=tl.float32)  # the same, kept in the adjoint's layout
+            U = tl.zeros([BF, BV], dtype=tl.float32)  # the chunk's increment of the adjoint
+        n_sub = tl.minimum(tl.cdiv(T - (n_t - 1 - i_r) * C, SC), NS)  # the sub-chunks that hold tokens
+        for jj in range(NS - n_sub, NS):  # key sub-chunk J = NS - 1 - jj
+            t = (n_t - 1 - i_r) * C + (NS - 1 - jj) * SC + o_c
+            m_t = t < T
+            m_tv = m_t[:, None] & m_v[None, :]
+            m_tf = m_t[:, None] & m_f[None, :]
+            m_ft = m_f[:, None] & m_t[None, :]
+            inv = _inverse_den(den, i_bh, t, m_t, T)
+            b_dn = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            b_dn = b_dn * inv[:, None]  # [SC, BV]
+            p_f = i_bh * T * F + t[:, None] * F + o_f[None, :]
+            b_fk = tl.load(fk + p_f, mask=m_tf, other=0.0).to(tl.float32)  # [SC, BF]
+            b = tl.cumsum(tl.load(g + p_f, mask=m_tf, other=0.0).to(tl.float32), 0)
+            b_last = tl.sum(tl.where(last_row, b, 0.0), 0)  # [BF]
+            # queries, decays and A loaded transposed (no tl.trans)
+            p_fT = i_bh * T * F + t[None, :] * F + o_f[:, None]
+            b_fqT = tl.load(fq + p_fT, mask=m_ft, other=0.0).to(tl.float32)  # [BF, SC]
+            bT = tl.cumsum(tl.load(g + p_fT, mask=m_ft, other=0.0).to(tl.float32), 1)
+            q_inT = b_fqT * tl.exp(bT)  # from the sub-chunk start
+            if NS == 1:
+                k_out = b_fk * tl.exp(b_last[None, :] - b)
+                b_AT = tl.load(A + (i_bh * T + t[None, :]) * C + o_c[:, None], mask=m_t[None, :], other=0.0)  # [j, i]
+                b_dv = _dot(k_out, dS, DT, PREC, EMULATE) + _dot(b_AT, b_dn, DT, PREC, EMULATE)
+                dS = dS * tl.exp(b_last)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
+            else:
+                k_out = b_fk * tl.exp((b_last[None, :] - b) + after[None, :])  # to the chunk end
+                # A^T's rows for these keys: the queries of this and the later sub-chunks
+                b_AT = tl.load(A + (i_bh * T + t_C[None, :]) * C + (NS - 1 - jj) * SC + o_c[:, None],
+                               mask=m_C[None, :] & (o_C[None, :] >= (NS - 1 - jj) * SC), other=0.0)  # [SC, C]
+                b_dv = _dot(k_out, dS, DT, PREC, EMULATE) + _dot(b_AT, b_dn_C, DT, PREC, EMULATE)
+                # the increment, summed over the sub-chunks (in reverse) as U <- exp(G_J) U + ...
+                sub_decayT = tl.sum(tl.where(last_col, bT, 0.0), 1)  # [BF], in the adjoint's layout
+                U = U * tl.exp(sub_decayT)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
+                after += b_last
+                chunk_total += sub_decayT
+            tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        if NS > 1:
+            dS = dS * tl.exp(chunk_total)[:, None] + U
     if STORE_DINIT:
         tl.store(ds0 + p_s, dS, mask=m_fv)
 
@@ -583,16 +596,28 @@ def _dg_kernel(dgq, dgk, dg_last, dg, T, F, C: tl.constexpr, BK: tl.constexpr, H
 def _fwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUNK):
     """``(BF, BV, num_warps)`` of the forward (and of the backward's ``dv`` programs). ``BV``
     keeps a program's tiles (``[C, BF]`` inputs and exponentials, the ``[BF, BV]`` state) in
-    registers, then shrinks while ``B * H`` programs per block would leave multiprocessors idle;
-    fp32 products take the smallest tiles. (Not yet tuned on a GPU.)"""
+    registers (checked by compiling for sm_90a, see ``benchmarks/gated_registers.py``: at most
+    about 150 bytes a thread spilled at F = 128), then shrinks while ``B * H`` programs per block
+    would leave multiprocessors idle; fp32 products take the smallest tiles. 64-token chunks need
+    8 warps (with 4, their ``[64, BF]`` tiles spill about 0.8 KB a thread). (Not yet tuned on a
+    GPU.)"""
     BF = _pow2(F)
     if dtype == torch.float32:
-        return BF, 16, (8 if BF >= 128 else 4)
-    BV = min(_pow2(DV), 64 if BF <= 128 else 32)
+        return BF, 16, _fwd_warps(BF, 16, C, dtype)
+    if C == SUB_CHUNK:
+        BV = min(_pow2(DV), 64 if BF <= 128 else 32)
+    else:
+        BV = min(_pow2(DV), 32 if BF <= 128 else 16)
     sms = _sms()
     while sms and BV > 16 and heads * triton.cdiv(DV, BV) < sms:
         BV //= 2
-    return BF, BV, (8 if BF * BV >= 8192 else 4)
+    return BF, BV, _fwd_warps(BF, BV, C, dtype)
+
+
+def _fwd_warps(BF: int, BV: int, C: int, dtype=torch.bfloat16) -> int:
+    if C > SUB_CHUNK:
+        return 8
+    return 8 if (BF >= 128 if dtype == torch.float32 else BF * BV >= 8192) else 4
 
 
 def _bwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUNK):
