@@ -1,14 +1,17 @@
 """Registers and spills of the gated Triton kernels compiled for sm_90a (H100/H200), without a GPU.
 
-    python -m benchmarks.gated_registers                      # F = 128, Dv = 64 and 128, bf16
-    python -m benchmarks.gated_registers --F 128 --Dv 128 --chunk 16 64 --BV 16 32 64
+    python benchmarks/gated_registers.py                      # F = 128, Dv = 64 and 128, bf16
+    python benchmarks/gated_registers.py --F 128 --Dv 128 --chunk 16 64 --BV 16 32 64 --dtype fp32
 
-Run from the repository root (``python -m`` puts it first on the path, so the checkout's
-``linearize`` is the one compiled). Each kernel is compiled by ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)`` with the tile sizes its launcher would pick (or those given), the
-PTX is assembled again with ``ptxas -v`` (the one Triton uses for sm_90), and its report is printed: registers per thread, spill stores/loads (bytes per
-thread) and the stack frame. The backward's three kinds of program (``dfq``, ``dfk``, ``dv``) are
-compiled alone as well as fused, since the fused kernel takes the registers of its largest kind.
+The checkout's ``linearize`` is the one compiled (the script puts the repository first on the
+path). Each kernel is compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` with the
+tile sizes its launcher would pick (or those given; without a GPU the launchers assume enough
+multiprocessors, so ``BV`` is not shrunk for few heads), the PTX is assembled again with
+``ptxas -v`` (the one Triton uses for sm_90), and its report is printed: registers a thread,
+spill stores and loads (bytes a thread, in the code as compiled, not per step) and the stack
+frame. The backward's three kinds of program (``dfq``, ``dfk``, ``dv``) are compiled alone as
+well as fused: the fused kernel takes the registers of its largest kind, and its spill count
+is that of all three paths. Inputs have every option on (initial and final state, ``dg``).
 This says whether a kernel's tiles stay in registers; it measures no speed.
 """
 
@@ -20,7 +23,9 @@ import inspect
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -28,6 +33,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FP32_POINTERS = {"A", "den", "y32", "s0", "z0", "s_out", "z_out", "dgq", "dgk", "ds0", "dz0", "ds_final",
                  "dz_final", "dg_last"}
@@ -66,7 +73,8 @@ def _ptxas_report(ptx: str) -> dict:
 
 def compile_report(fn, consts, dtype="bf16", num_warps=4, y_fp32=False, num_stages=2) -> dict:
     src = ASTSource(fn, signature=_signature(fn, consts, dtype, y_fp32), constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     return _ptxas_report(compiled.asm["ptx"])
 
 
@@ -118,7 +126,8 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     NK = triton.cdiv(F, BK)
     bwd = dict(C=C, SC=SC, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK, HAS_INIT=True, HAS_DFINAL=True, STORE_DINIT=True,
                STORE_DG=True, **DT)
-    rows.append(("bwd (fused)", f"BK={BK} BV={BV}", compile_report(mod._bwd_kernel, bwd, dtype, num_warps=8, y_fp32=True)))
+    fused = compile_report(mod._bwd_kernel, bwd, dtype, num_warps=8, y_fp32=True)
+    rows.append(("bwd (fused)", f"BK={BK} BV={BV}", fused))
     dq, dk, dv = _wrappers(mod)
     common = dict(C=C, SC=SC, BDV=BDV, BK=BK, STORE_DG=True, **DT)
     rows.append(("  dfq", f"BK={BK}", compile_report(dq, dict(common, HAS_INIT=True), dtype, num_warps=8, y_fp32=True)))
@@ -140,7 +149,8 @@ def main():
     args = parser.parse_args()
     mod = importlib.import_module(args.module)
     print(f"triton {triton.__version__}, sm_90a, {args.dtype} inputs; regs a thread, spills in bytes a thread")
-    print(f"{'F':>4}{'Dv':>5}{'C':>4}  {'kernel':14}{'tiles':16}{'regs':>5}{'spill st':>10}{'spill ld':>10}{'stack':>7}")
+    print(f"{'F':>4}{'Dv':>5}{'C':>4}  {'kernel':14}{'tiles':16}{'regs':>5}{'spill st':>10}{'spill ld':>10}"
+          f"{'stack':>7}")
     for F in args.F:
         for DV in args.Dv:
             for C in args.chunk:

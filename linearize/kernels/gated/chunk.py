@@ -8,30 +8,48 @@ With ``g = log alpha <= 0`` (per token and feature) and ``v1 = [v, 1]``:
 The oracle is :func:`linearize.kernels.gated.chunk_gated_attention` (see its module for the math
 and the citation); the state is kept here as ``S [F, Dv]`` and ``z [F]`` (the ones column).
 
-Chunks, and why every exponent is ``<= 0``. The sequence is cut into chunks of ``C = 16``
-tokens. Inside a chunk, with ``b_i = sum_{r <= i} g_r`` (from the chunk start, inclusive):
+Chunks, sub-chunks, and why every exponent is ``<= 0``. The kernels walk the sequence ``C``
+tokens a step (``chunk_size``: 64, the default, or 16), a chunk being ``C / 16`` sub-chunks of 16
+tokens. Write ``c_i`` for the running sum of ``g`` from the start of ``i``'s sub-chunk through
+``i`` (inclusive), ``G_M`` for sub-chunk ``M``'s total and ``b_i`` for the sum from the chunk
+start. For a query ``i`` in sub-chunk ``I``:
 
-    o_i = (fq_i * exp(b_i)) S_start + sum_{j <= i} A_ij v1_j,   A_ij = sum_f fq_if fk_jf exp(b_if - b_jf)
+    o_i = (fq_i * exp(b_i)) S_start + sum_{j <= i in the chunk} A_ij v1_j
+    A_ij = sum_f fq_if fk_jf exp(c_if - c_jf)                                  j in I (diagonal block)
+    A_ij = sum_f (fq_if exp(c_if)) (fk_jf exp((G_Jf - c_jf) + sum_{J<M<I} G_Mf))   j in J < I
     S_end = diag(exp(b_last)) S_start + sum_j (fk_j * exp(b_last - b_j)) v1_j^T
 
-``b_i``, ``b_last - b_j`` and, for ``j <= i``, ``b_i - b_j`` are all ``<= 0``. The intra-chunk
-weights ``A`` are formed pairwise (a ``[C, C, F]`` product, the exponent set to ``-inf`` above the
-diagonal before it is exponentiated), never as ``(fq exp(b)) (fk exp(-b))^T``, whose second factor
-overflows fp32 once a chunk's decay passes ``e^-88`` (5.5 a token on average). So nothing overflows
-however strong the decay, exactly as in the reference's chunk form, and every decay is a
-difference of sums over at most 16 tokens, so its rounding does not grow with the position. The
-whole chunk is this exact "diagonal block": the pairwise part costs ``C F`` exponentials per
-token whatever the chunk length, and a longer chunk would only add factored off-diagonal
-products; the state carried every 16 tokens takes their place.
+The diagonal 16 x 16 blocks are formed pairwise (a ``[16, 16, F]`` product, the exponent set to
+``-inf`` above the diagonal before it is exponentiated), never as ``(fq exp(b)) (fk exp(-b))^T``,
+whose second factor overflows fp32 once a sub-chunk's decay passes ``e^-88`` (5.5 a token on
+average). An off-diagonal block (the 6 pairs ``J < I`` of a 64-token chunk) is one matrix product
+of the queries decayed from the start of ``I`` and the keys decayed to it: the decay
+``exp(b_i - b_j)`` factored at ``r``, the running decay at the boundary before ``I``, as
+``exp(b_i - r) exp(r - b_j)``; ``b`` does not increase, so both factors are ``<= 1``
+(flash-linear-attention's ``chunk_gla`` also cuts 64-token chunks into 16-token sub-chunks and
+factors an off-diagonal pair's decay at a boundary between them). The read-out's
+``exp(b_i)`` and the update's ``exp(b_last - b_j)`` are ``<= 1`` likewise. So nothing overflows
+however strong the decay. The only differences ever taken are ``c_i - c_j`` and ``G_J - c_j``,
+inside one sub-chunk, exactly as the 16-token scheme and the reference's chunk form take them;
+what spans sub-chunks is a sum of terms ``<= 0`` (``b_i`` is a running sum over the chunk) or a
+product of factors ``<= 1``, so the rounding of a long running sum never enters a decay as a
+cancellation. (The backward's ``dg`` depends on this: its terms cancel, and a forward that took
+``b_last - b_j`` in another way than the backward showed there, at 1e-5 relative.) With ``C = 16``
+every chunk is one sub-chunk: the kernels are the 16-token ones as they were before 64-token
+steps existed (the forward's loop body verbatim).
 
-How the work is split. Every kernel walks the chunks of one (batch, head) in order (or in
-reverse) with the running state in fp32 registers; no per-chunk state goes through memory.
+How the work is split. Every walk takes the chunks of one (batch, head) in order (or in reverse)
+with the running state in fp32 registers; no per-chunk state goes through memory.
 
-* forward: ``_intra_kernel``, grid ``(T / C, B * H)``, forms ``A`` for every chunk at once (the
+* forward: ``_intra_kernel``, grid ``(T / 16, B * H)``, one program per query sub-chunk, forms
+  its row block of ``A`` (the pairwise diagonal block and its off-diagonal products; the
   exponentials are the bulk of the forward's arithmetic, so they get the whole GPU) and writes it,
-  fp32 ``[B, H, T, C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk); then
-  ``_fwd_kernel``, grid ``(Dv / BV, B * H)``, walks the chunks with ``S, z`` in registers and
-  writes ``y`` and the denominators ``d``. ``A`` is kept for the backward.
+  fp32 ``[B, H, T, C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk; the blocks
+  after ``t``'s sub-chunk are never written, and readers mask them); then ``_fwd_kernel``, grid
+  ``(Dv / BV, B * H)``, walks the chunks: per chunk one read-out of all ``C`` queries at once
+  (``[C, F]`` tiles against the chunk-start ``S, z``, plus ``A v1``), which writes ``y`` and the
+  denominators ``d``, then the state takes the chunk's keys a sub-chunk ``J`` at a time,
+  ``S <- diag(exp(G_J)) S + (fk_j exp(G_J - c_j))^T v1_j``. ``A`` is kept for the backward.
 * backward, with ``dn_t = dy_t / d_t``, ``dd_t = -(dy_t . y_t) / d_t`` (the gradient of
   ``o_t = [n_t, d_t]``) and ``P_ij = dn_i . v_j + dd_i`` (``= do_i . v1_j``), one launch with three
   kinds of program, all at once:
@@ -42,7 +60,13 @@ reverse) with the running state in fp32 registers; no per-chunk state goes throu
 
   where ``dH`` is the adjoint state, ``dH_start = diag(exp(b_last)) dH_end + sum_i (fq_i exp(b_i))
   do_i^T``, seeded with the final state's gradient; after the first chunk it is the initial
-  state's gradient. The pairwise sums are ``[C, C, BK]`` products as in the forward.
+  state's gradient. Each program loops over a chunk's sub-chunks (in reverse for ``dfk`` and
+  ``dv``), all against the state (adjoint) at the chunk's start (end), and adds the chunk's
+  increment to it once per chunk; the increment is summed over the sub-chunks as
+  ``U <- diag(exp(G_M)) U + ...``, so each token's decay is a product of factors ``<= 1``. The
+  pairwise sums are ``[16, 16, BK]`` products as in the forward; a sub-chunk's pairs with the
+  chunk's other sub-chunks are products of ``P``'s block with the keys (``dfq``) or queries
+  (``dfk``) decayed to the boundary between the two, ``dv`` takes them through ``A``.
 * the decays: ``g_r`` enters every ``b`` from token ``r`` on, and ``d L / d b_t = fq_t dfq_t -
   fk_t dfk_t`` (query side minus key side of every pairwise decay ``exp(b_t - b_s)`` and of the
   initial state's ``exp(b_t)``), plus ``rowsum(dS_T * S_T)`` at the last token for the final state.
@@ -53,12 +77,28 @@ reverse) with the running state in fp32 registers; no per-chunk state goes throu
   strong decays, where little else remains, ``dg`` would be the rounding left over from that
   cancellation.
 
-Speed (expected; not yet measured). The pairwise decays cost ``C F`` exponentials per token (2048
-at ``F = 128``) on the special-function units, more than all the products on the tensor cores;
-the forward's exponentials run fully parallel in ``_intra_kernel``, the backward's inside the ``dfq``/``dfk``
-programs, whose features split them across ``2 F / BK`` programs a head. The walks over the
-chunks are sequential: with few heads (``B * H * Dv / BV`` programs in the forward) the chunk
-steps' latency rather than throughput bounds them.
+Speed (expected; not yet measured on a GPU: ``benchmarks/attention.py`` times both chunk sizes,
+``g64_vs_16``). The walks take ``T / C`` sequential steps: at T = 64K, 1024 instead of 4096. A
+64-token forward step reads the 64 queries out in one ``[64, F] x [F, BV]`` and one
+``[64, 64] x [64, BV]`` product against the chunk-start state (the 16-token scheme does four
+smaller read-outs, each waiting for the previous update); the state's own chain is still four
+sub-chunk updates. The backward's programs loop over their four sub-chunks within a step (as an
+unrolled loop they spilled 0.5-0.9 KB a thread at Dv = 128); what 64-token steps save there is
+the carried state's read-out and update every 16 tokens, and they add the 6 off-diagonal
+products of a chunk (two or three small products each, about twice the small products a token
+of the 16-token scheme), so the backward may gain less, or lose. Either way the pairwise decays
+cost ``16 F`` exponentials a token (2048 at ``F = 128``) in the intra kernel and again in each of
+the ``dfq``/``dfk`` programs, whatever ``C``: at B = 1, 32 heads, F = 128, T = 64K that is
+about 4.3e9 exponentials in the forward and 8.6e9 in the backward, some 1.2 ms and 2.3 ms of an
+H100's special-function units (16 a clock per multiprocessor), the floor of this form.
+
+Registers, compiled for sm_90a (Triton 3.9, ptxas 13.4; ``benchmarks/gated_registers.py``), bf16
+inputs, F = 128, the launchers' tiles: every kernel runs at 166-255 registers; spills in bytes a
+thread (16-token -> 64-token): forward 20 -> 64 at BV = 16 and 144 -> 40 at BV = 32 (64-token
+steps take 8 warps; with 4 their ``[64, F]`` tiles spill 0.8 KB), intra 0 -> 0, backward
+``dfq``/``dfk`` 0 -> 0 at Dv = 64 and 0 -> 16/80 at Dv = 128, ``dv`` 0 -> 8-16. Worse with 64-token
+steps: the forward at F = 256 (256 -> 656), ``dfq``/``dfk`` at Dv = 256 (140/0 -> 600/590), the
+forward with fp32 inputs (144 -> 816); ``chunk_size=16`` keeps the old figures there.
 
 Precision, as in :mod:`linearize.kernels.linear.chunk`: state and accumulation in fp32; with fp32
 (or fp16) inputs every product is fp32 (``ieee``); with bf16 inputs the products run on bf16
@@ -66,11 +106,14 @@ tensor cores, and an fp32 operand whose product cancels later is split into bf16
 halves (:func:`~linearize.kernels.linear.chunk._dot_split`, about 2^-16 relative). Here that is
 the running state and its adjoint (``S``, ``z``, ``dH``), ``A`` in ``A v``, ``dn`` where it meets
 ``v``, the decayed keys ``fk exp(b_last - b)`` that build the state and the decayed queries
-``fq exp(b)`` that build the adjoint. ``fq exp(b)`` against the state is rounded once to bf16
-and used for numerator and normaliser alike, so ``y`` stays an exact convex combination under
-slightly perturbed weights (which does not amplify a common offset of the values); everything in
-``dv`` and ``dS0`` takes plain 16-bit operands, as in the linear kernel. ``A``, the pairwise sums
-and everything that feeds ``dg`` are fp32 elementwise work. The backward reads ``y`` in fp32.
+``fq exp(b)`` that build the adjoint, and both (decayed) operands of the off-diagonal products
+(``A``'s blocks; ``P`` or ``Q`` against decayed keys or queries), so ``A`` and the pairwise sums
+stay at about 2^-16 as where they are formed elementwise. ``fq exp(b)`` against the state is
+rounded once to bf16 and used for numerator and normaliser alike, so ``y`` stays an exact convex
+combination under slightly perturbed weights (which does not amplify a common offset of the
+values); everything in ``dv`` and ``dS0`` takes plain 16-bit operands, as in the linear kernel.
+The diagonal blocks of ``A`` and the pairwise sums are fp32 elementwise work, and ``fq dfq``,
+``fk dfk`` (what ``dg`` sums) are formed in fp32. The backward reads ``y`` in fp32.
 
 Triton 3.4-3.7 miscompiles, on Hopper, ``tl.trans`` of a ``tl.dot`` result cast to bf16/fp16 and
 fed to another ``tl.dot``. Nothing here calls ``tl.trans``: every operand needed transposed
@@ -222,7 +265,8 @@ def _fwd_kernel(
             b_A = tl.load(A + t[:, None] * C + o_C[None, :], mask=m_t[:, None], other=0.0)  # [C, C]
             q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
             k_outT = b_fkT * tl.exp(b_last[:, None] - bT)  # keys as they stand at the chunk end
-            o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+            o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True)
+            o += _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
             d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True) + b_A, 1)  # [C]
             o = o / tl.maximum(d, _TINY)[:, None]
             tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
@@ -242,7 +286,8 @@ def _fwd_kernel(
             b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)  # [C, BV]
             b_A = tl.load(A + t[:, None] * C + o_C[None, :], mask=m_t[:, None] & blocks, other=0.0)  # [C, C]
             q_in = b_fq * tl.exp(b)
-            o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+            o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True)
+            o += _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
             d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True), 1) + tl.sum(b_A, 1)  # [C]
             o = o / tl.maximum(d, _TINY)[:, None]
             tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_tv)
@@ -311,12 +356,13 @@ def _bwd_dq(
             b_dn = b_dy * inv[:, None]  # [SC, BDV]
             b_dd = -tl.sum(b_dy * b_y, 1) * inv  # [SC]
             # v^T [BDV, SC], loaded transposed (no tl.trans)
-            b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+            b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
+                           other=0.0)
             p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
             b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [SC, BK]
             b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)  # from the sub-chunk start
             b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
-            P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [SC, SC]
+            P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [SC,SC]
             # fp32 operands: this term and the next cancel in part
             b_dq = (_dot_split(b_dn, ST, DT, PREC, EMULATE, True, True) + b_dd[:, None] * z[None, :]) * tl.exp(
                 b + before[None, :]
@@ -333,8 +379,8 @@ def _bwd_dq(
                     m_J = t_J < T  # (in the last chunk a sub-chunk may lie past the end)
                     p_J = i_bh * T * F + t_J[:, None] * F + o_k[None, :]
                     m_Jk = m_J[:, None] & m_k[None, :]
-                    b_vT_J = tl.load(v + i_bh * T * DV + t_J[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_J[None, :],
-                                     other=0.0)
+                    b_vT_J = tl.load(v + i_bh * T * DV + t_J[None, :] * DV + o_d[:, None],
+                                     mask=m_d[:, None] & m_J[None, :], other=0.0)
                     b_J = tl.cumsum(tl.load(g + p_J, mask=m_Jk, other=0.0).to(tl.float32), 0)
                     G_J = tl.sum(tl.where(last, b_J, 0.0), 0)
                     k_loc = tl.load(fk + p_J, mask=m_Jk, other=0.0).to(tl.float32) * tl.exp(
@@ -406,7 +452,8 @@ def _bwd_dk(
             b_yT = tl.load(y + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
             b_dnT = b_dyT * inv[None, :]  # [BDV, SC]
             b_dd = -tl.sum(b_dyT * b_yT, 0) * inv  # [SC]
-            b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                          other=0.0)
             p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
             b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [SC, BK]
             b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)  # from the sub-chunk start
@@ -766,15 +813,19 @@ def triton_chunk_gated_attention(
             to zero (``masked_fill``, before the kernels), so they neither add to the state nor
             decay it; a query that sees no valid key at all gets ``y = 0``.
         output_dtype: dtype of ``y``; default the promoted dtype of ``fq`` and ``v``.
+        chunk_size: tokens a sequential step takes, 64 (four 16-token sub-chunks; the default)
+            or 16; the result is the same up to rounding (see the module docstring for the two).
 
     Returns:
         ``(y [B, H, T, Dv], (S [B, H, F, Dv] fp32, z [B, H, F] fp32) or None)``.
 
     Gradients flow to ``fq``, ``fk``, ``v``, ``g`` and the initial state. Products take fp32
     operands unless an input is bf16; then bf16 operands, with the fp32 operands whose products
-    cancel later split into two bf16 halves (see the module docstring). The kernels take 16 tokens
-    at a time (exact pairwise decays inside, so nothing overflows however strong the decay).
-    ``F <= 256`` and ``Dv <= 256``. Denominators are clamped at 1e-30 as in the reference.
+    cancel later split into two bf16 halves (see the module docstring). The kernels take
+    ``chunk_size`` tokens a step: exact pairwise decays inside each 16-token sub-chunk, decays
+    factored at a boundary (both factors ``<= 1``) between sub-chunks, so nothing overflows however
+    strong the decay. ``F <= 256`` and ``Dv <= 256``. Denominators are clamped at 1e-30 as in the
+    reference.
 
     Example::
 
