@@ -376,7 +376,7 @@ def _bwd_dq(
                 between = tl.zeros([BK], dtype=tl.float32)  # the decay of the sub-chunks between J and I
                 for jj in range(0, I):
                     t_J = i_t * C + (I - 1 - jj) * SC + o_c
-                    m_J = t_J < T  # (in the last chunk a sub-chunk may lie past the end)
+                    m_J = t_J < T  # (always true: J comes before I, which holds tokens)
                     p_J = i_bh * T * F + t_J[:, None] * F + o_k[None, :]
                     m_Jk = m_J[:, None] & m_k[None, :]
                     b_vT_J = tl.load(v + i_bh * T * DV + t_J[None, :] * DV + o_d[:, None],
