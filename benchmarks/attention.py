@@ -29,8 +29,10 @@ Backends:
   ``ours+hh``'s and ``torch_hh+ours``'s times over ours (attention alone, the best chunk size),
   ``np_x_lin`` ``fused_np``'s. (``--no-fused`` leaves the fused ones out.)
 * ``ours_gated``: ``linearize.kernels.gated.chunk.triton_chunk_gated_attention`` (normalised
-  linear attention with a per-channel decay, LAWCAT's; ``[B, H, T, D]``), log decays
-  ``g = logsigmoid(N(0, 1)) / 16`` in bf16, the same for fla;
+  linear attention with a per-channel decay, LAWCAT's; ``[B, H, T, D]``), 64 tokens a step (its
+  default), log decays ``g = logsigmoid(N(0, 1)) / 16`` in bf16, the same for fla;
+  ``ours_gated_c16``: the same kernels 16 tokens a step (``chunk_size=16``); ``g64_vs_16`` is
+  the 16-token time over the 64-token one;
 * ``fla_gla``: ``fla.ops.gla.chunk_gla`` on the same math: fla computes the unnormalised
   ``o_t = q_t^T S_t``, so it gets ``v`` with a ones column appended (``D + 1`` value columns, which
   fla tiles like any other) and ``scale=1``, and the division ``o[..., :D] / o[..., D:]`` and the
@@ -199,14 +201,14 @@ def _log_decays(q):
     return g.to(q.dtype).requires_grad_(q.requires_grad)
 
 
-def ours_gated_backend():
+def ours_gated_backend(chunk=64):
     from linearize.kernels.gated.chunk import triton_chunk_gated_attention
 
     def make(q, k, v):
         g = _log_decays(q)
 
         def run():
-            y, _ = triton_chunk_gated_attention(q, k, v, g)
+            y, _ = triton_chunk_gated_attention(q, k, v, g, chunk_size=chunk)
             return y
 
         return run, (q, k, v, g)
@@ -273,7 +275,8 @@ def available_backends(args):
         except Exception as e:  # noqa: BLE001
             missing[f"ours_c{c}"] = repr(e)
     if not args.no_gated:
-        for name, factory in (("ours_gated", ours_gated_backend), ("fla_gla", fla_gla_backend)):
+        for name, factory in (("ours_gated", ours_gated_backend), ("ours_gated_c16", lambda: ours_gated_backend(16)),
+                              ("fla_gla", fla_gla_backend)):
             if name == "fla_gla" and args.no_fla:
                 continue
             try:
@@ -443,8 +446,11 @@ def _ratios(rec, chunks):
         if fla is not None:
             rec["speedup_vs_fla"] = fla / best
     gated, fla_gla = _ms(ms.get("ours_gated")), _ms(ms.get("fla_gla"))
+    gated16 = _ms(ms.get("ours_gated_c16"))
     if gated is not None:
         rec["gated_vs_floor"] = gated / rec["gated_floor_ms"]
+        if gated16 is not None:
+            rec["gated_c64_speedup_vs_c16"] = gated16 / gated
         if softmax:
             rec["gated_speedup_vs_sdpa"] = min(softmax) / gated
         if fla_gla is not None:
@@ -478,7 +484,8 @@ def _cell(x, width=10):
 
 COLUMNS = [("ours_TBps", "ours_TB/s"), ("ours_vs_floor", "x_floor"), ("speedup_vs_sdpa", "vs_sdpa"),
            ("speedup_vs_fla", "vs_fla"), ("gated_vs_floor", "g_x_floor"), ("gated_speedup_vs_sdpa", "g_vs_sdpa"),
-           ("gated_speedup_vs_fla_gla", "g_vs_fla"), ("hybrid_vs_floor", "hyb_x_floor"),
+           ("gated_speedup_vs_fla_gla", "g_vs_fla"), ("gated_c64_speedup_vs_c16", "g64_vs_16"),
+           ("hybrid_vs_floor", "hyb_x_floor"),
            ("hybrid_speedup_vs_sdpa", "hyb_vs_sdpa"), ("hybrid_speedup_vs_fla", "hyb_vs_fla"),
            ("hybrid_over_linear", "hyb_x_lin"), ("fused_over_linear", "fus_x_lin"),
            ("hh_over_linear", "hh_x_lin"), ("torch_hh_over_linear", "thh_x_lin"), ("npmap_over_linear", "np_x_lin")]

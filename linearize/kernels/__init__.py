@@ -28,8 +28,8 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
 
 Triton replaces the chunked form and the one-token step; the quadratic ``naive`` form and the
 multi-token ``recurrent`` loop, which exist to check the others, always run the reference. The
-gated kernels take 16 tokens at a time whatever ``chunk_size`` says (the result does not depend
-on it).
+gated kernels take 64 tokens a step (four 16-token sub-chunks) whatever ``chunk_size`` says (the
+result does not depend on it).
 """
 
 from __future__ import annotations

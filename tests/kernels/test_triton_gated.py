@@ -1,23 +1,27 @@
 """The gated Triton kernels equal their PyTorch reference: chunked gated linear attention (forward,
-final state, every gradient, ``g``'s included), the decode step, the dispatcher, and the LAWCAT
-student through them.
+final state, every gradient, ``g``'s included) in both its schemes (64 tokens a step, four
+16-token sub-chunks, the default; and 16), the decode step, the dispatcher, and the LAWCAT student
+through them.
 
 Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``), on tiny
 shapes; with CUDA the same tests run compiled, and the ``gpu`` tests add real shapes. The oracle
-is :func:`linearize.kernels.chunk_gated_attention` (chunk 16) in fp32. Errors are relative,
-``||a - b|| / ||b||``.
+is :func:`linearize.kernels.chunk_gated_attention` (chunk 16) in fp32; the 64-token scheme's
+intra-chunk weights are also checked against exact float64 pairwise weights. Errors are
+relative, ``||a - b|| / ||b||``. The 64-token cases take T = 1 (one sub-chunk), 63, 100 and 130
+(chunks whose last sub-chunks lie past the end), with weak, LAWCAT-like, strong (a sub-chunk's
+``exp(-b)`` overflows) and huge decays, carried states and padding; ``slow`` adds T = 200, 300.
 
-Tolerances. fp32 inputs: 1e-5 (every product in fp32 in the kernels too; seen: at most 6e-6,
-the largest with the strongest decays); compiled, with ``strong`` decays, 1e-4 (see
-:func:`fp32_tolerance`). bf16 inputs: the reference gets the same bf16-rounded
+Tolerances. fp32 inputs: 1e-5 (every product in fp32 in the kernels too; seen: at most 6e-6 with
+either chunk size, the largest with the strongest decays); compiled, with ``strong`` decays, 1e-4
+(see :func:`fp32_tolerance`). bf16 inputs: the reference gets the same bf16-rounded
 inputs, so what differs is the kernels' own rounding: the bf16 outputs themselves (``y`` and the
 gradients of bf16 inputs are bf16, 2^-9 relative each) and the plain 16-bit operands of products
 whose result does not cancel (the decayed queries against the state, ``A`` and the adjoint in
-``dv``); the state's products split their fp32 operands (2^-16). Seen in the interpreter: 3e-3
-to 4e-3 on ``y``, 3e-3 to 5e-3 on ``dfq``, ``dfk``, ``dg``, ``dz0`` (also with values offset by
-3, where they cancel), 9e-3 on ``dv`` and 5e-3 on ``dS0`` (plain 16-bit operands on both sides),
-1e-5 on the final state; 1e-2 (``y``), 2e-2 (gradients) and 1e-4 (final state) are asserted, as
-for the linear kernels.
+``dv``); the state's products and the 64-token scheme's off-diagonal products split their fp32
+operands (2^-16). Seen in the interpreter, the same for both chunk sizes: 3e-3 on ``y``, 3e-3 to
+5e-3 on ``dfq``, ``dfk``, ``dg``, ``dz0`` (also with values offset by 3, where they cancel), 9e-3 on
+``dv`` and 6e-3 on ``dS0`` (plain 16-bit operands on both sides), 1e-5 on the final state; 1e-2
+(``y``), 2e-2 (gradients) and 1e-4 (final state) are asserted, as for the linear kernels.
 """
 
 import os
@@ -31,7 +35,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from linearize.kernels import GatedState, chunk_gated_attention, gated_attention, gated_step  # noqa: E402
-from linearize.kernels.gated.chunk import CHUNK, triton_chunk_gated_attention  # noqa: E402
+from linearize.kernels.gated.chunk import CHUNK, CHUNK_SIZES, SUB_CHUNK, triton_chunk_gated_attention  # noqa: E402
 from linearize.kernels.gated.recurrent import triton_gated_step  # noqa: E402
 from linearize.kernels.linear.chunk import interpreting  # noqa: E402
 
@@ -96,10 +100,11 @@ def reference(fq, fk, v, g, S0=None, z0=None, key_mask=None, chunk_size=16):
     return y, new.S[..., :-1], new.S[..., -1]
 
 
-def run_both(T, seed, dtype=torch.float32, decay="lawcat", init=False, key_mask=None, corrupt=None, offset=0.0, b=B):
+def run_both(T, seed, dtype=torch.float32, decay="lawcat", init=False, key_mask=None, corrupt=None, offset=0.0, b=B,
+             chunk=CHUNK):
     """Outputs and gradients (of a random ``dy`` against ``y`` and random final-state gradients)
-    of the kernel and of the reference on the same inputs; ``corrupt`` edits both copies of
-    ``(fk, v, g)`` before the call."""
+    of the kernel (``chunk`` tokens a step) and of the reference on the same inputs; ``corrupt``
+    edits both copies of ``(fk, v, g)`` before the call."""
     fq, fk, v, g, S0, z0 = make_inputs(T, seed, dtype, decay, offset=offset, b=b)
     dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed)
     out = {}
@@ -110,7 +115,7 @@ def run_both(T, seed, dtype=torch.float32, decay="lawcat", init=False, key_mask=
             k_, c, gg = corrupt(k_, c, gg)
         if impl == "kernel":
             y, (S, Z) = triton_chunk_gated_attention(
-                a, k_, c, gg, (s, z) if init else None, output_final_state=True, key_mask=key_mask
+                a, k_, c, gg, (s, z) if init else None, output_final_state=True, key_mask=key_mask, chunk_size=chunk
             )
         else:
             y, S, Z = reference(a, k_, c, gg, s if init else None, z if init else None, key_mask)
@@ -133,17 +138,20 @@ def errors(out):
 
 
 @pytest.mark.parametrize(
-    "T,decay,init",
-    [(1, "lawcat", False), (1, "lawcat", True), (15, "strong", False), (15, "strong", True), (63, "weak", False),
-     (100, "lawcat", True)],
+    "chunk,T,decay,init,b",
+    [(16, 1, "lawcat", False, B), (16, 1, "lawcat", True, B), (16, 15, "strong", False, B),
+     (16, 15, "strong", True, B), (16, 63, "weak", False, B), (16, 100, "lawcat", True, B),
+     # 64 tokens a step: one sub-chunk, a chunk less one token, two chunks (the second a part of
+     # one); three chunks with strong decays: test_decay_strong_enough_to_overflow_a_factored_chunk
+     (64, 1, "lawcat", False, B), (64, 63, "weak", False, 1), (64, 100, "lawcat", True, 1)],
 )
-def test_chunk_matches_reference_fp32(T, decay, init):
-    out = run_both(T, seed=T, decay=decay, init=init)
+def test_chunk_matches_reference_fp32(chunk, T, decay, init, b):
+    out = run_both(T, seed=T, decay=decay, init=init, b=b, chunk=chunk)
     assert out["kernel"][0].dtype == torch.float32
     err = errors(out)
     assert len(err) == (9 if init else 7)
     # zeros up to rounding are measured against the size of the terms they are sums of
-    fk = make_inputs(T, seed=T, decay=decay)[1]
+    fk = make_inputs(T, seed=T, decay=decay, b=b)[1]
     scale = float((fk * out["reference"][4]).norm())
     if not init:
         # without an initial state g_0 scales nothing (every decay of token 0 multiplies a state
@@ -156,28 +164,62 @@ def test_chunk_matches_reference_fp32(T, decay, init):
     assert max(err.values()) <= fp32_tolerance(decay), err
 
 
-def test_decay_strong_enough_to_overflow_a_factored_chunk():
-    """The ``strong`` decays overflow ``exp(-b)`` inside a chunk (so ``A = (fq e^b)(fk e^-b)^T``
-    would give inf * 0), and the kernels still match the reference everywhere, state and
-    gradients included."""
-    T = 48
+@pytest.mark.parametrize("chunk,T", [(16, 48), (64, 130)])
+def test_decay_strong_enough_to_overflow_a_factored_chunk(chunk, T):
+    """The ``strong`` decays overflow ``exp(-b)`` inside a 16-token sub-chunk (so
+    ``A = (fq e^b)(fk e^-b)^T`` would give inf * 0), and the kernels still match the reference
+    everywhere, state and gradients included."""
     _, _, _, g, _, _ = make_inputs(T, seed=8, decay="strong", b=1)
-    chunk_sums = torch.nn.functional.pad(g.float(), (0, 0, 0, -T % CHUNK)).reshape(1, H, -1, CHUNK, F).sum(3)
-    assert float(torch.exp(-chunk_sums).isinf().float().mean()) > 0.3  # e^-b of a whole chunk: inf
-    out = run_both(T, seed=8, decay="strong", init=True, b=1)
+    sums = torch.nn.functional.pad(g.float(), (0, 0, 0, -T % SUB_CHUNK)).reshape(1, H, -1, SUB_CHUNK, F).sum(3)
+    assert float(torch.exp(-sums).isinf().float().mean()) > 0.3  # e^-b of a whole sub-chunk: inf
+    out = run_both(T, seed=8, decay="strong", init=True, b=1, chunk=chunk)
     assert all(torch.isfinite(x).all() for x in out["kernel"])
     err = errors(out)
     assert max(err.values()) <= fp32_tolerance("strong"), err
 
 
-def test_huge_decay_each_token_sees_itself():
+def test_intra_chunk_weights_of_64_token_chunks():
+    """``A`` of the 64-token scheme (``A[t, j]`` for key ``j`` of ``t``'s chunk) against the
+    pairwise weights computed in float64 (``exp(b_t - b_j)`` from a float64 running sum): its
+    diagonal 16-token blocks (pairwise in the kernel) and its off-diagonal blocks (a product of a
+    decayed query and a decayed key); the diagonal blocks are zero above the diagonal. The
+    ``strong`` decays overflow a sub-chunk's ``exp(-b)``, so a form factored over the chunk would
+    give inf or NaN here."""
+    from linearize.kernels.gated.chunk import gated_attention_fwd
+
+    T, C = 100, 64
+    fq, fk, v, g, _, _ = make_inputs(T, seed=31, decay="strong", b=1)
+    _, _, _, A, _, _ = gated_attention_fwd(fq, fk, v, g, chunk_size=C)
+    assert A.shape == (1, H, T, C) and A.dtype == torch.float32
+    N = -(-T // C)
+    pad = (0, 0, 0, N * C - T)
+    fqc, fkc, gc = (torch.nn.functional.pad(x.double(), pad).reshape(1, H, N, C, F) for x in (fq, fk, g))
+    b = gc.cumsum(3)
+    causal = torch.ones(C, C, dtype=torch.bool, device=DEVICE).tril()
+    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+    exact = torch.einsum("bhnif,bhnjf,bhnijf->bhnij", fqc, fkc, diff.exp()).reshape(1, H, N * C, C)[:, :, :T]
+    pos = torch.arange(T, device=DEVICE) % C  # t's place in its chunk
+    cols = torch.arange(C, device=DEVICE)
+    seen = cols[None, :] <= pos[:, None]  # [T, C]: the keys t sees
+    same_block = (cols[None, :] // SUB_CHUNK) == (pos[:, None] // SUB_CHUNK)
+    off_diagonal = seen & ~same_block
+    assert int(off_diagonal.sum()) > 0
+    kernel = A.double()
+    assert torch.isfinite(kernel[..., seen]).all()
+    assert rel(kernel[..., seen], exact[..., seen]) <= 1e-6
+    assert rel(kernel[..., off_diagonal], exact[..., off_diagonal]) <= 1e-6
+    assert float(kernel[..., same_block & ~seen].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_huge_decay_each_token_sees_itself(chunk):
     """Every channel decays by e^-40 or more a token. ``y`` is then the token's own value, and
     the true ``dfq`` and ``dg`` are ~e^-40: both implementations give their rounding noise,
     so those two are measured against the size of the terms they sum (``||dfk||`` and
     ``||fk * dfk||``) rather than against themselves."""
     T = 33
     fq, fk, v, g, _, _ = make_inputs(T, seed=9, decay="huge", b=1)
-    out = run_both(T, seed=9, decay="huge", init=True, b=1)
+    out = run_both(T, seed=9, decay="huge", init=True, b=1, chunk=chunk)
     kernel, ref = out["kernel"], out["reference"]
     assert rel(kernel[0], v) <= 1e-5  # each query sees only its own key
     err = errors(out)
@@ -187,11 +229,13 @@ def test_huge_decay_each_token_sees_itself():
     assert float((kernel[6] - ref[6]).norm()) <= 1e-5 * float((fk * ref[4]).norm())
 
 
-@pytest.mark.parametrize("T,offset,decay", [(100, 0.0, "lawcat"), (40, 3.0, "strong")])
-def test_bf16_inputs(T, offset, decay):
+@pytest.mark.parametrize(
+    "chunk,T,offset,decay", [(16, 100, 0.0, "lawcat"), (16, 40, 3.0, "strong"), (64, 70, 3.0, "strong")]
+)
+def test_bf16_inputs(chunk, T, offset, decay):
     """bf16 inputs (``g`` too); with values offset by 3 the gradients of the features and of
     ``g`` are small differences of large terms, which a state rounded to bf16 would get wrong."""
-    out = run_both(T, seed=3, dtype=torch.bfloat16, decay=decay, init=True, offset=offset, b=1)
+    out = run_both(T, seed=3, dtype=torch.bfloat16, decay=decay, init=True, offset=offset, b=1, chunk=chunk)
     y, S, z, dfq, dfk, dv, dg, dS0, dz0 = out["kernel"]
     assert y.dtype == dfq.dtype == dfk.dtype == dv.dtype == dg.dtype == torch.bfloat16
     assert S.dtype == z.dtype == dS0.dtype == dz0.dtype == torch.float32
@@ -210,7 +254,8 @@ def test_fp16_inputs():
     assert max(err.values()) <= 2e-3, err
 
 
-def test_padding_keys():
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_padding_keys(chunk):
     """Left padding (row 1) and right padding (row 0) through ``key_mask``; the padded keys hold
     NaN features, huge values and positive "decays", none of which may leak into outputs, the
     state or gradients; a padding key neither adds to the state nor decays it."""
@@ -223,7 +268,7 @@ def test_padding_keys():
         pad = ~mask[:, None, :, None]
         return fk.masked_fill(pad, float("nan")), v.masked_fill(pad, 1e6), g.masked_fill(pad, 50.0)
 
-    out = run_both(T, seed=5, key_mask=mask, corrupt=corrupt, init=True)
+    out = run_both(T, seed=5, key_mask=mask, corrupt=corrupt, init=True, chunk=chunk)
     err = errors(out)
     assert max(err.values()) <= 1e-5, err
     y, S, z, dfq, dfk, dv, dg = (x.detach() for x in out["kernel"][:7])
@@ -233,19 +278,22 @@ def test_padding_keys():
     # the left-padded row equals its unpadded tokens alone, with the same initial state
     fq, fk, v, g, S0, z0 = make_inputs(T, seed=5)
     alone, (S_alone, z_alone) = triton_chunk_gated_attention(
-        fq[1:, :, 9:], fk[1:, :, 9:], v[1:, :, 9:], g[1:, :, 9:], (S0[1:], z0[1:]), output_final_state=True
+        fq[1:, :, 9:], fk[1:, :, 9:], v[1:, :, 9:], g[1:, :, 9:], (S0[1:], z0[1:]), output_final_state=True,
+        chunk_size=chunk,
     )
     assert rel(y[1:, :, 9:], alone) <= 1e-5 and rel(S[1:], S_alone) <= 1e-5 and rel(z[1:], z_alone) <= 1e-5
 
 
-def test_split_sequence_with_carried_state_equals_whole():
-    T = 40
+@pytest.mark.parametrize("chunk,T,cuts", [(16, 40, (1, 23)), (64, 80, (1, 50))])
+def test_split_sequence_with_carried_state_equals_whole(chunk, T, cuts):
     fq, fk, v, g, _, _ = make_inputs(T, seed=11, decay="strong", b=1)
-    whole, (S, z) = triton_chunk_gated_attention(fq, fk, v, g, output_final_state=True)
+    whole, (S, z) = triton_chunk_gated_attention(fq, fk, v, g, output_final_state=True, chunk_size=chunk)
     state, parts = None, []
-    for a, b in [(0, 1), (1, 23), (23, 40)]:  # chunks of the parts do not line up with the whole's
+    bounds = (0, *cuts, T)
+    for a, b in zip(bounds[:-1], bounds[1:]):  # chunks of the parts do not line up with the whole's
         y, state = triton_chunk_gated_attention(
-            fq[:, :, a:b], fk[:, :, a:b], v[:, :, a:b], g[:, :, a:b], state, output_final_state=True
+            fq[:, :, a:b], fk[:, :, a:b], v[:, :, a:b], g[:, :, a:b], state, output_final_state=True,
+            chunk_size=chunk,
         )
         parts.append(y)
     assert rel(torch.cat(parts, 2), whole) <= 1e-5
@@ -406,6 +454,8 @@ def test_bad_arguments_say_what_to_fix():
         triton_chunk_gated_attention(fq, fk, v, g[..., :5])
     with pytest.raises(ValueError, match="initial_state must be"):
         triton_chunk_gated_attention(fq, fk, v, g, (S0, z0[..., :3]))
+    with pytest.raises(ValueError, match=r"chunk_size must be one of \(16, 64\)"):
+        triton_chunk_gated_attention(fq, fk, v, g, chunk_size=32)
     with pytest.raises(ValueError, match="key_mask must be"):
         triton_chunk_gated_attention(fq, fk, v, g, key_mask=torch.ones(B, 9, dtype=torch.bool, device=DEVICE))
     big = torch.rand(1, 1, 4, 257, device=DEVICE)
@@ -417,6 +467,23 @@ def test_bad_arguments_say_what_to_fix():
         triton_gated_step(big[:, :, 0], big[:, :, 0], v[:1, :1, 0], big[:, :, 0], torch.zeros(1, 1, 257, DV + 1))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("T,decay,dtype", [(300, "strong", torch.float32), (200, "lawcat", torch.float32),
+                                           (200, "strong", torch.bfloat16)])
+def test_chunk_longer_sequences(chunk, T, decay, dtype):
+    """Longer sequences (five 64-token chunks, the last a part of one), both schemes, the
+    tolerances of the fast tests (bf16 values offset by 3)."""
+    bf16 = dtype == torch.bfloat16
+    out = run_both(T, seed=41, dtype=dtype, decay=decay, init=True, b=1, chunk=chunk, offset=3.0 if bf16 else 0.0)
+    err = errors(out)
+    if bf16:
+        assert err["y"] <= 1e-2 and err["S"] <= 1e-4 and err["z"] <= 1e-4, err
+        assert max(err[n] for n in NAMES[3:]) <= 2e-2, err
+    else:
+        assert max(err.values()) <= fp32_tolerance(decay), err
+
+
 # ----------------------------------------------------------------------------- real shapes, on the GPU
 
 
@@ -426,9 +493,9 @@ def _hedgehog_like(shape, device, dtype):
     return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).to(dtype)
 
 
-def check_bf16_against_reference(b, h, T, f, dv, device):
-    """bf16 kernel vs the fp32 reference (on the same rounded inputs), LAWCAT-like decays, an
-    initial state in and the final state out, every gradient."""
+def check_bf16_against_reference(b, h, T, f, dv, device, chunk=CHUNK):
+    """bf16 kernel (``chunk`` tokens a step) vs the fp32 reference (on the same rounded inputs),
+    LAWCAT-like decays, an initial state in and the final state out, every gradient."""
     torch.manual_seed(0)
     fq, fk = (_hedgehog_like((b, h, T, f), device, torch.bfloat16) for _ in range(2))
     v = torch.randn(b, h, T, dv, device=device).to(torch.bfloat16)
@@ -441,7 +508,7 @@ def check_bf16_against_reference(b, h, T, f, dv, device):
         leaves = [x.clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
         a, k_, c, gg, s, z = leaves
         if impl == "kernel":
-            y, (S, Z) = triton_chunk_gated_attention(a, k_, c, gg, (s, z), output_final_state=True)
+            y, (S, Z) = triton_chunk_gated_attention(a, k_, c, gg, (s, z), output_final_state=True, chunk_size=chunk)
         else:
             y, S, Z = reference(a, k_, c, gg, s, z)
         ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
@@ -453,21 +520,23 @@ def check_bf16_against_reference(b, h, T, f, dv, device):
 
 
 def test_bf16_hedgehog_features_small():
-    """The GPU test's code at a small shape (three chunks, F = 32)."""
+    """The GPU test's code at a small shape (one 64-token chunk of three sub-chunks, F = 32)."""
     check_bf16_against_reference(1, 2, 40, 32, 16, DEVICE)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
 @pytest.mark.parametrize("f,dv", [(128, 64), (256, 256)])
-def test_gpu_chunk_real_shapes_bf16(f, dv):
-    check_bf16_against_reference(2, 8, 4096, f, dv, "cuda")
+def test_gpu_chunk_real_shapes_bf16(f, dv, chunk):
+    check_bf16_against_reference(2, 8, 4096, f, dv, "cuda", chunk)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
 @pytest.mark.parametrize("decay", ["lawcat", "strong"])
-def test_gpu_chunk_real_shape_fp32(decay):
+def test_gpu_chunk_real_shape_fp32(decay, chunk):
     """fp32 at a real shape, every gradient, to :func:`fp32_tolerance`."""
     T = 4096
     fq, fk, v, g, S0, z0 = make_inputs(T, seed=2, decay=decay, b=2, h=8, f=128, dv=64, device="cuda")
@@ -476,7 +545,8 @@ def test_gpu_chunk_real_shape_fp32(decay):
     for impl in ("kernel", "reference"):
         leaves = [x.clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
         if impl == "kernel":
-            y, (S, Z) = triton_chunk_gated_attention(*leaves[:4], tuple(leaves[4:]), output_final_state=True)
+            y, (S, Z) = triton_chunk_gated_attention(*leaves[:4], tuple(leaves[4:]), output_final_state=True,
+                                                     chunk_size=chunk)
         else:
             y, S, Z = reference(*leaves)
         ((y * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()

@@ -8,30 +8,48 @@ With ``g = log alpha <= 0`` (per token and feature) and ``v1 = [v, 1]``:
 The oracle is :func:`linearize.kernels.gated.chunk_gated_attention` (see its module for the math
 and the citation); the state is kept here as ``S [F, Dv]`` and ``z [F]`` (the ones column).
 
-Chunks, and why every exponent is ``<= 0``. The sequence is cut into chunks of ``C = 16``
-tokens. Inside a chunk, with ``b_i = sum_{r <= i} g_r`` (from the chunk start, inclusive):
+Chunks, sub-chunks, and why every exponent is ``<= 0``. The kernels walk the sequence ``C``
+tokens a step (``chunk_size``: 64, the default, or 16), a chunk being ``C / 16`` sub-chunks of 16
+tokens. Write ``c_i`` for the running sum of ``g`` from the start of ``i``'s sub-chunk through
+``i`` (inclusive), ``G_M`` for sub-chunk ``M``'s total and ``b_i`` for the sum from the chunk
+start. For a query ``i`` in sub-chunk ``I``:
 
-    o_i = (fq_i * exp(b_i)) S_start + sum_{j <= i} A_ij v1_j,   A_ij = sum_f fq_if fk_jf exp(b_if - b_jf)
+    o_i = (fq_i * exp(b_i)) S_start + sum_{j <= i in the chunk} A_ij v1_j
+    A_ij = sum_f fq_if fk_jf exp(c_if - c_jf)                                  j in I (diagonal block)
+    A_ij = sum_f (fq_if exp(c_if)) (fk_jf exp((G_Jf - c_jf) + sum_{J<M<I} G_Mf))   j in J < I
     S_end = diag(exp(b_last)) S_start + sum_j (fk_j * exp(b_last - b_j)) v1_j^T
 
-``b_i``, ``b_last - b_j`` and, for ``j <= i``, ``b_i - b_j`` are all ``<= 0``. The intra-chunk
-weights ``A`` are formed pairwise (a ``[C, C, F]`` product, the exponent set to ``-inf`` above the
-diagonal before it is exponentiated), never as ``(fq exp(b)) (fk exp(-b))^T``, whose second factor
-overflows fp32 once a chunk's decay passes ``e^-88`` (5.5 a token on average). So nothing overflows
-however strong the decay, exactly as in the reference's chunk form, and every decay is a
-difference of sums over at most 16 tokens, so its rounding does not grow with the position. The
-whole chunk is this exact "diagonal block": the pairwise part costs ``C F`` exponentials per
-token whatever the chunk length, and a longer chunk would only add factored off-diagonal
-products; the state carried every 16 tokens takes their place.
+The diagonal 16 x 16 blocks are formed pairwise (a ``[16, 16, F]`` product, the exponent set to
+``-inf`` above the diagonal before it is exponentiated), never as ``(fq exp(b)) (fk exp(-b))^T``,
+whose second factor overflows fp32 once a sub-chunk's decay passes ``e^-88`` (5.5 a token on
+average). An off-diagonal block (the 6 pairs ``J < I`` of a 64-token chunk) is one matrix product
+of the queries decayed from the start of ``I`` and the keys decayed to it: the decay
+``exp(b_i - b_j)`` factored at ``r``, the running decay at the boundary before ``I``, as
+``exp(b_i - r) exp(r - b_j)``; ``b`` does not increase, so both factors are ``<= 1``
+(flash-linear-attention's ``chunk_gla`` also cuts 64-token chunks into 16-token sub-chunks and
+factors an off-diagonal pair's decay at a boundary between them). The read-out's
+``exp(b_i)`` and the update's ``exp(b_last - b_j)`` are ``<= 1`` likewise. So nothing overflows
+however strong the decay. The only differences ever taken are ``c_i - c_j`` and ``G_J - c_j``,
+inside one sub-chunk, exactly as the 16-token scheme and the reference's chunk form take them;
+what spans sub-chunks is a sum of terms ``<= 0`` (``b_i`` is a running sum over the chunk) or a
+product of factors ``<= 1``, so the rounding of a long running sum never enters a decay as a
+cancellation. (The backward's ``dg`` depends on this: its terms cancel, and a forward that took
+``b_last - b_j`` in another way than the backward showed there, at 1e-5 relative.) With ``C = 16``
+every chunk is one sub-chunk: the kernels are the 16-token ones as they were before 64-token
+steps existed (the forward's loop body verbatim).
 
-How the work is split. Every kernel walks the chunks of one (batch, head) in order (or in
-reverse) with the running state in fp32 registers; no per-chunk state goes through memory.
+How the work is split. Every walk takes the chunks of one (batch, head) in order (or in reverse)
+with the running state in fp32 registers; no per-chunk state goes through memory.
 
-* forward: ``_intra_kernel``, grid ``(T / C, B * H)``, forms ``A`` for every chunk at once (the
+* forward: ``_intra_kernel``, grid ``(T / 16, B * H)``, one program per query sub-chunk, forms
+  its row block of ``A`` (the pairwise diagonal block and its off-diagonal products; the
   exponentials are the bulk of the forward's arithmetic, so they get the whole GPU) and writes it,
-  fp32 ``[B, H, T, C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk); then
-  ``_fwd_kernel``, grid ``(Dv / BV, B * H)``, walks the chunks with ``S, z`` in registers and
-  writes ``y`` and the denominators ``d``. ``A`` is kept for the backward.
+  fp32 ``[B, H, T, C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk; the blocks
+  after ``t``'s sub-chunk are never written, and readers mask them); then ``_fwd_kernel``, grid
+  ``(Dv / BV, B * H)``, walks the chunks: per chunk one read-out of all ``C`` queries at once
+  (``[C, F]`` tiles against the chunk-start ``S, z``, plus ``A v1``), which writes ``y`` and the
+  denominators ``d``, then the state takes the chunk's keys a sub-chunk ``J`` at a time,
+  ``S <- diag(exp(G_J)) S + (fk_j exp(G_J - c_j))^T v1_j``. ``A`` is kept for the backward.
 * backward, with ``dn_t = dy_t / d_t``, ``dd_t = -(dy_t . y_t) / d_t`` (the gradient of
   ``o_t = [n_t, d_t]``) and ``P_ij = dn_i . v_j + dd_i`` (``= do_i . v1_j``), one launch with three
   kinds of program, all at once:
@@ -42,7 +60,13 @@ reverse) with the running state in fp32 registers; no per-chunk state goes throu
 
   where ``dH`` is the adjoint state, ``dH_start = diag(exp(b_last)) dH_end + sum_i (fq_i exp(b_i))
   do_i^T``, seeded with the final state's gradient; after the first chunk it is the initial
-  state's gradient. The pairwise sums are ``[C, C, BK]`` products as in the forward.
+  state's gradient. Each program loops over a chunk's sub-chunks (in reverse for ``dfk`` and
+  ``dv``), all against the state (adjoint) at the chunk's start (end), and adds the chunk's
+  increment to it once per chunk; the increment is summed over the sub-chunks as
+  ``U <- diag(exp(G_M)) U + ...``, so each token's decay is a product of factors ``<= 1``. The
+  pairwise sums are ``[16, 16, BK]`` products as in the forward; a sub-chunk's pairs with the
+  chunk's other sub-chunks are products of ``P``'s block with the keys (``dfq``) or queries
+  (``dfk``) decayed to the boundary between the two, ``dv`` takes them through ``A``.
 * the decays: ``g_r`` enters every ``b`` from token ``r`` on, and ``d L / d b_t = fq_t dfq_t -
   fk_t dfk_t`` (query side minus key side of every pairwise decay ``exp(b_t - b_s)`` and of the
   initial state's ``exp(b_t)``), plus ``rowsum(dS_T * S_T)`` at the last token for the final state.
@@ -53,12 +77,28 @@ reverse) with the running state in fp32 registers; no per-chunk state goes throu
   strong decays, where little else remains, ``dg`` would be the rounding left over from that
   cancellation.
 
-Speed (expected; not yet measured). The pairwise decays cost ``C F`` exponentials per token (2048
-at ``F = 128``) on the special-function units, more than all the products on the tensor cores;
-the forward's exponentials run fully parallel in ``_intra_kernel``, the backward's inside the ``dfq``/``dfk``
-programs, whose features split them across ``2 F / BK`` programs a head. The walks over the
-chunks are sequential: with few heads (``B * H * Dv / BV`` programs in the forward) the chunk
-steps' latency rather than throughput bounds them.
+Speed (expected; not yet measured on a GPU: ``benchmarks/attention.py`` times both chunk sizes,
+``g64_vs_16``). The walks take ``T / C`` sequential steps: at T = 64K, 1024 instead of 4096. A
+64-token forward step reads the 64 queries out in one ``[64, F] x [F, BV]`` and one
+``[64, 64] x [64, BV]`` product against the chunk-start state (the 16-token scheme does four
+smaller read-outs, each waiting for the previous update); the state's own chain is still four
+sub-chunk updates. The backward's programs loop over their four sub-chunks within a step (as an
+unrolled loop they spilled 0.5-0.9 KB a thread at Dv = 128); what 64-token steps save there is
+the carried state's read-out and update every 16 tokens, and they add the 6 off-diagonal
+products of a chunk (two or three small products each, about twice the small products a token
+of the 16-token scheme), so the backward may gain less, or lose. Either way the pairwise decays
+cost ``16 F`` exponentials a token (2048 at ``F = 128``) in the intra kernel and again in each of
+the ``dfq``/``dfk`` programs, whatever ``C``: at B = 1, 32 heads, F = 128, T = 64K that is
+about 4.3e9 exponentials in the forward and 8.6e9 in the backward, some 1.2 ms and 2.3 ms of an
+H100's special-function units (16 a clock per multiprocessor), the floor of this form.
+
+Registers, compiled for sm_90a (Triton 3.9, ptxas 13.4; ``benchmarks/gated_registers.py``), bf16
+inputs, F = 128, the launchers' tiles: every kernel runs at 166-255 registers; spills in bytes a
+thread (16-token -> 64-token): forward 20 -> 64 at BV = 16 and 144 -> 40 at BV = 32 (64-token
+steps take 8 warps; with 4 their ``[64, F]`` tiles spill 0.8 KB), intra 0 -> 0, backward
+``dfq``/``dfk`` 0 -> 0 at Dv = 64 and 0 -> 16/80 at Dv = 128, ``dv`` 0 -> 8-16. Worse with 64-token
+steps: the forward at F = 256 (256 -> 656), ``dfq``/``dfk`` at Dv = 256 (140/0 -> 600/590), the
+forward with fp32 inputs (144 -> 816); ``chunk_size=16`` keeps the old figures there.
 
 Precision, as in :mod:`linearize.kernels.linear.chunk`: state and accumulation in fp32; with fp32
 (or fp16) inputs every product is fp32 (``ieee``); with bf16 inputs the products run on bf16
@@ -66,11 +106,14 @@ tensor cores, and an fp32 operand whose product cancels later is split into bf16
 halves (:func:`~linearize.kernels.linear.chunk._dot_split`, about 2^-16 relative). Here that is
 the running state and its adjoint (``S``, ``z``, ``dH``), ``A`` in ``A v``, ``dn`` where it meets
 ``v``, the decayed keys ``fk exp(b_last - b)`` that build the state and the decayed queries
-``fq exp(b)`` that build the adjoint. ``fq exp(b)`` against the state is rounded once to bf16
-and used for numerator and normaliser alike, so ``y`` stays an exact convex combination under
-slightly perturbed weights (which does not amplify a common offset of the values); everything in
-``dv`` and ``dS0`` takes plain 16-bit operands, as in the linear kernel. ``A``, the pairwise sums
-and everything that feeds ``dg`` are fp32 elementwise work. The backward reads ``y`` in fp32.
+``fq exp(b)`` that build the adjoint, and both (decayed) operands of the off-diagonal products
+(``A``'s blocks; ``P`` or ``Q`` against decayed keys or queries), so ``A`` and the pairwise sums
+stay at about 2^-16 as where they are formed elementwise. ``fq exp(b)`` against the state is
+rounded once to bf16 and used for numerator and normaliser alike, so ``y`` stays an exact convex
+combination under slightly perturbed weights (which does not amplify a common offset of the
+values); everything in ``dv`` and ``dS0`` takes plain 16-bit operands, as in the linear kernel.
+The diagonal blocks of ``A`` and the pairwise sums are fp32 elementwise work, and ``fq dfq``,
+``fk dfk`` (what ``dg`` sums) are formed in fp32. The backward reads ``y`` in fp32.
 
 Triton 3.4-3.7 miscompiles, on Hopper, ``tl.trans`` of a ``tl.dot`` result cast to bf16/fp16 and
 fed to another ``tl.dot``. Nothing here calls ``tl.trans``: every operand needed transposed
@@ -102,46 +145,85 @@ from ..linear.chunk import (
 )
 
 _TINY = tl.constexpr(TINY)
-CHUNK = 16  # tokens per chunk: exact pairwise decays inside, the carried state between chunks
+SUB_CHUNK = 16  # tokens of a sub-chunk: exact pairwise decays inside
+CHUNK_SIZES = (16, 64)  # tokens a sequential step takes: one sub-chunk, or four
+CHUNK = 64  # the default
 DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
 
 
 @triton.jit
-def _intra_kernel(fq, fk, g, A, T, F, C: tl.constexpr, BK: tl.constexpr):
-    """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for ``j <= t`` in ``t``'s chunk, else 0.
-    Grid ``(T / C, B * H)``; the features are summed ``BK`` at a time."""
-    i_t = tl.program_id(0)
+def _intra_kernel(fq, fk, g, A, T, F, C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
+                  DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+    """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for the keys ``j`` of ``t``'s chunk up to
+    ``t``'s sub-chunk; grid ``(T / SC, B * H)``, a program per query sub-chunk ``I``.
+
+    Its own sub-chunk (the diagonal block, ``j <= t``, zero above): pairwise, a ``[SC, SC, BK]``
+    product, the features summed ``BK`` at a time. Each earlier sub-chunk ``J`` of the chunk (an
+    off-diagonal block, ``C = 64`` only): one product of the queries decayed from the start of
+    ``I`` and the keys decayed to it, ``(fq_i exp(b_i - r)) . (fk_j exp(r - b_j))`` with ``r``
+    the decay at the end of sub-chunk ``I - 1``, both factors ``<= 1``. Blocks after ``I`` are
+    not written (the kernels that read ``A`` mask them)."""
+    i_s = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    o_c = tl.arange(0, C)
-    t = i_t * C + o_c
+    o_c = tl.arange(0, SC)
+    t = i_s * SC + o_c
     m_t = t < T
+    p_row = A + (i_bh * T + t[:, None]) * C  # [SC, 1]: the rows of A
     causal3 = (o_c[:, None] >= o_c[None, :])[:, :, None]  # [i, j, 1]
-    acc = tl.zeros([C, C], dtype=tl.float32)
+    acc = tl.zeros([SC, SC], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(F, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < F)[None, :]
         p = i_bh * T * F + t[:, None] * F + o_k[None, :]
         b_fq = tl.load(fq + p, mask=m, other=0.0).to(tl.float32)
         b_fk = tl.load(fk + p, mask=m, other=0.0).to(tl.float32)
-        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)  # [C, BK]
-        decay = tl.exp(tl.where(causal3, b[:, None, :] - b[None, :, :], float("-inf")))  # [C, C, BK], <= 1
+        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)  # [SC, BK]
+        decay = tl.exp(tl.where(causal3, b[:, None, :] - b[None, :, :], float("-inf")))  # [SC, SC, BK], <= 1
         acc += tl.sum(b_fq[:, None, :] * b_fk[None, :, :] * decay, 2)
-    tl.store(A + (i_bh * T + t[:, None]) * C + o_c[None, :], acc, mask=m_t[:, None])
+    if C == SC:
+        tl.store(p_row + o_c[None, :], acc, mask=m_t[:, None])
+    else:
+        I = i_s % (C // SC)
+        tl.store(p_row + I * SC + o_c[None, :], acc, mask=m_t[:, None])
+        # off-diagonal blocks, every feature at once
+        o_f = tl.arange(0, BF)
+        m_f = o_f < F
+        m = m_t[:, None] & m_f[None, :]
+        p = i_bh * T * F + t[:, None] * F + o_f[None, :]
+        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)
+        q_loc = tl.load(fq + p, mask=m, other=0.0).to(tl.float32) * tl.exp(b)  # [SC, BF]: decayed from r
+        between = tl.zeros([BF], dtype=tl.float32)  # the decay of the sub-chunks strictly between J and I
+        for jj in range(0, I):
+            J = I - 1 - jj
+            t_J = (i_s - I + J) * SC + o_c  # all < T
+            p_J = i_bh * T * F + t_J[None, :] * F + o_f[:, None]  # [BF, SC]: keys loaded transposed
+            b_J = tl.cumsum(tl.load(g + p_J, mask=m_f[:, None], other=0.0).to(tl.float32), 1)
+            G_J = tl.sum(tl.where(o_c[None, :] == SC - 1, b_J, 0.0), 1)  # [BF]
+            k_locT = tl.load(fk + p_J, mask=m_f[:, None], other=0.0).to(tl.float32) * tl.exp(
+                (G_J[:, None] - b_J) + between[:, None]
+            )  # [BF, SC]: decayed to r
+            a = _dot_split(q_loc, k_locT, DT, PREC, EMULATE, True, True)
+            tl.store(p_row + J * SC + o_c[None, :], a, mask=m_t[:, None])
+            between += G_J
 
 
 @triton.jit
 def _fwd_kernel(
     fq, fk, v, g, A, y, y32, den, s0, z0, s_out, z_out,
     T, F, DV,
-    C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Y32: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Grid ``(Dv / BV, B * H)``: value columns ``[i_v * BV, (i_v + 1) * BV)`` of one head,
-    chunks in order, ``S [BF, BV]`` and ``z`` in registers."""
+    chunks of ``C`` in order, ``S [BF, BV]`` and ``z`` in registers. A chunk's queries are read
+    out at once against the state at the chunk start (``[C, BF]`` tiles); then the state takes
+    the chunk's keys, a sub-chunk at a time."""
+    NS: tl.constexpr = C // SC
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    o_c = tl.arange(0, C)
+    o_c = tl.arange(0, SC)
+    o_C = tl.arange(0, C)
     o_f = tl.arange(0, BF)
     o_v = i_v * BV + tl.arange(0, BV)
     m_f = o_f < F
@@ -154,44 +236,80 @@ def _fwd_kernel(
     y += i_bh * T * DV
     A += i_bh * T * C
     p_s = i_bh * F * DV + o_f[:, None] * DV + o_v[None, :]  # [BF, BV]
-    # z is column 0 of a [BF, C] matrix, so that fq . z is a (small) matrix product, as in the
-    # linear kernel, the same shape as A (the denominator is one row sum); its update is a plain
-    # fp32 row sum.
+    # z is column 0 of a [BF, SC] matrix, so that fq . z is a (small) matrix product, as in the
+    # linear kernel; its update is a plain fp32 row sum.
     first = o_c[None, :] == 0
     if HAS_INIT:
         S = tl.load(s0 + p_s, mask=m_fv, other=0.0).to(tl.float32)
         z = tl.load(z0 + i_bh * F + o_f, mask=m_f, other=0.0).to(tl.float32)
-        Z = tl.where(first, z[:, None], 0.0)  # [BF, C]
+        Z = tl.where(first, z[:, None], 0.0)  # [BF, SC]
     else:
         S = tl.zeros([BF, BV], dtype=tl.float32)
-        Z = tl.zeros([BF, C], dtype=tl.float32)
-    last = o_c[None, :] == C - 1  # [1, C]
+        Z = tl.zeros([BF, SC], dtype=tl.float32)
+    blocks = (o_C[:, None] // SC) >= (o_C[None, :] // SC)  # [C, C]: A's blocks that are written
+    last_col = o_c[None, :] == SC - 1
     for i_t in range(0, tl.cdiv(T, C)):
-        t = i_t * C + o_c
+        t = i_t * C + o_C
         m_t = t < T
         m_tf = m_t[:, None] & m_f[None, :]
         m_ft = m_f[:, None] & m_t[None, :]
-        b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
-        b = tl.cumsum(tl.load(g + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32), 0)
-        # keys and decays loaded transposed, [BF, C] (no tl.trans)
-        b_fkT = tl.load(fk + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32)
-        bT = tl.cumsum(tl.load(g + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32), 1)
-        b_last = tl.sum(tl.where(last, bT, 0.0), 1)  # [BF]: the decay over the whole chunk
-        b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
-        b_A = tl.load(A + t[:, None] * C + o_c[None, :], mask=m_t[:, None], other=0.0)  # [C, C]
-        q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
-        k_outT = b_fkT * tl.exp(b_last[:, None] - bT)  # keys as they stand at the chunk end
-        o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True) + _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
-        d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True) + b_A, 1)  # [C]
-        o = o / tl.maximum(d, _TINY)[:, None]
-        tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        if STORE_Y32:  # the backward's copy of y, in fp32
-            tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
-        if i_v == 0:
-            tl.store(den + i_bh * T + t, d, mask=m_t)
-        decay = tl.exp(b_last)[:, None]  # [BF, 1]
-        S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
-        Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+        if C == SC:
+            # 16 tokens a step: read-out against the state, then the state takes the chunk
+            b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
+            b = tl.cumsum(tl.load(g + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32), 0)
+            # keys and decays loaded transposed, [BF, C] (no tl.trans)
+            b_fkT = tl.load(fk + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32)
+            bT = tl.cumsum(tl.load(g + t[None, :] * F + o_f[:, None], mask=m_ft, other=0.0).to(tl.float32), 1)
+            b_last = tl.sum(tl.where(last_col, bT, 0.0), 1)  # [BF]: the decay over the whole chunk
+            b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
+            b_A = tl.load(A + t[:, None] * C + o_C[None, :], mask=m_t[:, None], other=0.0)  # [C, C]
+            q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
+            k_outT = b_fkT * tl.exp(b_last[:, None] - bT)  # keys as they stand at the chunk end
+            o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True)
+            o += _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+            d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True) + b_A, 1)  # [C]
+            o = o / tl.maximum(d, _TINY)[:, None]
+            tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+            if STORE_Y32:  # the backward's copy of y, in fp32
+                tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
+            if i_v == 0:
+                tl.store(den + i_bh * T + t, d, mask=m_t)
+            decay = tl.exp(b_last)[:, None]  # [BF, 1]
+            S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
+            Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+        else:
+            m_tv = m_t[:, None] & m_v[None, :]
+            # read-out: queries decayed from the chunk start (a running sum of g <= 0: no difference
+            # is taken), against the state at the chunk start, plus the chunk's own keys through A
+            b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
+            b = tl.cumsum(tl.load(g + t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0).to(tl.float32), 0)
+            b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)  # [C, BV]
+            b_A = tl.load(A + t[:, None] * C + o_C[None, :], mask=m_t[:, None] & blocks, other=0.0)  # [C, C]
+            q_in = b_fq * tl.exp(b)
+            o = _dot_split(q_in, S, DT, PREC, EMULATE, False, True)
+            o += _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+            d = tl.sum(_dot_split(q_in, Z, DT, PREC, EMULATE, False, True), 1) + tl.sum(b_A, 1)  # [C]
+            o = o / tl.maximum(d, _TINY)[:, None]
+            tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_tv)
+            if STORE_Y32:  # the backward's copy of y, in fp32
+                tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_tv)
+            if i_v == 0:
+                tl.store(den + i_bh * T + t, d, mask=m_t)
+            # update, a sub-chunk J at a time as the 16-token scheme does it (S <- exp(G_J) S +
+            # (fk_j exp(G_J - c_j))^T v1_j, with c the running sum of g inside J and G_J its total)
+            for J in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
+                t_J = i_t * C + J * SC + o_c
+                m_J = t_J < T
+                m_fJ = m_f[:, None] & m_J[None, :]
+                # keys and decays loaded transposed, [BF, SC] (no tl.trans)
+                b_fkT = tl.load(fk + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32)
+                cT = tl.cumsum(tl.load(g + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32), 1)
+                G_J = tl.sum(tl.where(last_col, cT, 0.0), 1)  # [BF]
+                k_outT = b_fkT * tl.exp(G_J[:, None] - cT)  # keys as they stand at the sub-chunk end
+                b_v_J = tl.load(v + t_J[:, None] * DV + o_v[None, :], mask=m_J[:, None] & m_v[None, :], other=0.0)
+                decay = tl.exp(G_J)[:, None]  # [BF, 1]
+                S = S * decay + _dot_split(k_outT, b_v_J, DT, PREC, EMULATE, True, False)
+                Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
     if STORE_FINAL:
         tl.store(s_out + p_s, S, mask=m_fv)
         if i_v == 0:
@@ -201,12 +319,13 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq(
     i_k, i_bh, fq, fk, v, g, y, den, dy, s0, z0, dfq, dgq, T, F, DV,
-    C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_DG: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_INIT: tl.constexpr,
+    STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``dfq`` (and ``fq dfq`` for ``dg``) for features ``[i_k * BK, (i_k + 1) * BK)``, chunks
-    in order."""
-    o_c = tl.arange(0, C)
+    in order, each a sub-chunk at a time against the state at the chunk start."""
+    NS: tl.constexpr = C // SC
+    o_c = tl.arange(0, SC)
     o_k = i_k * BK + tl.arange(0, BK)
     o_d = tl.arange(0, BDV)
     m_k = o_k < F
@@ -221,49 +340,84 @@ def _bwd_dq(
     causal = o_c[:, None] >= o_c[None, :]
     strict3 = (o_c[:, None] > o_c[None, :])[:, :, None]  # [i, j, 1]: j < i
     diagonal = o_c[:, None] == o_c[None, :]
-    last = o_c[:, None] == C - 1
+    last = o_c[:, None] == SC - 1
     for i_t in range(0, tl.cdiv(T, C)):
-        t = i_t * C + o_c
-        m_t = t < T
-        m_td = m_t[:, None] & m_d[None, :]
-        m_tk = m_t[:, None] & m_k[None, :]
-        inv = _inverse_den(den, i_bh, t, m_t, T)
-        b_dy = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        b_y = tl.load(y + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        b_dn = b_dy * inv[:, None]  # [C, BDV]
-        b_dd = -tl.sum(b_dy * b_y, 1) * inv  # [C]
-        # v^T [BDV, C], loaded transposed (no tl.trans)
-        b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
-        p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
-        b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
-        b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)
-        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
-        P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [C, C]
-        # fp32 operands: this term and the next cancel in part
-        b_dq = (_dot_split(b_dn, ST, DT, PREC, EMULATE, True, True) + b_dd[:, None] * z[None, :]) * tl.exp(b)
-        # pairs j < i; the diagonal pair (decay 1) is added after, and left out of fq dfq (see dg)
-        decay = tl.exp(tl.where(strict3, b[:, None, :] - b[None, :, :], float("-inf")))  # [C, C, BK]
-        b_dq += tl.sum(P[:, :, None] * b_fk[None, :, :] * decay, 1)
-        if STORE_DG:
-            b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)
-            tl.store(dgq + p_k, b_fq * b_dq, mask=m_tk)
-        b_dq += tl.sum(tl.where(diagonal, P, 0.0), 1)[:, None] * b_fk
-        tl.store(dfq + p_k, b_dq.to(dfq.dtype.element_ty), mask=m_tk)
-        k_out = b_fk * tl.exp(b_last[None, :] - b)  # [C, BK]
-        chunk_decay = tl.exp(b_last)
-        ST = ST * chunk_decay[None, :] + _dot_split(b_vT, k_out, DT, PREC, EMULATE, False, True)
-        z = z * chunk_decay + tl.sum(k_out, 0)
+        before = tl.zeros([BK], dtype=tl.float32)  # the decay of the chunk's earlier sub-chunks
+        U = tl.zeros([BDV, BK], dtype=tl.float32)  # the chunk's increment of S^T, and of z
+        u = tl.zeros([BK], dtype=tl.float32)
+        for I in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
+            t = i_t * C + I * SC + o_c
+            m_t = t < T
+            m_td = m_t[:, None] & m_d[None, :]
+            m_tk = m_t[:, None] & m_k[None, :]
+            inv = _inverse_den(den, i_bh, t, m_t, T)
+            b_dy = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            b_y = tl.load(y + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            b_dn = b_dy * inv[:, None]  # [SC, BDV]
+            b_dd = -tl.sum(b_dy * b_y, 1) * inv  # [SC]
+            # v^T [BDV, SC], loaded transposed (no tl.trans)
+            b_vT = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
+                           other=0.0)
+            p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
+            b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [SC, BK]
+            b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)  # from the sub-chunk start
+            b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
+            P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [SC,SC]
+            # fp32 operands: this term and the next cancel in part
+            b_dq = (_dot_split(b_dn, ST, DT, PREC, EMULATE, True, True) + b_dd[:, None] * z[None, :]) * tl.exp(
+                b + before[None, :]
+            )
+            # pairs j < i; the diagonal pair (decay 1) is added after, and left out of fq dfq (see dg)
+            decay = tl.exp(tl.where(strict3, b[:, None, :] - b[None, :, :], float("-inf")))  # [SC, SC, BK]
+            b_dq += tl.sum(P[:, :, None] * b_fk[None, :, :] * decay, 1)
+            if NS > 1:
+                # keys of the earlier sub-chunks J, decayed to this one's start (r): a product each
+                acc = tl.zeros([SC, BK], dtype=tl.float32)
+                between = tl.zeros([BK], dtype=tl.float32)  # the decay of the sub-chunks between J and I
+                for jj in range(0, I):
+                    t_J = i_t * C + (I - 1 - jj) * SC + o_c
+                    m_J = t_J < T  # (always true: J comes before I, which holds tokens)
+                    p_J = i_bh * T * F + t_J[:, None] * F + o_k[None, :]
+                    m_Jk = m_J[:, None] & m_k[None, :]
+                    b_vT_J = tl.load(v + i_bh * T * DV + t_J[None, :] * DV + o_d[:, None],
+                                     mask=m_d[:, None] & m_J[None, :], other=0.0)
+                    b_J = tl.cumsum(tl.load(g + p_J, mask=m_Jk, other=0.0).to(tl.float32), 0)
+                    G_J = tl.sum(tl.where(last, b_J, 0.0), 0)
+                    k_loc = tl.load(fk + p_J, mask=m_Jk, other=0.0).to(tl.float32) * tl.exp(
+                        (G_J[None, :] - b_J) + between[None, :]
+                    )  # [SC, BK], decayed to r
+                    P_J = _dot_split(b_dn, b_vT_J, DT, PREC, EMULATE, True, False) + b_dd[:, None]  # [SC, SC]
+                    acc += _dot_split(P_J, k_loc, DT, PREC, EMULATE, True, True)
+                    between += G_J
+                b_dq += acc * tl.exp(b)  # queries decayed from r
+            if STORE_DG:
+                b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                tl.store(dgq + p_k, b_fq * b_dq, mask=m_tk)
+            b_dq += tl.sum(tl.where(diagonal, P, 0.0), 1)[:, None] * b_fk
+            tl.store(dfq + p_k, b_dq.to(dfq.dtype.element_ty), mask=m_tk)
+            # the state's increment, summed over the sub-chunks as U <- exp(G_I) U + ..., so that
+            # each key's exp(b_end - b_j) is a product of factors <= 1
+            k_out = b_fk * tl.exp(b_last[None, :] - b)  # [SC, BK], decayed to the sub-chunk end
+            sub_decay = tl.exp(b_last)
+            U = U * sub_decay[None, :] + _dot_split(b_vT, k_out, DT, PREC, EMULATE, False, True)
+            u = u * sub_decay + tl.sum(k_out, 0)
+            before += b_last
+        chunk_decay = tl.exp(before)
+        ST = ST * chunk_decay[None, :] + U
+        z = z * chunk_decay + u
 
 
 @triton.jit
 def _bwd_dk(
     i_k, i_bh, fq, fk, v, g, y, den, dy, ds_final, dz_final, dfk, dgk, dz0, T, F, DV,
-    C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
-    STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    STORE_DINIT: tl.constexpr, STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``dfk`` (and ``fk dfk`` for ``dg``) for features ``[i_k * BK, (i_k + 1) * BK)`` and the
-    initial ``z``'s gradient, chunks in reverse."""
-    o_c = tl.arange(0, C)
+    initial ``z``'s gradient, chunks in reverse, each a sub-chunk at a time (in reverse) against
+    the adjoint at the chunk end."""
+    NS: tl.constexpr = C // SC
+    o_c = tl.arange(0, SC)
     o_k = i_k * BK + tl.arange(0, BK)
     o_d = tl.arange(0, BDV)
     m_k = o_k < F
@@ -280,39 +434,76 @@ def _bwd_dk(
     later = o_c[:, None] <= o_c[None, :]  # [key j, query i]: i >= j
     strict3 = (o_c[:, None] < o_c[None, :])[:, :, None]  # [j, i, 1]: i > j
     diagonal = o_c[:, None] == o_c[None, :]
-    last = o_c[:, None] == C - 1
+    last = o_c[:, None] == SC - 1
     n_t = tl.cdiv(T, C)
     for i_r in range(0, n_t):
-        t = (n_t - 1 - i_r) * C + o_c
-        m_t = t < T
-        m_dt = m_d[:, None] & m_t[None, :]
-        m_tk = m_t[:, None] & m_k[None, :]
-        inv = _inverse_den(den, i_bh, t, m_t, T)
-        # dy^T and y^T [BDV, C], loaded transposed (no tl.trans)
-        b_dyT = tl.load(dy + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
-        b_yT = tl.load(y + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
-        b_dnT = b_dyT * inv[None, :]  # [BDV, C]
-        b_dd = -tl.sum(b_dyT * b_yT, 0) * inv  # [C]
-        b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
-        b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
-        b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)
-        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
-        Q = tl.where(later, _dot_split(b_v, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :], 0.0)  # [C, C]
-        # fp32 operands: this term and the next cancel in part
-        b_dk = (_dot_split(b_v, dST, DT, PREC, EMULATE, False, True) + dz[None, :]) * tl.exp(b_last[None, :] - b)
-        # pairs i > j; the diagonal pair after, and left out of fk dfk (see dg)
-        decay = tl.exp(tl.where(strict3, b[None, :, :] - b[:, None, :], float("-inf")))  # [j, i, BK]: b_i - b_j
-        b_dk += tl.sum(Q[:, :, None] * b_fq[None, :, :] * decay, 1)
-        if STORE_DG:
-            b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)
-            tl.store(dgk + p_k, b_fk * b_dk, mask=m_tk)
-        b_dk += tl.sum(tl.where(diagonal, Q, 0.0), 1)[:, None] * b_fq
-        tl.store(dfk + p_k, b_dk.to(dfk.dtype.element_ty), mask=m_tk)
-        q_in = b_fq * tl.exp(b)  # [C, BK]
-        chunk_decay = tl.exp(b_last)
-        dST = dST * chunk_decay[None, :] + _dot_split(b_dnT, q_in, DT, PREC, EMULATE, True, True)
-        dz = dz * chunk_decay + tl.sum(q_in * b_dd[:, None], 0)
+        after = tl.zeros([BK], dtype=tl.float32)  # the decay of the chunk's later sub-chunks
+        U = tl.zeros([BDV, BK], dtype=tl.float32)  # the chunk's increment of dH^T, and of dz
+        u = tl.zeros([BK], dtype=tl.float32)
+        n_sub = tl.minimum(tl.cdiv(T - (n_t - 1 - i_r) * C, SC), NS)  # the sub-chunks that hold tokens
+        for jj in range(NS - n_sub, NS):  # key sub-chunk J = NS - 1 - jj
+            t = (n_t - 1 - i_r) * C + (NS - 1 - jj) * SC + o_c
+            m_t = t < T
+            m_dt = m_d[:, None] & m_t[None, :]
+            m_tk = m_t[:, None] & m_k[None, :]
+            inv = _inverse_den(den, i_bh, t, m_t, T)
+            # dy^T and y^T [BDV, SC], loaded transposed (no tl.trans)
+            b_dyT = tl.load(dy + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
+            b_yT = tl.load(y + i_bh * T * DV + t[None, :] * DV + o_d[:, None], mask=m_dt, other=0.0).to(tl.float32)
+            b_dnT = b_dyT * inv[None, :]  # [BDV, SC]
+            b_dd = -tl.sum(b_dyT * b_yT, 0) * inv  # [SC]
+            b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                          other=0.0)
+            p_k = i_bh * T * F + t[:, None] * F + o_k[None, :]
+            b_fq = tl.load(fq + p_k, mask=m_tk, other=0.0).to(tl.float32)  # [SC, BK]
+            b = tl.cumsum(tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32), 0)  # from the sub-chunk start
+            b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BK]
+            Q = tl.where(later, _dot_split(b_v, b_dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :], 0.0)  # [SC, SC]
+            k_decay = tl.exp(b_last[None, :] - b)  # [SC, BK]: to the sub-chunk end (r)
+            # fp32 operands: this term and the next cancel in part
+            b_dk = (_dot_split(b_v, dST, DT, PREC, EMULATE, False, True) + dz[None, :]) * (
+                k_decay * tl.exp(after)[None, :]
+            )
+            # pairs i > j; the diagonal pair after, and left out of fk dfk (see dg)
+            decay = tl.exp(tl.where(strict3, b[None, :, :] - b[:, None, :], float("-inf")))  # [j, i, BK]: b_i - b_j
+            b_dk += tl.sum(Q[:, :, None] * b_fq[None, :, :] * decay, 1)
+            if NS > 1:
+                # queries of the later sub-chunks I, decayed from this one's end (r): a product each
+                acc = tl.zeros([SC, BK], dtype=tl.float32)
+                between = tl.zeros([BK], dtype=tl.float32)  # the decay of the sub-chunks between J and I
+                for ii in range(NS - jj, n_sub):
+                    t_I = (n_t - 1 - i_r) * C + ii * SC + o_c
+                    m_I = t_I < T
+                    inv_I = _inverse_den(den, i_bh, t_I, m_I, T)
+                    m_dI = m_d[:, None] & m_I[None, :]
+                    b_dyT_I = tl.load(dy + i_bh * T * DV + t_I[None, :] * DV + o_d[:, None], mask=m_dI, other=0.0)
+                    b_yT_I = tl.load(y + i_bh * T * DV + t_I[None, :] * DV + o_d[:, None], mask=m_dI, other=0.0)
+                    b_dyT_I = b_dyT_I.to(tl.float32)
+                    b_dd_I = -tl.sum(b_dyT_I * b_yT_I.to(tl.float32), 0) * inv_I
+                    p_I = i_bh * T * F + t_I[:, None] * F + o_k[None, :]
+                    m_Ik = m_I[:, None] & m_k[None, :]
+                    b_I = tl.cumsum(tl.load(g + p_I, mask=m_Ik, other=0.0).to(tl.float32), 0)
+                    G_I = tl.sum(tl.where(last, b_I, 0.0), 0)
+                    q_loc = tl.load(fq + p_I, mask=m_Ik, other=0.0).to(tl.float32) * tl.exp(b_I + between[None, :])
+                    Q_I = _dot_split(b_v, b_dyT_I * inv_I[None, :], DT, PREC, EMULATE, False, True) + b_dd_I[None, :]
+                    acc += _dot_split(Q_I, q_loc, DT, PREC, EMULATE, True, True)
+                    between += G_I
+                b_dk += acc * k_decay
+            if STORE_DG:
+                b_fk = tl.load(fk + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                tl.store(dgk + p_k, b_fk * b_dk, mask=m_tk)
+            b_dk += tl.sum(tl.where(diagonal, Q, 0.0), 1)[:, None] * b_fq
+            tl.store(dfk + p_k, b_dk.to(dfk.dtype.element_ty), mask=m_tk)
+            # the adjoint's increment, summed over the sub-chunks (in reverse) as
+            # U <- exp(G_J) U + ..., each query's exp(b_i) a product of factors <= 1
+            q_in = b_fq * tl.exp(b)  # [SC, BK], decayed from the sub-chunk start
+            sub_decay = tl.exp(b_last)
+            U = U * sub_decay[None, :] + _dot_split(b_dnT, q_in, DT, PREC, EMULATE, True, True)
+            u = u * sub_decay + tl.sum(q_in * b_dd[:, None], 0)
+            after += b_last
+        chunk_decay = tl.exp(after)
+        dST = dST * chunk_decay[None, :] + U
+        dz = dz * chunk_decay + u
     if STORE_DINIT:
         tl.store(dz0 + i_bh * F + o_k, dz, mask=m_k)
 
@@ -320,12 +511,15 @@ def _bwd_dk(
 @triton.jit
 def _bwd_dv(
     i_v, i_bh, fq, fk, g, A, den, dy, ds_final, dv, ds0, T, F, DV,
-    C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    STORE_DINIT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``dv`` for values ``[i_v * BV, (i_v + 1) * BV)`` and that block of the initial ``S``'s
-    gradient, chunks in reverse."""
-    o_c = tl.arange(0, C)
+    gradient, chunks in reverse, each a sub-chunk at a time (in reverse) against the adjoint at
+    the chunk end."""
+    NS: tl.constexpr = C // SC
+    o_c = tl.arange(0, SC)
+    o_C = tl.arange(0, C)
     o_f = tl.arange(0, BF)
     o_v = i_v * BV + tl.arange(0, BV)
     m_f = o_f < F
@@ -336,31 +530,57 @@ def _bwd_dv(
         dS = tl.load(ds_final + p_s, mask=m_fv, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BF, BV], dtype=tl.float32)
-    last = o_c[:, None] == C - 1
+    last_row = o_c[:, None] == SC - 1  # [SC, 1]
+    last_col = o_c[None, :] == SC - 1  # [1, SC]
     n_t = tl.cdiv(T, C)
     for i_r in range(0, n_t):
-        t = (n_t - 1 - i_r) * C + o_c
-        m_t = t < T
-        m_tv = m_t[:, None] & m_v[None, :]
-        m_tf = m_t[:, None] & m_f[None, :]
-        m_ft = m_f[:, None] & m_t[None, :]
-        inv = _inverse_den(den, i_bh, t, m_t, T)
-        b_dn = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_dn = b_dn * inv[:, None]  # [C, BV]
-        p_f = i_bh * T * F + t[:, None] * F + o_f[None, :]
-        b_fk = tl.load(fk + p_f, mask=m_tf, other=0.0).to(tl.float32)  # [C, BF]
-        b = tl.cumsum(tl.load(g + p_f, mask=m_tf, other=0.0).to(tl.float32), 0)
-        b_last = tl.sum(tl.where(last, b, 0.0), 0)  # [BF]
-        k_out = b_fk * tl.exp(b_last[None, :] - b)
-        # queries, decays and A loaded transposed (no tl.trans)
-        p_fT = i_bh * T * F + t[None, :] * F + o_f[:, None]
-        b_fqT = tl.load(fq + p_fT, mask=m_ft, other=0.0).to(tl.float32)  # [BF, C]
-        bT = tl.cumsum(tl.load(g + p_fT, mask=m_ft, other=0.0).to(tl.float32), 1)
-        q_inT = b_fqT * tl.exp(bT)
-        b_AT = tl.load(A + (i_bh * T + t[None, :]) * C + o_c[:, None], mask=m_t[None, :], other=0.0)  # [j, i]
-        b_dv = _dot(k_out, dS, DT, PREC, EMULATE) + _dot(b_AT, b_dn, DT, PREC, EMULATE)
-        tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        dS = dS * tl.exp(b_last)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
+        if NS > 1:
+            t_C = (n_t - 1 - i_r) * C + o_C
+            m_C = t_C < T
+            inv_C = _inverse_den(den, i_bh, t_C, m_C, T)
+            b_dn_C = tl.load(dy + i_bh * T * DV + t_C[:, None] * DV + o_v[None, :], mask=m_C[:, None] & m_v[None, :],
+                             other=0.0).to(tl.float32) * inv_C[:, None]  # [C, BV]
+            after = tl.zeros([BF], dtype=tl.float32)  # the decay of the chunk's later sub-chunks
+            chunk_total = tl.zeros([BF], dtype=tl.float32)  # the same, kept in the adjoint's layout
+            U = tl.zeros([BF, BV], dtype=tl.float32)  # the chunk's increment of the adjoint
+        n_sub = tl.minimum(tl.cdiv(T - (n_t - 1 - i_r) * C, SC), NS)  # the sub-chunks that hold tokens
+        for jj in range(NS - n_sub, NS):  # key sub-chunk J = NS - 1 - jj
+            t = (n_t - 1 - i_r) * C + (NS - 1 - jj) * SC + o_c
+            m_t = t < T
+            m_tv = m_t[:, None] & m_v[None, :]
+            m_tf = m_t[:, None] & m_f[None, :]
+            m_ft = m_f[:, None] & m_t[None, :]
+            inv = _inverse_den(den, i_bh, t, m_t, T)
+            b_dn = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            b_dn = b_dn * inv[:, None]  # [SC, BV]
+            p_f = i_bh * T * F + t[:, None] * F + o_f[None, :]
+            b_fk = tl.load(fk + p_f, mask=m_tf, other=0.0).to(tl.float32)  # [SC, BF]
+            b = tl.cumsum(tl.load(g + p_f, mask=m_tf, other=0.0).to(tl.float32), 0)
+            b_last = tl.sum(tl.where(last_row, b, 0.0), 0)  # [BF]
+            # queries, decays and A loaded transposed (no tl.trans)
+            p_fT = i_bh * T * F + t[None, :] * F + o_f[:, None]
+            b_fqT = tl.load(fq + p_fT, mask=m_ft, other=0.0).to(tl.float32)  # [BF, SC]
+            bT = tl.cumsum(tl.load(g + p_fT, mask=m_ft, other=0.0).to(tl.float32), 1)
+            q_inT = b_fqT * tl.exp(bT)  # from the sub-chunk start
+            if NS == 1:
+                k_out = b_fk * tl.exp(b_last[None, :] - b)
+                b_AT = tl.load(A + (i_bh * T + t[None, :]) * C + o_c[:, None], mask=m_t[None, :], other=0.0)  # [j, i]
+                b_dv = _dot(k_out, dS, DT, PREC, EMULATE) + _dot(b_AT, b_dn, DT, PREC, EMULATE)
+                dS = dS * tl.exp(b_last)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
+            else:
+                k_out = b_fk * tl.exp((b_last[None, :] - b) + after[None, :])  # to the chunk end
+                # A^T's rows for these keys: the queries of this and the later sub-chunks
+                b_AT = tl.load(A + (i_bh * T + t_C[None, :]) * C + (NS - 1 - jj) * SC + o_c[:, None],
+                               mask=m_C[None, :] & (o_C[None, :] >= (NS - 1 - jj) * SC), other=0.0)  # [SC, C]
+                b_dv = _dot(k_out, dS, DT, PREC, EMULATE) + _dot(b_AT, b_dn_C, DT, PREC, EMULATE)
+                # the increment, summed over the sub-chunks (in reverse) as U <- exp(G_J) U + ...
+                sub_decayT = tl.sum(tl.where(last_col, bT, 0.0), 1)  # [BF], in the adjoint's layout
+                U = U * tl.exp(sub_decayT)[:, None] + _dot(q_inT, b_dn, DT, PREC, EMULATE)
+                after += b_last
+                chunk_total += sub_decayT
+            tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        if NS > 1:
+            dS = dS * tl.exp(chunk_total)[:, None] + U
     if STORE_DINIT:
         tl.store(ds0 + p_s, dS, mask=m_fv)
 
@@ -369,9 +589,9 @@ def _bwd_dv(
 def _bwd_kernel(
     fq, fk, v, g, A, y, den, dy, s0, z0, ds_final, dz_final, dfq, dfk, dv, dgq, dgk, ds0, dz0,
     T, F, DV,
-    C: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr, NK: tl.constexpr,
-    HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, STORE_DG: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
+    NK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Grid ``(2 * NK + NV, B * H)``: the first ``NK`` programs of a head compute ``dfq``, the next
     ``NK`` ``dfk`` (and ``dz0``), the last ``NV`` ``dv`` (and ``dS0``); all run at once."""
@@ -380,17 +600,17 @@ def _bwd_kernel(
     if i_p < NK:
         _bwd_dq(
             i_p, i_bh, fq, fk, v, g, y, den, dy, s0, z0, dfq, dgq, T, F, DV,
-            C, BK, BDV, HAS_INIT, STORE_DG, DT, PREC, EMULATE,
+            C, SC, BK, BDV, HAS_INIT, STORE_DG, DT, PREC, EMULATE,
         )
     elif i_p < 2 * NK:
         _bwd_dk(
             i_p - NK, i_bh, fq, fk, v, g, y, den, dy, ds_final, dz_final, dfk, dgk, dz0, T, F, DV,
-            C, BK, BDV, HAS_DFINAL, STORE_DINIT, STORE_DG, DT, PREC, EMULATE,
+            C, SC, BK, BDV, HAS_DFINAL, STORE_DINIT, STORE_DG, DT, PREC, EMULATE,
         )
     else:
         _bwd_dv(
             i_p - 2 * NK, i_bh, fq, fk, g, A, den, dy, ds_final, dv, ds0, T, F, DV,
-            C, BF, BV, HAS_DFINAL, STORE_DINIT, DT, PREC, EMULATE,
+            C, SC, BF, BV, HAS_DFINAL, STORE_DINIT, DT, PREC, EMULATE,
         )
 
 
@@ -420,39 +640,52 @@ def _dg_kernel(dgq, dgk, dg_last, dg, T, F, C: tl.constexpr, BK: tl.constexpr, H
 # ----------------------------------------------------------------------------- launchers
 
 
-def _fwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16):
+def _fwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUNK):
     """``(BF, BV, num_warps)`` of the forward (and of the backward's ``dv`` programs). ``BV``
     keeps a program's tiles (``[C, BF]`` inputs and exponentials, the ``[BF, BV]`` state) in
-    registers, then shrinks while ``B * H`` programs per block would leave multiprocessors idle;
-    fp32 products take the smallest tiles. (Not yet tuned on a GPU.)"""
+    registers (checked by compiling for sm_90a, see ``benchmarks/gated_registers.py``: at most
+    about 150 bytes a thread spilled at F = 128), then shrinks while ``B * H`` programs per block
+    would leave multiprocessors idle; fp32 products take the smallest tiles. 64-token chunks need
+    8 warps (with 4, their ``[64, BF]`` tiles spill about 0.8 KB a thread). (Not yet tuned on a
+    GPU.)"""
     BF = _pow2(F)
     if dtype == torch.float32:
-        return BF, 16, (8 if BF >= 128 else 4)
-    BV = min(_pow2(DV), 64 if BF <= 128 else 32)
+        return BF, 16, _fwd_warps(BF, 16, C, dtype)
+    if C == SUB_CHUNK:
+        BV = min(_pow2(DV), 64 if BF <= 128 else 32)
+    else:
+        BV = min(_pow2(DV), 32 if BF <= 128 else 16)
     sms = _sms()
     while sms and BV > 16 and heads * triton.cdiv(DV, BV) < sms:
         BV //= 2
-    return BF, BV, (8 if BF * BV >= 8192 else 4)
+    return BF, BV, _fwd_warps(BF, BV, C, dtype)
 
 
-def _bwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16):
+def _fwd_warps(BF: int, BV: int, C: int, dtype=torch.bfloat16) -> int:
+    if C > SUB_CHUNK:
+        return 8
+    return 8 if (BF >= 128 if dtype == torch.float32 else BF * BV >= 8192) else 4
+
+
+def _bwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUNK):
     """``(BF, BK, BV, BDV)`` of the backward (8 warps): ``dfq``/``dfk`` programs take ``BK``
     features and every value column (their pairwise sums are ``[16, 16, BK]``), ``dv`` programs
     ``BV`` columns and every feature."""
-    BF, BV, _ = _fwd_config(F, DV, heads, dtype)
+    BF, BV, _ = _fwd_config(F, DV, heads, dtype, C)
     return BF, min(BF, 32), BV, _pow2(DV)
 
 
 def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False, output_dtype=None,
-                        keep_fp32_output=False):
-    """Launch the forward kernels on contiguous ``fq, fk, g: [B, H, T, F]``, ``v: [B, H, T, Dv]``.
+                        keep_fp32_output=False, chunk_size=CHUNK):
+    """Launch the forward kernels on contiguous ``fq, fk, g: [B, H, T, F]``, ``v: [B, H, T, Dv]``,
+    ``chunk_size`` (``C``) tokens a step.
 
-    Returns ``(y [B, H, T, Dv], y32, d [B, H, T] fp32, A [B, H, T, 16] fp32, S [B, H, F, Dv] fp32
+    Returns ``(y [B, H, T, Dv], y32, d [B, H, T] fp32, A [B, H, T, C] fp32, S [B, H, F, Dv] fp32
     or None, z [B, H, F] fp32 or None)``; ``y32`` is ``y`` in fp32 when ``keep_fp32_output`` (the
     same tensor when ``y`` is fp32), else None."""
     B, H, T, F = fq.shape
     DV = v.shape[-1]
-    C = CHUNK
+    C = chunk_size
     dtype = compute_dtype(fq, fk, v)
     DT, PREC, EMULATE = _dot_config(dtype)
     dev = v.device
@@ -463,11 +696,14 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
     z = torch.empty(B, H, F, device=dev, dtype=torch.float32) if output_final_state else None
     store_y32 = keep_fp32_output and y.dtype != torch.float32
     y32 = torch.empty(B, H, T, DV, device=dev, dtype=torch.float32) if store_y32 else None
-    _intra_kernel[(triton.cdiv(T, C), B * H)](fq, fk, g, A, T, F, C=C, BK=min(_pow2(F), 32), num_warps=4)
-    BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype)
+    _intra_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
+        fq, fk, g, A, T, F, C=C, SC=SUB_CHUNK, BK=min(_pow2(F), 32), BF=_pow2(F),
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4,
+    )
+    BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype, C)
     _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
         fq, fk, v, g, A, y, y32, d, S0, z0, S, z, T, F, DV,
-        C=C, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
+        C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
     )
     if keep_fp32_output and not store_y32:
@@ -477,13 +713,14 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
 
 def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=None, dS=None, dz=None,
                         want_dinit=True, want_dg=True):
-    """Launch the backward kernels. ``y``: the forward's output in fp32; ``S, z``: the final state
-    (needed with ``dS``/``dz``, its gradients, for ``dg``). Returns ``(dfq, dfk, dv, dg, dS0,
-    dz0)``; ``dg`` is None unless ``want_dg``, the last two None without an initial state or when
+    """Launch the backward kernels. ``A``: the forward's intra-chunk weights (its last dimension
+    is the chunk size); ``y``: the forward's output in fp32; ``S, z``: the final state (needed
+    with ``dS``/``dz``, its gradients, for ``dg``). Returns ``(dfq, dfk, dv, dg, dS0, dz0)``;
+    ``dg`` is None unless ``want_dg``, the last two None without an initial state or when
     ``want_dinit`` is False."""
     B, H, T, F = fq.shape
     DV = v.shape[-1]
-    C = CHUNK
+    C = A.shape[-1]
     dtype = compute_dtype(fq, fk, v)
     DT, PREC, EMULATE = _dot_config(dtype)
     dev = v.device
@@ -498,11 +735,11 @@ def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=N
     want_dinit = want_dinit and has_init
     dS0 = torch.empty(B, H, F, DV, device=dev, dtype=torch.float32) if want_dinit else None
     dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if want_dinit else None
-    BF, BK, BV, BDV = _bwd_config(F, DV, B * H, dtype)
+    BF, BK, BV, BDV = _bwd_config(F, DV, B * H, dtype, C)
     NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
     _bwd_kernel[(2 * NK + NV, B * H)](
         fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dgq, dgk, dS0, dz0, T, F, DV,
-        C=C, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
+        C=C, SC=SUB_CHUNK, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
         HAS_INIT=has_init, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit, STORE_DG=want_dg,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
     )
@@ -522,13 +759,13 @@ class ChunkGatedAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: inputs ``fq, fk, v, g, S0, z0`` (the last two may be None)."""
 
     @staticmethod
-    def forward(ctx, fq, fk, v, g, S0, z0, output_final_state, output_dtype):
+    def forward(ctx, fq, fk, v, g, S0, z0, output_final_state, output_dtype, chunk_size):
         fq, fk, v, g = fq.contiguous(), fk.contiguous(), v.contiguous(), g.contiguous()
         if S0 is not None:
             S0, z0 = S0.float().contiguous(), z0.float().contiguous()
         keep = any(ctx.needs_input_grad[:6])
         y, y32, d, A, S, z = gated_attention_fwd(
-            fq, fk, v, g, S0, z0, output_final_state, output_dtype, keep_fp32_output=keep
+            fq, fk, v, g, S0, z0, output_final_state, output_dtype, keep_fp32_output=keep, chunk_size=chunk_size
         )
         ctx.save_for_backward(fq, fk, v, g, S0, z0, y32, d, A, S, z)
         ctx.set_materialize_grads(False)
@@ -543,7 +780,7 @@ class ChunkGatedAttentionFunction(torch.autograd.Function):
             fq, fk, v, g, A, y, d, dy.contiguous(), S0, z0, S, z, dS, dz,
             want_dinit=ctx.needs_input_grad[4] or ctx.needs_input_grad[5], want_dg=ctx.needs_input_grad[3],
         )
-        return dfq, dfk, dv, dg, dS0, dz0, None, None
+        return dfq, dfk, dv, dg, dS0, dz0, None, None, None
 
 
 def triton_chunk_gated_attention(
@@ -555,6 +792,7 @@ def triton_chunk_gated_attention(
     output_final_state: bool = False,
     key_mask: torch.Tensor | None = None,
     output_dtype: torch.dtype | None = None,
+    chunk_size: int = CHUNK,
 ):
     """Causal normalised linear attention with a per-channel data-dependent decay, chunked, in
     Triton (forward and backward).
@@ -575,15 +813,19 @@ def triton_chunk_gated_attention(
             to zero (``masked_fill``, before the kernels), so they neither add to the state nor
             decay it; a query that sees no valid key at all gets ``y = 0``.
         output_dtype: dtype of ``y``; default the promoted dtype of ``fq`` and ``v``.
+        chunk_size: tokens a sequential step takes, 64 (four 16-token sub-chunks; the default)
+            or 16; the result is the same up to rounding (see the module docstring for the two).
 
     Returns:
         ``(y [B, H, T, Dv], (S [B, H, F, Dv] fp32, z [B, H, F] fp32) or None)``.
 
     Gradients flow to ``fq``, ``fk``, ``v``, ``g`` and the initial state. Products take fp32
     operands unless an input is bf16; then bf16 operands, with the fp32 operands whose products
-    cancel later split into two bf16 halves (see the module docstring). The kernels take 16 tokens
-    at a time (exact pairwise decays inside, so nothing overflows however strong the decay).
-    ``F <= 256`` and ``Dv <= 256``. Denominators are clamped at 1e-30 as in the reference.
+    cancel later split into two bf16 halves (see the module docstring). The kernels take
+    ``chunk_size`` tokens a step: exact pairwise decays inside each 16-token sub-chunk, decays
+    factored at a boundary (both factors ``<= 1``) between sub-chunks, so nothing overflows however
+    strong the decay. ``F <= 256`` and ``Dv <= 256``. Denominators are clamped at 1e-30 as in the
+    reference.
 
     Example::
 
@@ -593,6 +835,8 @@ def triton_chunk_gated_attention(
         v = torch.randn(2, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
         y, (S, z) = triton_chunk_gated_attention(fq, fk, v, g, output_final_state=True)
     """
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}; got {chunk_size!r}")
     if fq.dim() != 4 or fk.shape != fq.shape or g.shape != fq.shape:
         raise ValueError(
             f"fq, fk and g must all be [B, H, T, F]; got {tuple(fq.shape)}, {tuple(fk.shape)} and {tuple(g.shape)}"
@@ -626,5 +870,5 @@ def triton_chunk_gated_attention(
         if S0 is None:
             S0, z0 = fq.new_zeros(B, H, F, DV, dtype=torch.float32), fq.new_zeros(B, H, F, dtype=torch.float32)
         return y, (S0.float(), z0.float())
-    y, S, z = ChunkGatedAttentionFunction.apply(fq, fk, v, g, S0, z0, output_final_state, output_dtype)
+    y, S, z = ChunkGatedAttentionFunction.apply(fq, fk, v, g, S0, z0, output_final_state, output_dtype, chunk_size)
     return y, ((S, z) if output_final_state else None)
