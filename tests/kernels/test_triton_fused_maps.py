@@ -22,40 +22,19 @@ interpreter (T = 40 and 100, D = 12 and 16): ``y`` 1.5-1.7e-3, ``S, z`` 2.2-2.8e
 parameters, 2e-2 on ``dq, dk, dv`` (as the unfused kernels' tests), 5e-3 on ``dS0, dz0``.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_env import DEVICE, Spy, interpreting, rel, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
-triton = pytest.importorskip("triton")
-
-from linearize.feature_maps import EluFeatureMap, HedgehogFeatureMap, NPMapFeatureMap  # noqa: E402
-from linearize.kernels import HybridState, chunk_hybrid_attention, feature_map_attention  # noqa: E402
-from linearize.kernels.linear import fused  # noqa: E402
-from linearize.kernels.linear.chunk import interpreting  # noqa: E402
-from linearize.kernels.linear.fused import fused_map_linear_attention, npmap_weight  # noqa: E402
-
-if interpreting():
-    DEVICE = "cpu"
-    if type(triton.language.zeros).__name__ == "JITFunction":  # defined before the switch was on
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment",
-                    allow_module_level=True)
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from linearize.feature_maps import EluFeatureMap, HedgehogFeatureMap, NPMapFeatureMap
+from linearize.kernels import HybridState, chunk_hybrid_attention, feature_map_attention
+from linearize.kernels.linear import fused
+from linearize.kernels.linear.fused import fused_map_linear_attention, npmap_weight
 
 B, H, D, FH, DV = 2, 2, 12, 10, 12  # F = 20 features; none a power of two
 MAPS = {"hedgehog": HedgehogFeatureMap, "npmap": NPMapFeatureMap}
-
-
-def rel(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    den = b.norm()
-    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
 
 def make_maps(kind, seed, tied=False, h=H, d=D, fh=FH, device=DEVICE):
@@ -250,18 +229,6 @@ def test_bad_arguments_say_what_to_fix():
 # ----------------------------------------------------------------------------- dispatch and the student
 
 
-class _Spy:
-    def __init__(self, monkeypatch, module, name):
-        self.calls = 0
-        fn = getattr(module, name)
-
-        def wrapped(*args, **kwargs):
-            self.calls += 1
-            return fn(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapped)
-
-
 def test_dispatch(monkeypatch):
     """``feature_map_attention``: the fused kernel only with LINEARIZE_KERNELS=triton, in the
     chunked form, window 0, Hedgehog/NP-Map maps on both sides; otherwise the maps in PyTorch
@@ -273,8 +240,8 @@ def test_dispatch(monkeypatch):
     q, k, v, _, _ = make_inputs(T, seed=17)
     mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
     mask[1, :3] = False
-    spy = _Spy(monkeypatch, fused, "fused_map_linear_attention")
-    unfused = _Spy(monkeypatch, linear, "chunk_linear_attention")
+    spy = Spy(monkeypatch, fused, "fused_map_linear_attention")
+    unfused = Spy(monkeypatch, linear, "chunk_linear_attention")
 
     def call(fq_map=mq, fk_map=mk, **kw):
         return feature_map_attention(q, k, v, fq_map, fk_map, None, 0, 1.0, key_mask=mask, output_state=True, **kw)
@@ -289,7 +256,7 @@ def test_dispatch(monkeypatch):
     for name in ("k", "v", "fk", "mask", "sink_k", "sink_v", "sink_mask"):
         assert getattr(s, name).shape == getattr(s_ref, name).shape, name
     # the decode step (one token, a state): maps in PyTorch, then the Triton step
-    step = _Spy(monkeypatch, linear, "linear_step")
+    step = Spy(monkeypatch, linear, "linear_step")
     one = [x[:, :, :1] for x in (q, k, v)]
     with torch.no_grad():  # as in generation (with a gradient the chunked kernel takes the token)
         y1, s1 = feature_map_attention(*one, mq, mk, None, 0, 1.0, key_mask=mask[:, :1], state=s, output_state=True)
@@ -315,8 +282,8 @@ def test_window_falls_back_to_the_unfused_path(monkeypatch):
     import linearize.kernels.hybrid.chunk as hybrid_chunk
 
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
-    spy = _Spy(monkeypatch, fused, "fused_map_linear_attention")
-    hybrid = _Spy(monkeypatch, hybrid_chunk, "triton_chunk_hybrid_attention")
+    spy = Spy(monkeypatch, fused, "fused_map_linear_attention")
+    hybrid = Spy(monkeypatch, hybrid_chunk, "triton_chunk_hybrid_attention")
     mq, mk = make_maps("npmap", 4)
     q, k, v, _, _ = make_inputs(8, seed=4, b=1)
     gamma = torch.full((H,), 0.1, device=DEVICE)
@@ -344,8 +311,8 @@ def test_hedgehog_student_through_the_fused_kernel(monkeypatch):
     real = mask.bool()
     params = [p for s in students(model).values() for _, p in s.student_parameters()]
     assert len(params) == 2 + 4  # hedgehog: a weight per map; npmap: a weight and a reflection per map
-    spy = _Spy(monkeypatch, fused, "fused_map_linear_attention")
-    step = _Spy(monkeypatch, linear, "linear_step")
+    spy = Spy(monkeypatch, fused, "fused_map_linear_attention")
+    step = Spy(monkeypatch, linear, "linear_step")
     results = {}
     for kernels in ("reference", "triton"):
         monkeypatch.setenv("LINEARIZE_KERNELS", kernels)

@@ -24,39 +24,18 @@ operands (2^-16). Seen in the interpreter, the same for both chunk sizes: 3e-3 o
 (``y``), 2e-2 (gradients) and 1e-4 (final state) are asserted, as for the linear kernels.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # see tests/kernels/test_triton_linear.py
+from triton_env import DEVICE, Spy, interpreting, rel, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
-triton = pytest.importorskip("triton")
-
-from linearize.kernels import GatedState, chunk_gated_attention, gated_attention, gated_step  # noqa: E402
-from linearize.kernels.gated.chunk import CHUNK, CHUNK_SIZES, SUB_CHUNK, triton_chunk_gated_attention  # noqa: E402
-from linearize.kernels.gated.recurrent import triton_gated_step  # noqa: E402
-from linearize.kernels.linear.chunk import interpreting  # noqa: E402
-
-if interpreting():
-    DEVICE = "cpu"
-    if type(triton.language.zeros).__name__ == "JITFunction":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment",
-                    allow_module_level=True)
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from linearize.kernels import GatedState, chunk_gated_attention, gated_attention, gated_step
+from linearize.kernels.gated.chunk import CHUNK, CHUNK_SIZES, SUB_CHUNK, triton_chunk_gated_attention
+from linearize.kernels.gated.recurrent import triton_gated_step
 
 B, H, F, DV = 2, 3, 12, 20  # an odd head count, F != Dv, neither a power of two
 NAMES = ["y", "S", "z", "dfq", "dfk", "dv", "dg", "dS0", "dz0"]
-
-
-def rel(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    den = b.norm()
-    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
 
 def log_decays(noise, strength):
@@ -347,18 +326,6 @@ def test_steps_continue_the_chunked_form():
     assert rel(torch.stack(ys, 2), whole[:, :, P:]) <= 1e-5
 
 
-class _Spy:
-    def __init__(self, monkeypatch, module, name):
-        self.calls = 0
-        fn = getattr(module, name)
-
-        def wrapped(*args, **kwargs):
-            self.calls += 1
-            return fn(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapped)
-
-
 def test_dispatch(monkeypatch):
     """``gated_attention`` under ``LINEARIZE_KERNELS``: ``reference`` and ``auto`` never reach the
     kernels, ``triton`` does (chunked form and the decode step) with the reference's results and
@@ -370,8 +337,8 @@ def test_dispatch(monkeypatch):
     fq, fk, v, g, _, _ = make_inputs(T, seed=17)
     mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
     mask[1, :3] = False
-    chunk = _Spy(monkeypatch, gchunk, "triton_chunk_gated_attention")
-    step = _Spy(monkeypatch, grecurrent, "triton_gated_step")
+    chunk = Spy(monkeypatch, gchunk, "triton_chunk_gated_attention")
+    step = Spy(monkeypatch, grecurrent, "triton_gated_step")
 
     def call(**kw):
         return gated_attention(fq, fk, v, g, key_mask=mask, output_state=True, **kw)
@@ -421,8 +388,8 @@ def test_lawcat_student_through_the_kernels(monkeypatch):
     import linearize.kernels.gated.recurrent as grecurrent
     from linearize import ConversionSpec, students
 
-    chunk = _Spy(monkeypatch, gchunk, "triton_chunk_gated_attention")
-    step = _Spy(monkeypatch, grecurrent, "triton_gated_step")
+    chunk = Spy(monkeypatch, gchunk, "triton_chunk_gated_attention")
+    step = Spy(monkeypatch, grecurrent, "triton_gated_step")
     model = converted_model("llama", ConversionSpec("lawcat"), seed=0, num_hidden_layers=1).to(DEVICE)
     x = token_ids(2, 18, seed=1).to(DEVICE)  # two chunks
     mask = torch.ones_like(x)

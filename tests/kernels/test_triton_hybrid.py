@@ -16,39 +16,18 @@ continuous random numbers, so the maximum is unique, where the kernels' gradient
 PyTorch's ``amax`` gradient coincide (``test_tied_maxima`` covers ties).
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_env import DEVICE, Spy, interpreting, rel, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
-triton = pytest.importorskip("triton")
-
-from linearize.kernels import HybridState, chunk_hybrid_attention, hybrid_attention, hybrid_step  # noqa: E402
-from linearize.kernels.hybrid.chunk import triton_chunk_hybrid_attention  # noqa: E402
-from linearize.kernels.hybrid.recurrent import triton_hybrid_step  # noqa: E402
-from linearize.kernels.linear.chunk import interpreting  # noqa: E402
-
-if interpreting():
-    DEVICE = "cpu"
-    if type(triton.language.zeros).__name__ == "JITFunction":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment",
-                    allow_module_level=True)
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from linearize.kernels import HybridState, chunk_hybrid_attention, hybrid_attention, hybrid_step
+from linearize.kernels.hybrid.chunk import triton_chunk_hybrid_attention
+from linearize.kernels.hybrid.recurrent import triton_hybrid_step
 
 B, H, DK, DV, F = 2, 2, 8, 12, 12  # Dv and F not powers of two
 STATE_FIELDS = ("S", "z", "k", "v", "fk", "sink_k", "sink_v")
-
-
-def rel(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    den = b.norm()
-    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
 
 def make_inputs(T, seed, dtype=torch.float32, pad=3, dv=DV, device=DEVICE, k_offset=0.0, v_offset=0.0):
@@ -337,18 +316,6 @@ def test_step_matches_reference(window, sinks, prefix):
 # ----------------------------------------------------------------------------- dispatcher and student
 
 
-class _Spy:
-    def __init__(self, monkeypatch, module, name):
-        self.calls = 0
-        fn = getattr(module, name)
-
-        def wrapped(*args, **kwargs):
-            self.calls += 1
-            return fn(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapped)
-
-
 def test_dispatch(monkeypatch):
     """``triton`` sends any window or sinks to the hybrid kernels (the chunk for several tokens,
     the step for one token with a state), ``reference`` and ``auto`` never; too long a window is
@@ -357,8 +324,8 @@ def test_dispatch(monkeypatch):
 
     T, window, sinks = 20, 5, 2
     q, k, v, fq, fk, gamma, mask = make_inputs(T, seed=61)
-    spy_chunk = _Spy(monkeypatch, chunk, "triton_chunk_hybrid_attention")
-    spy_step = _Spy(monkeypatch, recurrent, "triton_hybrid_step")
+    spy_chunk = Spy(monkeypatch, chunk, "triton_chunk_hybrid_attention")
+    spy_step = Spy(monkeypatch, recurrent, "triton_hybrid_step")
 
     def call(t0, t1, state):
         sl = slice(t0, t1)
@@ -392,8 +359,8 @@ def test_lolcats_student_through_the_kernels(monkeypatch):
     from linearize import ConversionSpec, students
     from linearize.kernels.hybrid import chunk, recurrent
 
-    spy_chunk = _Spy(monkeypatch, chunk, "triton_chunk_hybrid_attention")
-    spy_step = _Spy(monkeypatch, recurrent, "triton_hybrid_step")
+    spy_chunk = Spy(monkeypatch, chunk, "triton_chunk_hybrid_attention")
+    spy_step = Spy(monkeypatch, recurrent, "triton_hybrid_step")
     spec = ConversionSpec("lolcats", layers=[1], settings=dict(window_size=4, sink_size=2, feature_dim=8))
     model = converted_model("llama", spec, seed=0).to(DEVICE)
     x = token_ids(2, 14, seed=1).to(DEVICE)

@@ -13,47 +13,23 @@ inputs are bf16, 2^-9 relative each), plus the 16-bit operands ``A = fq fk^T``, 
 on the Hedgehog map's bf16 ``dx``; 1e-2 and 2e-2 are asserted.
 """
 
-import os
 
 import pytest
 import torch
 
-# Triton reads TRITON_INTERPRET when it is imported and when a kernel is defined (``@triton.jit``),
-# so it must be set before triton is first imported: tests/conftest.py does it for the suite, and
-# this line for a run of this file alone. With CUDA the kernels compile.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_env import DEVICE, Spy, interpreting, rel, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
-triton = pytest.importorskip("triton")
-
-from linearize.feature_maps import HedgehogFeatureMap  # noqa: E402
-from linearize.kernels import (  # noqa: E402
+from linearize.feature_maps import HedgehogFeatureMap
+from linearize.kernels import (
     HybridState,
     chunk_hybrid_attention,
     hybrid_attention,
     hybrid_step,
 )
-from linearize.kernels.feature_map import hedgehog_feature_map  # noqa: E402
-from linearize.kernels.linear import chunk_linear_attention, linear_step  # noqa: E402
-from linearize.kernels.linear.chunk import interpreting  # noqa: E402
-
-if interpreting():
-    DEVICE = "cpu"
-    if type(triton.language.zeros).__name__ == "JITFunction":  # defined before the switch was on
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment",
-                    allow_module_level=True)
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from linearize.kernels.feature_map import hedgehog_feature_map
+from linearize.kernels.linear import chunk_linear_attention, linear_step
 
 B, H, F, DV = 2, 2, 12, 20  # F != Dv, neither a power of two
-
-
-def rel(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    den = b.norm()
-    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
 
 def make_inputs(T, seed, dtype=torch.float32, b=B, h=H, f=F, dv=DV, device=DEVICE, offset=0.0):
@@ -257,18 +233,6 @@ def test_hedgehog_feature_map(T, dtype):
     assert all(e <= t for e, t in zip(errs, tol)), errs
 
 
-class _Spy:
-    def __init__(self, monkeypatch, module, name):
-        self.calls = 0
-        fn = getattr(module, name)
-
-        def wrapped(*args, **kwargs):
-            self.calls += 1
-            return fn(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapped)
-
-
 def test_dispatch(monkeypatch):
     import linearize.kernels.linear as linear
 
@@ -277,7 +241,7 @@ def test_dispatch(monkeypatch):
     q = torch.randn(B, H, T, 8, device=DEVICE)
     mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
     mask[1, :3] = False
-    chunk, step = _Spy(monkeypatch, linear, "chunk_linear_attention"), _Spy(monkeypatch, linear, "linear_step")
+    chunk, step = Spy(monkeypatch, linear, "chunk_linear_attention"), Spy(monkeypatch, linear, "linear_step")
 
     def call(**kw):
         return hybrid_attention(q, q, v, fq, fk, None, 0, 1.0, key_mask=mask, output_state=True, **kw)
@@ -325,7 +289,7 @@ def test_hedgehog_student_through_the_kernels(monkeypatch):
     from linearize import ConversionSpec, students
 
     monkeypatch.setattr(kernels_module, "_fused_map_kind", lambda *maps: None)
-    chunk, step = _Spy(monkeypatch, linear, "chunk_linear_attention"), _Spy(monkeypatch, linear, "linear_step")
+    chunk, step = Spy(monkeypatch, linear, "chunk_linear_attention"), Spy(monkeypatch, linear, "linear_step")
     model = converted_model("llama", ConversionSpec("hedgehog"), seed=0).to(DEVICE)
     x = token_ids(2, 20, seed=1).to(DEVICE)
     mask = torch.ones_like(x)
