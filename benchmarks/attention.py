@@ -48,7 +48,8 @@ Backends:
   baseline, ``hyb_x_lin`` is the hybrid's time over our plain linear attention's.
   (``--no-hybrid`` leaves it out.)
 
-The memory floor of a pass is the time to move its tensors once at 3.35e12 B/s (H100 SXM HBM3):
+The memory floor of a pass is the time to move its tensors once at the GPU's peak HBM bandwidth
+(3.35e12 B/s on an H100 SXM, HBM3; 4.8e12 B/s on an H200, HBM3e; ``--hbm-tbps`` for another GPU):
 q, k, v, o for the forward; those plus do, dq, dk, dv for forward + backward (for the gated
 kernel also g, and dg; for the hybrid also fq, fk, and dfq, dfk). ``ours_TB/s`` is that byte
 count over our (linear) measured time; ``g_x_floor`` and ``hyb_x_floor`` are the gated and the
@@ -71,7 +72,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HBM_BYTES_PER_S = 3.35e12
+HBM_BYTES_PER_S = 3.35e12  # set from the GPU in main()
+PEAK_HBM_TBPS = {"H100": 3.35, "H200": 4.8, "B200": 8.0, "A100": 2.0}
 HEADS = 32
 
 
@@ -345,7 +347,7 @@ def fits(B, T, D, mode):
 def grid(args):
     if args.quick:
         return [(1, 128, T) for T in (2048, 8192)]
-    return [(B, D, T) for B in (1, 8) for D in (64, 128) for T in (2048, 4096, 8192, 16384, 32768, 65536)]
+    return [(B, D, T) for B in args.batch for D in args.head_dim for T in args.lengths]
 
 
 def main(argv=None):
@@ -353,6 +355,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="batch 1, head size 128, T = 2K and 8K only")
     parser.add_argument("--chunk", type=int, nargs="+", default=None, help="our chunk sizes (default: 64; full: 32 64)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head sizes (default: 64 128)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536],
+                        help="sequence lengths (default: 2K ... 64K)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--no-fla", action="store_true", help="leave fla out")
     parser.add_argument("--no-gated", action="store_true",
@@ -360,6 +366,7 @@ def main(argv=None):
     parser.add_argument("--no-hybrid", action="store_true", help="leave the sliding-window + linear hybrid out")
     parser.add_argument("--no-fused", action="store_true",
                         help="leave the fused feature-map attention (fused_hh, fused_np) out")
+    parser.add_argument("--hbm-tbps", type=float, help="peak HBM bandwidth in TB/s (default: from the GPU's name)")
     parser.add_argument("--window", type=int, default=64, help="the hybrid's softmax window (default 64)")
     parser.add_argument("--sinks", type=int, default=4, help="the hybrid's attention sinks (default 4)")
     args = parser.parse_args(argv)
@@ -369,6 +376,12 @@ def main(argv=None):
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     torch.manual_seed(0)
     dev = torch.device("cuda")
+    global HBM_BYTES_PER_S
+    name = torch.cuda.get_device_name()
+    tbps = args.hbm_tbps or next((v for k, v in PEAK_HBM_TBPS.items() if k in name), None)
+    if tbps is None:
+        sys.exit(f"no peak HBM bandwidth known for {name!r}: pass --hbm-tbps")
+    HBM_BYTES_PER_S = tbps * 1e12
     backends, missing = available_backends(args)
     env = dict(
         gpu=torch.cuda.get_device_name(),
@@ -406,13 +419,21 @@ def main(argv=None):
             _ratios(rec, args.chunk)
             records.append(rec)
             print(_row(rec, list(backends), header=len(records) == 1), flush=True)
+            if args.out:  # after every row, so that an interrupted run keeps what it measured
+                write(args.out, dict(env=env, results=records))
     print(f"# {time.time() - started:.0f} s")
     print()
     print(table(records, list(backends)))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(env=env, results=records), indent=1))
+        write(args.out, dict(env=env, results=records))
         print(f"# wrote {args.out}")
+
+
+def write(path: Path, info: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(path)
 
 
 def _version(module):

@@ -149,6 +149,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--config", type=Path,
+                        help="a config.json: the same architecture with random weights instead of --model's "
+                             "(speed and memory do not depend on the weights' values)")
     parser.add_argument("--student", default="lolcats", choices=sorted(STUDENTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
@@ -169,7 +172,16 @@ def main(argv=None):
     from linearize.models import load_teacher
 
     device = torch.device(args.device)
-    teacher, _, _ = load_teacher(args.model, dtype=args.dtype, device=str(device), attn_implementation="sdpa")
+    if args.config:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(args.config)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        teacher = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(device)
+        args.model = f"{args.config} (random weights)"
+    else:
+        teacher, _, _ = load_teacher(args.model, dtype=args.dtype, device=str(device), attn_implementation="sdpa")
     teacher.eval()
     student = copy.deepcopy(teacher)
     convert_model(student, ConversionSpec(args.student, settings=STUDENTS[args.student]))

@@ -49,8 +49,8 @@ class HedgehogStudent(Student):
         return None
 
     def attend(self, q, k, v, key_mask, state, output_state):
-        # phi_q(q), phi_k(k), then the attention; with LINEARIZE_KERNELS=triton and no window the
-        # maps run inside the attention kernel (see linearize.kernels.feature_map_attention)
+        # phi_q(q), phi_k(k), then the attention; with LINEARIZE_KERNELS=triton-fused and no window
+        # the maps run inside the attention kernel (see linearize.kernels.feature_map_attention)
         return feature_map_attention(
             q, k, v, self.feature_map_q, self.feature_map_k, self.window_factor(), self.window, self.scaling,
             key_mask=key_mask, state=state, output_state=output_state, form=self.form, sinks=self.sinks,

@@ -230,7 +230,7 @@ def test_bad_arguments_say_what_to_fix():
 
 
 def test_dispatch(monkeypatch):
-    """``feature_map_attention``: the fused kernel only with LINEARIZE_KERNELS=triton, in the
+    """``feature_map_attention``: the fused kernel only with LINEARIZE_KERNELS=triton-fused, in the
     chunked form, window 0, Hedgehog/NP-Map maps on both sides; otherwise the maps in PyTorch
     and ``hybrid_attention`` (whose own kernels then run), with equal results."""
     import linearize.kernels.linear as linear
@@ -247,11 +247,13 @@ def test_dispatch(monkeypatch):
         return feature_map_attention(q, k, v, fq_map, fk_map, None, 0, 1.0, key_mask=mask, output_state=True, **kw)
 
     results = {}
-    for kernels in ("reference", "auto", "triton"):
+    for kernels in ("reference", "auto", "triton", "triton-fused"):
         monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
         results[kernels] = call()
-    assert spy.calls == 1 and unfused.calls == 0  # auto stays on the reference: no compiled GPU run yet
-    (y_ref, s_ref), (y, s) = results["reference"], results["triton"]
+    # auto stays on the reference; triton computes the maps in PyTorch, then the linear kernels
+    assert spy.calls == 1 and unfused.calls == 1
+    assert rel(results["triton"][0], results["reference"][0]) <= 1e-5
+    (y_ref, s_ref), (y, s) = results["reference"], results["triton-fused"]
     assert y.dtype == torch.float32 and rel(y, y_ref) <= 1e-5 and rel(s.S, s_ref.S) <= 1e-5 and rel(s.z, s_ref.z) <= 1e-5
     for name in ("k", "v", "fk", "mask", "sink_k", "sink_v", "sink_mask"):
         assert getattr(s, name).shape == getattr(s_ref, name).shape, name
@@ -266,11 +268,11 @@ def test_dispatch(monkeypatch):
                                                output_state=True)
     assert rel(y1, y1_ref) <= 1e-5 and rel(s1.S, s1_ref.S) <= 1e-5
     # no fused kernel: another map (elu), or maps of two kinds, go the unfused way (linear kernels)
-    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton-fused")
     elu = EluFeatureMap(H, D)
     call(elu, elu)
     call(mq, make_maps("npmap", 2)[1])
-    assert spy.calls == 1 and unfused.calls == 2
+    assert spy.calls == 1 and unfused.calls == 3
     # the naive form has no fused kernel either
     feature_map_attention(q, k, v, mq, mk, None, 0, 1.0, form="naive")
     assert spy.calls == 1
@@ -281,7 +283,7 @@ def test_window_falls_back_to_the_unfused_path(monkeypatch):
     kernels take the attention."""
     import linearize.kernels.hybrid.chunk as hybrid_chunk
 
-    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton-fused")
     spy = Spy(monkeypatch, fused, "fused_map_linear_attention")
     hybrid = Spy(monkeypatch, hybrid_chunk, "triton_chunk_hybrid_attention")
     mq, mk = make_maps("npmap", 4)
@@ -314,7 +316,7 @@ def test_hedgehog_student_through_the_fused_kernel(monkeypatch):
     spy = Spy(monkeypatch, fused, "fused_map_linear_attention")
     step = Spy(monkeypatch, linear, "linear_step")
     results = {}
-    for kernels in ("reference", "triton"):
+    for kernels in ("reference", "triton-fused"):
         monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
         model.zero_grad()
         logits = model(x, attention_mask=mask).logits
@@ -324,7 +326,7 @@ def test_hedgehog_student_through_the_fused_kernel(monkeypatch):
                                  output_scores=True, return_dict_in_generate=True)
         results[kernels] = (logits[real].detach(), [p.grad.clone() for p in params], out.sequences,
                             torch.stack(out.scores))
-    (l_ref, g_ref, t_ref, s_ref), (l_tri, g_tri, t_tri, s_tri) = results["reference"], results["triton"]
+    (l_ref, g_ref, t_ref, s_ref), (l_tri, g_tri, t_tri, s_tri) = results["reference"], results["triton-fused"]
     assert rel(l_tri, l_ref) <= 1e-5
     assert max(rel(a, b) for a, b in zip(g_tri, g_ref)) <= 1e-4
     assert t_tri.tolist() == t_ref.tolist() and rel(s_tri, s_ref) <= 1e-5

@@ -502,24 +502,32 @@ def test_gpu_chunk_real_shapes_bf16(f, dv, chunk):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
 @pytest.mark.parametrize("chunk", CHUNK_SIZES)
-@pytest.mark.parametrize("decay", ["lawcat", "strong"])
+@pytest.mark.parametrize("decay", ["lawcat", pytest.param("strong", marks=pytest.mark.xfail(
+    strict=True, reason="compiled on an H200, dg with strong decays is 1.1e-4 from float64 where the fp32 "
+    "reference is 2.5e-6 (every other output and gradient within 1e-5)"))])
 def test_gpu_chunk_real_shape_fp32(decay, chunk):
-    """fp32 at a real shape, every gradient, to :func:`fp32_tolerance`."""
+    """fp32 at a real shape, every output and gradient, against the reference run in float64:
+    within 1e-5 of it, or where the fp32 reference is itself further off (with strong decays a
+    chunk's running sum of ``g`` reaches ~1000 and ``dg`` is a difference of such sums), no
+    further off than 1.5 times the fp32 reference."""
     T = 4096
     fq, fk, v, g, S0, z0 = make_inputs(T, seed=2, decay=decay, b=2, h=8, f=128, dv=64, device="cuda")
     dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed=2, device="cuda")
     out = {}
-    for impl in ("kernel", "reference"):
-        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
+    for impl in ("kernel", "reference", "float64"):
+        dtype = torch.float64 if impl == "float64" else torch.float32
+        leaves = [x.to(dtype).clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
         if impl == "kernel":
             y, (S, Z) = triton_chunk_gated_attention(*leaves[:4], tuple(leaves[4:]), output_final_state=True,
                                                      chunk_size=chunk)
         else:
             y, S, Z = reference(*leaves)
-        ((y * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
+        ((y * dy.to(dtype)).sum() + (S * dS.to(dtype)).sum() + (Z * dz.to(dtype)).sum()).backward()
         out[impl] = [y, S, Z, *(l.grad for l in leaves)]
-    err = errors(out)
-    assert max(err.values()) <= fp32_tolerance(decay), err
+    kernel = {n: rel(a, b.float()) for n, a, b in zip(NAMES, out["kernel"], out["float64"])}
+    fp32 = {n: rel(a, b.float()) for n, a, b in zip(NAMES, out["reference"], out["float64"])}
+    bad = {n: (kernel[n], fp32[n]) for n in NAMES if kernel[n] > max(1e-5, 1.5 * fp32[n])}
+    assert not bad, f"(kernel, fp32 reference) errors against float64: {bad}"
 
 
 @pytest.mark.gpu

@@ -149,8 +149,10 @@ def test_chunk_matches_reference_fp32(T, window, sinks):
     err = errors(out)
     assert out["kernel"]["y"].dtype == torch.float32
     if window <= 1 and not sinks:
-        # one softmax term per query (its own key): q and k get no gradient, in both
-        assert float(out["reference"]["dq"].abs().max()) == 0.0 == float(out["kernel"]["dq"].abs().max())
+        # one softmax term per query (its own key): q gets no gradient, in both, up to rounding
+        # (compiled, ``p (dp - delta)`` with p = 1 leaves a residue of ~1e-8 where dp and delta are
+        # rounded in different orders; the other gradients are of order 1)
+        assert max(float(out[i]["dq"].abs().max()) for i in out) <= 1e-6
         del err["dq"], err["dk"]
     if T == 1:
         # the one real token is a sink, its only term (y = v): dgamma is zero up to rounding, in both

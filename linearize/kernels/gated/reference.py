@@ -58,8 +58,9 @@ class GatedState:
 
 
 def _prepare(fq, fk, v, g, key_mask):
-    """fp32 inputs with padding keys made no-ops, and ``v`` with the ones column appended."""
-    fq, fk, v, g = (x.float() for x in (fq, fk, v, g))
+    """fp32 inputs (float64 ones stay float64, for tests' exact values) with padding keys made
+    no-ops, and ``v`` with the ones column appended."""
+    fq, fk, v, g = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (fq, fk, v, g))
     B, H, T, _ = fk.shape
     ones = v.new_ones(B, H, T, 1)
     v1 = torch.cat([v, ones], -1)

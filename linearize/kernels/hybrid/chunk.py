@@ -717,7 +717,11 @@ def _fwd_blocks(F: int, DV: int, C: int, heads: int, dtype) -> tuple[int, int]:
     BF = _pow2(F)
     if dtype == torch.float32:
         return 16, (8 if BF >= 128 or C >= 64 else 4)
-    BV = min(_pow2(DV), 32 if BF >= 128 or C >= 128 else 64)
+    # 64-token chunks take 16 value columns a program: with 32 or 64 the program (255 registers
+    # and spills) faults on sm_90 with Triton 3.6 (compute-sanitizer: out-of-range local address in
+    # the forward; seen at F=128 with 32 columns, B=2 and B=16, and at F=64 with 64, B=16, H=9,
+    # Dk=Dv=64; 16 columns ran forward and backward at F=128, B=16)
+    BV = min(_pow2(DV), 16 if C >= 64 else (32 if BF >= 128 or C >= 128 else 64))
     sms = _sms()
     while sms and BV > 16 and heads * triton.cdiv(DV, BV) < sms:
         BV //= 2

@@ -375,7 +375,12 @@ def _bwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
     # BK stays at 32-64: spreading dfq/dfk over more programs with BK = 16 when B * H is small
     # compiles on sm_90 into an illegal memory access (seen at F=128, Dv=64, B*H=16, bf16).
     BK = 32 if (BDV > 128 or BF > 128) else min(BF, 64)
-    return min(chunk_size, 64 if BF <= 128 else 32), BF, BK, BV, BDV
+    # 64-token chunks with fewer than 64 value columns (BDV = 16 or 32) compile on sm_90 (Triton
+    # 3.6) into an invalid shared-memory read in the dfq program's ``dn v^T`` product
+    # (compute-sanitizer, F=12, Dv=20) or, with BK = 32, into wrong values; 32-token chunks are
+    # right there
+    C = min(chunk_size, 64 if (BF <= 128 and BDV >= 64) else 32)
+    return C, BF, BK, BV, BDV
 
 
 def _check_chunk(chunk_size: int):
