@@ -58,7 +58,8 @@ sum in fp32), the state in ``fq S``, ``dn`` in ``dw = dn v^T + dd``, ``S^T`` and
 sinks, so a common offset of the keys cancels). ``q k^T``, ``fq fk^T``, ``dk``, ``dv`` and the
 sink slots' gradients take plain 16-bit operands, as a flash-attention backward does.
 
-Speed (not measured yet: no GPU run so far). The forward is a sequential walk over ``T / C``
+Speed (measured on an H200: results/h200-kernels/; 9.56 ms forward at B=1, 32 heads, T=64K,
+head size 64, 28x its HBM floor). The forward is a sequential walk over ``T / C``
 chunks per program, with ``B * H * Dv / BV`` programs (72 at B=2, H=9, Dv=64); each step is
 about 15 small tensor-core products plus the exponentials, on about 1 KB of bf16 inputs a token
 (the previous chunk is read again, from L2). So it should be bound by the latency of that walk
