@@ -67,8 +67,8 @@ and the few programs, not by HBM bandwidth; the backward likewise, by its ``dq``
 programs (two score tiles, two ``dw`` tiles and the sinks a step). Compiled for sm_90a (Triton
 3.9, ptxas 13.4, at C=64, Dk=Dv=64, F=128) every kind runs at 255 registers and spills: about
 1 KB a thread (static) in the forward, about 1 KB in each of the ``dq`` and ``dk`` programs,
-0.1-0.6 KB in the others (the linear kernels: 0.15 KB). That is the first thing to measure on
-the GPU.
+0.1-0.6 KB in the others (the linear kernels: 0.15 KB). On the H200 (Triton 3.6) those spills
+ran out of local memory with 32 or more value columns a program (see ``_fwd_blocks``).
 
 Triton 3.4-3.7 miscompiles, on Hopper, ``tl.trans`` of a ``tl.dot`` result cast to bf16/fp16 and
 fed to another ``tl.dot``. Nothing here calls ``tl.trans``: the ``dk``, ``dfk`` and ``dv``
