@@ -48,7 +48,7 @@ from .budget import (
 from .choose import Solution, cheapest_choice, solve
 from .measure import (
     default_calibration_steps,
-    layer_kl,
+    layer_signals,
     layer_kl_reference,
     measure_option,
     option_state_bytes,
@@ -62,7 +62,7 @@ DEFAULT_SIGNAL = "kl"
 
 __all__ = [
     "Budget", "BudgetError", "Costs", "Option", "PlanError", "SIGNAL_NAMES", "Shapes", "Solution", "budget_costs",
-    "cheapest_choice", "default_calibration_steps", "layer_kl", "layer_kl_reference", "make_plan", "parse_budget",
+    "cheapest_choice", "default_calibration_steps", "layer_kl_reference", "layer_signals", "make_plan", "parse_budget",
     "parse_candidates", "plan_table", "planned_recipe", "reasons", "run_plan", "softmax_layer_limit", "solve",
 ]
 

@@ -13,7 +13,7 @@ and never trains on), two signals per layer:
   (before ``o_proj``), every layer at once in transfer mode;
 * ``kl``: the end-to-end effect, ``KL(p_teacher || p_i)`` of the next-token distributions in
   nats per real token, where ``p_i`` is the model with *only layer i* in student mode and every
-  other layer in teacher mode (:func:`layer_kl`; :func:`layer_kl_reference` is the same by
+  other layer in teacher mode (:func:`layer_signals`; :func:`layer_kl_reference` is the same by
   full forward passes).
 
 And the decode state of each student layer, from one forward through the cache at a length
@@ -84,9 +84,11 @@ def converted(model, spec: ConversionSpec):
 
 
 # ---------------------------------------------------------------------------------- the signals
-def _layer_inputs(model, adapter, batch: Blocks):
+def _layer_inputs(model, adapter, batch: Blocks, mode: str = "teacher"):
     """The teacher's logits on ``batch`` and, per decoder layer, the ``(args, kwargs)`` it was
-    called with (its input hidden states, the mask and position embeddings it received)."""
+    called with (its input hidden states, the mask and position embeddings it received).
+    ``mode``: ``teacher``, or ``transfer`` (the same outputs, and every student records its
+    attention-transfer error)."""
     captured = {}
 
     def hook(index):
@@ -97,7 +99,7 @@ def _layer_inputs(model, adapter, batch: Blocks):
 
     handles = [layer.register_forward_pre_hook(hook(j), with_kwargs=True) for j, layer in enumerate(adapter.layers(model))]
     try:
-        with attention_mode(model, "teacher"):
+        with attention_mode(model, mode):
             logits = model(**batch.model_inputs(), use_cache=False).logits
     finally:
         for h in handles:
@@ -120,38 +122,73 @@ def _logits_from(model, adapter, captured: dict, start: int) -> torch.Tensor:
     return model.get_output_embeddings()(adapter.decoder(model).norm(hidden))
 
 
-@torch.no_grad()
-def layer_kl(model, adapter, blocks: Blocks, batch_size: int) -> tuple[dict[int, float], float]:
-    """``{layer: KL(p_teacher || p_layer)}`` in nats per real token over ``blocks``, for every
-    student layer, where ``p_layer`` has only that layer in student mode; and the seconds the
-    teacher forward passes took (a measure of the model's forward speed).
+class TeacherDistribution:
+    """The teacher's next-token distributions at the real positions of one batch, kept for many
+    KL computations against it: ``log p`` and ``p`` in float64, and ``sum_v p log p`` per row.
 
-    Per batch the teacher runs once, with every layer's input captured; each layer's variant
-    then runs from that layer on (layers before it would compute the teacher's values again),
-    so a layer costs ``(L - i) / L`` of a forward."""
+    ``KL(p || q) = sum_v p_v log p_v - sum_v p_v z_v + logsumexp(z)`` for the other model's
+    logits ``z`` (``log q = z - logsumexp(z)``): per comparison one pass for the dot product and
+    one for the log-sum-exp, in float64 (a small KL is the difference of terms far larger than
+    itself, which float32 loses)."""
+
+    def __init__(self, logits: torch.Tensor, attention_mask: torch.Tensor):
+        self.real = attention_mask.bool()
+        log_p = torch.log_softmax(logits[self.real].double(), -1)  # [N, V]
+        self.p = log_p.exp()
+        self.neg_entropy = (self.p * log_p).sum(-1)  # [N]
+        self.tokens = int(self.real.sum())
+
+    def kl_sum(self, logits: torch.Tensor) -> float:
+        """``sum_t KL(p_t || q_t)`` over the real positions; ``logits: [B, T, V]``."""
+        z = logits[self.real].double()
+        return float((self.neg_entropy - torch.einsum("nv,nv->n", self.p, z) + torch.logsumexp(z, -1)).sum())
+
+
+def signal_batch_size(stage) -> int:
+    """Blocks a batch for the signals: the stage's batch size, at most 2048 tokens (the teacher's
+    distributions are kept in float64 for a whole batch)."""
+    return max(1, min(stage.batch_size, 2048 // stage.seq_len))
+
+
+@torch.no_grad()
+def layer_signals(model, adapter, blocks: Blocks, batch_size: int) -> tuple[dict, dict, float]:
+    """Both signals of every student layer over ``blocks``: ``(transfer, kl, teacher_seconds)``.
+
+    ``transfer[i] = ||y_s - y_t|| / ||y_t||`` of layer i's attention output, every layer at
+    once in transfer mode (which passes the teacher's outputs on, so that forward also gives the
+    teacher's logits and each layer's teacher input). ``kl[i] = KL(p_teacher || p_i)`` in nats
+    per real token, where ``p_i`` has only layer i in student mode: it runs from layer i on, from
+    the captured input (the layers before it would compute the teacher's values again), so a
+    layer costs ``(L - i) / L`` of a forward. ``teacher_seconds``: the transfer-mode forwards'
+    time (a measure of the model's forward speed)."""
     device = next(model.parameters()).device
     layers = sorted(students(model))
-    total, count, teacher_seconds = {i: 0.0 for i in layers}, 0, 0.0
+    sq_err, sq_ref, kl = ({i: 0.0 for i in layers} for _ in range(3))
+    tokens, teacher_seconds = 0, 0.0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size].to(device)
         began = time.perf_counter()
-        teacher, captured = _layer_inputs(model, adapter, batch)
+        logits, captured = _layer_inputs(model, adapter, batch, mode="transfer")
         teacher_seconds += time.perf_counter() - began
+        for i, s in students(model).items():
+            sq_err[i] += s.transfer_record.sq_err
+            sq_ref[i] += s.transfer_record.sq_ref
+        teacher = TeacherDistribution(logits, batch.attention_mask)
+        del logits
         for i in layers:
             with attention_mode(model, "teacher"):
                 students(model)[i].mode = "student"
-                logits = _logits_from(model, adapter, captured, i)
-            kl, n = next_token_kl(teacher, logits, batch.attention_mask)
-            total[i] += float(kl)
-        count += n
+                kl[i] += teacher.kl_sum(_logits_from(model, adapter, captured, i))
+        tokens += teacher.tokens
         del teacher, captured
-    return {i: total[i] / max(count, 1) for i in layers}, teacher_seconds
+    transfer = {i: math.sqrt(sq_err[i] / max(sq_ref[i], 1e-30)) for i in layers}
+    return transfer, {i: kl[i] / max(tokens, 1) for i in layers}, teacher_seconds
 
 
 @torch.no_grad()
 def layer_kl_reference(model, blocks: Blocks, batch_size: int) -> dict[int, float]:
-    """:func:`layer_kl` by full forward passes: the teacher once, then the whole model once per
-    layer with only that layer in student mode."""
+    """The KL of :func:`layer_signals` by full forward passes: the teacher once, then the whole
+    model once per layer with only that layer in student mode, and :func:`next_token_kl`."""
     device = next(model.parameters()).device
     layers = sorted(students(model))
     total, count = {i: 0.0 for i in layers}, 0
@@ -208,17 +245,10 @@ def measure_option(model, adapter, recipe, option: Option, fit_blocks: Blocks, h
     with converted(model, ConversionSpec(option.kind, "all", option.settings)):
         fit_seconds = fit(model, adapter, stage, fit_blocks, steps, recipe.seed, log)
         began = time.perf_counter()
-        transfer = _transfer_errors(model, adapter, held, stage.batch_size)
-        kl, teacher_seconds = layer_kl(model, adapter, held, stage.batch_size)
+        transfer, kl, teacher_seconds = layer_signals(model, adapter, held, signal_batch_size(stage))
         signal_seconds = time.perf_counter() - began
     return {"transfer": transfer, "kl": kl,
             "seconds": {"fit": fit_seconds, "signals": signal_seconds, "teacher_forward": teacher_seconds}}
-
-
-def _transfer_errors(model, adapter, held: Blocks, batch_size: int) -> dict[int, float]:
-    from ..stages.attention_transfer import measure_transfer
-
-    return measure_transfer(model, adapter, held, batch_size)["relative_error"]
 
 
 def option_state_bytes(model, option: Option, tokens: torch.Tensor) -> dict[int, int]:
