@@ -83,12 +83,13 @@ def _convert(args) -> int:
             plan_seconds = None
         else:
             result, _ = run_plan(args.model, base, args.budget, plan_dir, candidates=args.candidates, signal=args.signal,
-                                 calibration_steps=args.calibration_steps, device=args.device)
+                                 calibration_steps=args.calibration_steps, signal_blocks=args.signal_blocks,
+                                 device=args.device)
             plan_seconds = result["timing"]["plan_seconds"]
         recipe = load_recipe(str(plan_dir / "recipe.yaml"), model=args.model)
     else:
-        if args.candidates or args.signal or args.calibration_steps:
-            raise RecipeError("--candidates, --signal and --calibration-steps go with --recipe auto")
+        if args.candidates or args.signal or args.calibration_steps or args.signal_blocks:
+            raise RecipeError("--candidates, --signal, --calibration-steps and --signal-blocks go with --recipe auto")
         recipe = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
         plan_seconds = None
     started = time.perf_counter()
@@ -120,7 +121,8 @@ def _plan(args) -> int:
 
     base = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
     run_plan(args.model, base, args.budget, args.out, candidates=args.candidates, signal=args.signal,
-             calibration_steps=args.calibration_steps, device=args.device, reuse=args.reuse)
+             calibration_steps=args.calibration_steps, signal_blocks=args.signal_blocks, device=args.device,
+             reuse=args.reuse)
     return 0
 
 
@@ -182,6 +184,9 @@ def _plan_options(p, auto: bool = False) -> None:
     p.add_argument("--calibration-steps", type=int, default=None,
                    help=with_auto + "attention-transfer steps of each option's measuring fit (default: 10%% of the "
                         "recipe's first attention-transfer stage, split over the options, at least 3)")
+    p.add_argument("--signal-blocks", type=int, default=None,
+                   help=with_auto + "held-back blocks the signals are measured on (default: scaled to the recipe's "
+                        "training tokens, at least 1, at most the stage's val_blocks)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,7 @@ from .budget import (
 )
 from .choose import Solution, cheapest_choice, solve
 from .measure import (
-    default_calibration_steps,
+    default_calibration,
     layer_signals,
     layer_kl_reference,
     measure_option,
@@ -62,7 +62,7 @@ DEFAULT_SIGNAL = "kl"
 
 __all__ = [
     "Budget", "BudgetError", "Costs", "Option", "PlanError", "SIGNAL_NAMES", "Shapes", "Solution", "budget_costs",
-    "cheapest_choice", "default_calibration_steps", "layer_kl_reference", "layer_signals", "make_plan", "parse_budget",
+    "cheapest_choice", "default_calibration", "layer_kl_reference", "layer_signals", "make_plan", "parse_budget",
     "parse_candidates", "plan_table", "planned_recipe", "reasons", "run_plan", "softmax_layer_limit", "solve",
 ]
 
@@ -120,13 +120,13 @@ def make_plan(budget: Budget, shapes: Shapes, options: list[Option], measured: d
 
 
 # ---------------------------------------------------------------------------------- the command
-def _measured_with(model_reference: str, recipe, options: list[Option], steps: int) -> dict:
+def _measured_with(model_reference: str, recipe, options: list[Option], steps, signal_blocks) -> dict:
     """What the measurements depend on: a plan may reuse another's only if all of it is equal."""
     stage = transfer_stage(recipe)
     return {"model": model_reference, "seed": recipe.seed, "precision": recipe.precision,
             "students": {"kind": recipe.students.kind, **recipe.students.settings},
             "stage": json.loads(json.dumps(dataclasses.asdict(stage))), "calibration_steps": steps,
-            "options": [o.name for o in options]}
+            "signal_blocks": signal_blocks, "options": [o.name for o in options]}
 
 
 def _reuse(folder, key: dict) -> dict:
@@ -173,9 +173,12 @@ def estimate_conversion_seconds(recipe, fit_step_seconds: float, forward_token_s
 
 
 def run_plan(model_name, base_recipe, budget_text: str, out_dir, candidates=(), signal: str | None = None,
-             calibration_steps: int | None = None, device=None, reuse=None, log=print):
+             calibration_steps: int | None = None, signal_blocks: int | None = None, device=None, reuse=None,
+             log=print):
     """Measure (or reuse the measurements in ``reuse``), choose and write a plan.
-    Returns ``(result, recipe_path)``."""
+    ``calibration_steps`` (fit steps per option) and ``signal_blocks`` (held-back blocks the
+    signals are measured on) default to :func:`default_calibration`. Returns ``(result, recipe_path)``."""
+    from ..data import build_blocks
     from ..models import load_teacher
     from ..pipeline import pick_device, seed_everything
 
@@ -186,21 +189,29 @@ def run_plan(model_name, base_recipe, budget_text: str, out_dir, candidates=(), 
         raise PlanError(f"--signal {signal!r}: choose one of {', '.join(SIGNAL_NAMES)}")
     _check_base(base_recipe)
     options = [SOFTMAX] + parse_candidates(candidates, base_recipe.students.kind, base_recipe.students.settings)
-    steps = calibration_steps or default_calibration_steps(base_recipe, len(options) - 1)
+    for name, value in (("--calibration-steps", calibration_steps), ("--signal-blocks", signal_blocks)):
+        if value is not None and value < 1:
+            raise PlanError(f"{name} must be >= 1, got {value}")
     seed_everything(base_recipe.seed)
     model, tokenizer, source = load_teacher(model_name or base_recipe.model, dtype=base_recipe.precision,
                                             device=pick_device(device or base_recipe.device))
     shapes = Shapes.of(model)
     if budget.kind == "softmax_layers":
         softmax_layer_limit(budget, shapes.num_layers)  # an impossible count stops here
-    key = _measured_with(source.reference, base_recipe, options, steps)
+    stage = transfer_stage(base_recipe)
+    blocks = build_blocks(stage.data, tokenizer, stage.seq_len, model, source.reference, log=log)
+    fit_blocks, held = split_calibration(stage, blocks)
+    steps, default_blocks = default_calibration(base_recipe, shapes.num_layers, len(options) - 1, len(held))
+    steps, signal_blocks = calibration_steps or steps, min(len(held), signal_blocks or default_blocks)
+    key = _measured_with(source.reference, base_recipe, options, steps, signal_blocks)
     if reuse:
         old = _reuse(reuse, key)
         measured, calibration, timing = old["measured"], old["calibration"], dict(old["timing"])
         timing["reused"] = str(reuse)
         check_feasible(budget, shapes, options, budget_costs(budget, shapes, options, measured["state_bytes"]))
     else:
-        measured, calibration, timing = _measure(model, tokenizer, source, base_recipe, budget, shapes, options, steps, log)
+        measured, calibration, timing = _measure(model, base_recipe, budget, shapes, options, fit_blocks,
+                                                 held[:signal_blocks], steps, log)
     result = make_plan(budget, shapes, options, measured, signal)
     result["calibration"], result["measured_with"] = calibration, key
     timing["plan_seconds"] = time.perf_counter() - started
@@ -221,16 +232,13 @@ def run_plan(model_name, base_recipe, budget_text: str, out_dir, candidates=(), 
     return result, folder / "recipe.yaml"
 
 
-def _measure(model, tokenizer, source, recipe, budget, shapes, options, steps, log):
+def _measure(model, recipe, budget, shapes, options, fit_blocks, held, steps, log):
     """State sizes first (an impossible memory budget stops before any fit), then each option's
-    fit and signals. Returns ``(measured, calibration, timing)``."""
+    fit on ``fit_blocks`` and its signals on ``held``. Returns ``(measured, calibration, timing)``."""
     from ..architectures import adapter_for
-    from ..data import build_blocks
 
     adapter = adapter_for(model.config)
     stage = transfer_stage(recipe)
-    blocks = build_blocks(stage.data, tokenizer, stage.seq_len, model, source.reference, log=log)
-    fit_blocks, held = split_calibration(stage, blocks)
     L, O = shapes.num_layers, len(options)
     state = [[None] * O for _ in range(L)]
     for k, option in enumerate(options):
@@ -251,7 +259,7 @@ def _measure(model, tokenizer, source, recipe, budget, shapes, options, steps, l
         fit_seconds += m["seconds"]["fit"]
         forward_seconds += m["seconds"]["teacher_forward"]
     students = O - 1
-    calibration = {"steps": steps, "fit_blocks": len(fit_blocks), "held_blocks": len(held), "seq_len": stage.seq_len,
+    calibration = {"steps": steps, "fit_blocks": len(fit_blocks), "signal_blocks": len(held), "seq_len": stage.seq_len,
                    "batch_size": stage.batch_size}
     timing = {"fit_seconds": fit_seconds, "fit_step_seconds": fit_seconds / (steps * students),
               "forward_token_seconds": forward_seconds / (students * held.tokens())}

@@ -54,12 +54,20 @@ def split_calibration(stage, blocks: Blocks) -> tuple[Blocks, Blocks]:
     return blocks[held:], blocks[:held]
 
 
-def default_calibration_steps(recipe, options: int, share: float = 0.1, least: int = 3) -> int:
-    """Fit steps per student option: ``share`` of the recipe's first attention-transfer stage,
-    split over the options, and at least ``least``."""
+def default_calibration(recipe, num_layers: int, options: int, held_blocks: int, share: float = 0.1) -> tuple[int, int]:
+    """``(fit steps, signal blocks)`` for each of ``options`` student options, scaled to the
+    conversion so that the plan costs about ``share`` of it: the fit gets ``share`` of the
+    recipe's first attention-transfer stage's steps, split over the options (at least 3); the
+    signals, whose cost is about a forward pass of their tokens per layer, get at most
+    ``share`` of the recipe's training tokens over ``layers x options`` (at least one block,
+    at most the ``held_blocks`` held back)."""
     from ..training import total_steps
 
-    return max(least, round(share * total_steps(transfer_stage(recipe)) / max(options, 1)))
+    stage = transfer_stage(recipe)
+    steps = max(3, round(share * total_steps(stage) / max(options, 1)))
+    trained = sum(total_steps(s) * s.batch_size * s.grad_accum * s.seq_len for s in recipe.stages)
+    blocks = int(share * trained / (num_layers * max(options, 1) * stage.seq_len))
+    return steps, max(1, min(held_blocks, blocks))
 
 
 @contextlib.contextmanager

@@ -80,7 +80,7 @@ def summary(result: dict) -> str:
     return (f"Budget: {result['budget']['text']}; this plan: {result['cost_text']}. "
             f"Chosen by {result['signal']}: predicted total {result['predicted_error']:.4g}. "
             f"Softmax layers: {result['softmax_layers']}. Measured after {c['steps']} attention-transfer steps "
-            f"per option on {c['fit_blocks']} blocks of {c['seq_len']} tokens, on {c['held_blocks']} held-back "
+            f"per option on {c['fit_blocks']} blocks of {c['seq_len']} tokens, on {c['signal_blocks']} held-back "
             f"blocks. {cost_line(result)}")
 
 
