@@ -14,7 +14,8 @@
 # softmax-layers=4 kv-memory=100MiB@32768"), CANDIDATES (the settings a memory or prefill budget chooses
 # among, "window_size=16,64,256"; softmax-layers budgets plan with the recipe's own), SEEDS ("0 1 2"), DEVICE
 # (cuda), DTYPE (bfloat16), LENGTHS (passkey, "4096,8192,16384,32768"), LIMIT (lm-eval items a task; empty:
-# all), BATCH (16), STEPS ("plan convert heldout retrieval fewshot"), LINEARIZE_DATA (the data folder: the
+# all), BATCH (16), STEPS ("plan convert heldout retrieval fewshot"), SIGNAL_BLOCKS (the plans' --signal-blocks;
+# default: the planner's), LINEARIZE_DATA (the data folder: the
 # recipe's mix, lm-eval's local tasks). A conversion whose folder exists is not made again; an interrupted
 # one resumes from its checkpoint. $OUT/<budget>/seconds.txt records how long the plan and each conversion took.
 set -euo pipefail
@@ -27,20 +28,25 @@ here=$(cd "$(dirname "$0")" && pwd)
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 common=(--device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH")
 limit=(); [ -n "$LIMIT" ] && limit=(--limit "$LIMIT")
+signal_blocks=(); [ -n "${SIGNAL_BLOCKS:-}" ] && signal_blocks=(--signal-blocks "$SIGNAL_BLOCKS")
+declare -A measured=()  # candidates -> the plan folder whose measurements later budgets reuse
 
 for budget in $BUDGETS; do
   dir="$OUT/$(tr '=@' '-_' <<<"$budget")"
   mkdir -p "$dir"
   candidates=(); [[ $budget != softmax-layers=* && -n "$CANDIDATES" ]] && candidates=(--candidates $CANDIDATES)
+  ckey="options:${candidates[*]:-}"
   if step plan; then
     if [ ! -d "$dir/plan-kl" ]; then
       began=$SECONDS
-      linearize plan "$MODEL" --recipe "$RECIPE" --budget "$budget" "${candidates[@]}" --signal kl \
-        --out "$dir/plan-kl" --device "$DEVICE"
-      echo "plan-kl $((SECONDS - began))s" >>"$dir/seconds.txt"
+      reuse=(); [ -n "${measured[$ckey]:-}" ] && reuse=(--reuse "${measured[$ckey]}")
+      linearize plan "$MODEL" --recipe "$RECIPE" --budget "$budget" "${candidates[@]}" "${signal_blocks[@]}" \
+        --signal kl --out "$dir/plan-kl" --device "$DEVICE" "${reuse[@]}"
+      echo "plan-kl $((SECONDS - began))s${reuse:+ (measurements reused)}" >>"$dir/seconds.txt"
     fi
+    measured[$ckey]=$dir/plan-kl
     [ -d "$dir/plan-transfer" ] || linearize plan "$MODEL" --recipe "$RECIPE" --budget "$budget" "${candidates[@]}" \
-      --signal transfer --reuse "$dir/plan-kl" --out "$dir/plan-transfer" --device "$DEVICE"
+      "${signal_blocks[@]}" --signal transfer --reuse "$dir/plan-kl" --out "$dir/plan-transfer" --device "$DEVICE"
   fi
   # NAME=WHAT for every model of this budget; WHAT: a recipe file, or the layers to convert with $RECIPE
   layers() { python "$here/plan_comparison.py" layers "$@"; }
