@@ -298,3 +298,15 @@ def test_convert_with_recipe_auto_plans_then_converts(tmp_path):
     assert main(["convert", str(tmp_path / "base"), "--recipe", "auto", "--out", str(tmp_path / "x")]) == 2  # no budget
     assert main(["convert", str(tmp_path / "base"), "--recipe", str(tmp_path / "r.yaml"), "--candidates", "window_size=2",
                  "--out", str(tmp_path / "y")]) == 2  # candidates without a plan
+
+
+def test_the_calibration_is_scaled_to_the_recipe():
+    from linearize.plan import default_calibration
+    from linearize.recipe import load_recipe
+
+    smoke = load_recipe("smoke")  # 60 attention-transfer + 20 LoRA steps of 2 x 256 tokens
+    assert default_calibration(smoke, 30, 1, held_blocks=4) == (6, 1)  # 10% of 60 steps; 4096 tokens / 30 layers < 1 block
+    assert default_calibration(smoke, 30, 3, held_blocks=4) == (3, 1)  # at least 3 steps an option
+    long = load_recipe("smoke", overrides=["stages.0.steps=3000", "stages.1.steps=3000"])
+    assert default_calibration(long, 30, 2, held_blocks=4) == (150, 4)  # 3.1M tokens: at most the blocks held back
+    assert default_calibration(long, 30, 2, held_blocks=32) == (150, 20)  # 10% of 3.1M tokens / (30 layers x 2 options)
