@@ -5,9 +5,9 @@ converted to it and the students are fitted by a short joint attention transfer 
 calibration blocks (the recipe's first ``attention_transfer`` stage: its data, batch size,
 sequence length and learning rate; only the step count is the planner's). Layers train
 independently in attention transfer (each sees the teacher's inputs and passes the teacher's
-output on), so one joint fit measures every layer under that option. Then, on the held-back
-blocks (the first ``val_blocks`` of the stage's data, the blocks the conversion validates on
-and never trains on), two signals per layer:
+output on), so one joint fit measures every layer under that option. Then, on held-back
+blocks (the first of the stage's ``val_blocks``, which the conversion validates on and never
+trains on; how many: :func:`default_calibration`), two signals per layer:
 
 * ``transfer``: the attention-transfer error ``||y_s - y_t|| / ||y_t||`` of the layer's output
   (before ``o_proj``), every layer at once in transfer mode;
