@@ -54,6 +54,7 @@ def _without_launch_options(argv: list[str]) -> list[str]:
 
 def _convert(args) -> int:
     import os
+    import time
     from pathlib import Path
 
     from .pipeline import ConvertRun
@@ -76,11 +77,27 @@ def _convert(args) -> int:
         from .plan import run_plan
 
         base = load_recipe(args.base_recipe, overrides=args.set or [], model=args.model)
-        _, path = run_plan(args.model, base, args.budget, f"{args.out}.plan", device=args.device)
-        recipe = load_recipe(str(path), model=args.model)
+        plan_dir = Path(f"{args.out}.plan")
+        if args.resume and (plan_dir / "recipe.yaml").is_file():  # the plan of the interrupted run
+            print(f"resuming with the plan in {plan_dir}")
+            plan_seconds = None
+        else:
+            result, _ = run_plan(args.model, base, args.budget, plan_dir, candidates=args.candidates, signal=args.signal,
+                                 calibration_steps=args.calibration_steps, signal_blocks=args.signal_blocks,
+                                 device=args.device)
+            plan_seconds = result["timing"]["plan_seconds"]
+        recipe = load_recipe(str(plan_dir / "recipe.yaml"), model=args.model)
     else:
+        if args.candidates or args.signal or args.calibration_steps or args.signal_blocks:
+            raise RecipeError("--candidates, --signal, --calibration-steps and --signal-blocks go with --recipe auto")
         recipe = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
+        plan_seconds = None
+    started = time.perf_counter()
     ConvertRun(recipe, args.out, device=args.device, resume=args.resume).run()
+    if plan_seconds is not None and int(os.environ.get("RANK", "0")) == 0:
+        seconds = time.perf_counter() - started
+        print(f"plan {plan_seconds:.0f}s, conversion {seconds:.0f}s: the plan took {plan_seconds / seconds:.1%} "
+              "of the conversion's time")
     if args.push_to_hub and (int(os.environ.get("RANK", "0")) == 0):
         from .hub import push
 
@@ -103,7 +120,9 @@ def _plan(args) -> int:
     from .recipe import load_recipe
 
     base = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
-    run_plan(args.model, base, args.budget, args.out, calibration_steps=args.calibration_steps, device=args.device)
+    run_plan(args.model, base, args.budget, args.out, candidates=args.candidates, signal=args.signal,
+             calibration_steps=args.calibration_steps, signal_blocks=args.signal_blocks, device=args.device,
+             reuse=args.reuse)
     return 0
 
 
@@ -153,6 +172,23 @@ def _eval(args) -> int:
     return 0 if all(e["status"] == "ok" for e in report["models"].values()) else 1
 
 
+def _plan_options(p, auto: bool = False) -> None:
+    """The planner's options, shared by ``plan`` and ``convert --recipe auto``."""
+    with_auto = "with --recipe auto: " if auto else ""
+    p.add_argument("--candidates", nargs="+", action="extend", metavar="KEY=V1,V2", default=[],
+                   help=with_auto + "student settings to choose from per layer, e.g. window_size=16,64,256 "
+                        "(several keys: their grid); default: the recipe's own settings")
+    p.add_argument("--signal", choices=["kl", "transfer"], default=None,
+                   help=with_auto + "what the plan minimises: kl (default; each layer's end-to-end KL to the teacher "
+                        "with only it converted) or transfer (its attention-transfer error)")
+    p.add_argument("--calibration-steps", type=int, default=None,
+                   help=with_auto + "attention-transfer steps of each option's measuring fit (default: 10%% of the "
+                        "recipe's first attention-transfer stage, split over the options, at least 3)")
+    p.add_argument("--signal-blocks", type=int, default=None,
+                   help=with_auto + "held-back blocks the signals are measured on (default: scaled to the recipe's "
+                        "training tokens, at least 1, at most the stage's val_blocks)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linearize", description="Turn a pretrained LLM into a linear-attention model by distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a built-in recipe name (see `linearize recipes`), a YAML file, or 'auto' (plan, then convert)")
     p.add_argument("--budget", default=None, help="with --recipe auto: the budget (see `linearize plan --help`)")
     p.add_argument("--base-recipe", default="smoke", help="with --recipe auto: the recipe the plan starts from")
+    _plan_options(p, auto=True)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. stages.0.steps=200")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the recipe's, 'auto')")
@@ -185,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True,
                    help="softmax-layers=N (or N%%) | kv-memory=SIZE@CONTEXT (64MiB@32768) | prefill=RATIO@CONTEXT (0.5@16384)")
     p.add_argument("--out", required=True, help="folder for recipe.yaml, plan.json, plan.md, plan.png")
-    p.add_argument("--calibration-steps", type=int, default=10, help="attention-transfer steps of the measuring fit")
+    _plan_options(p)
+    p.add_argument("--reuse", metavar="DIR", default=None,
+                   help="take the measurements from an earlier plan's folder (same model, recipe, candidates and "
+                        "calibration steps) and only choose again, e.g. under another budget or signal")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the base recipe")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_plan)
@@ -242,7 +282,7 @@ def main(argv=None) -> int:
     from .recipe import RecipeError
     from .pipeline import RunError
     from .hub import PushError
-    from .plan import BudgetError
+    from .plan import PlanError
     from .training import NonFiniteLossError, StageOutOfMemoryError
     from .eval.runner import EvalError
 
@@ -252,7 +292,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (RecipeError, ModelLoadError, EvalError, NonFiniteLossError, StageOutOfMemoryError, RunError,
-            FileNotFoundError, BudgetError, PushError) as err:
+            FileNotFoundError, PlanError, PushError) as err:
         print(f"linearize: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:

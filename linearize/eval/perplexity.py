@@ -19,6 +19,22 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask
     return nll, int((labels != -100).sum())
 
 
+def next_token_kl(teacher_logits: torch.Tensor, logits: torch.Tensor, attention_mask: torch.Tensor,
+                  rows: int = 256) -> tuple[float, int]:
+    """Summed ``KL(p_teacher || p)`` of the next-token distributions over the real positions, and
+    their count: ``sum_t sum_v p_t(v) (log p_t(v) - log q_t(v))``. ``*_logits: [B, T, V]``,
+    ``attention_mask: [B, T]`` (1: real). Computed in float64, ``rows`` positions at a time: a
+    small KL is a sum of terms of both signs far larger than itself, which float32 loses."""
+    real = attention_mask.bool()
+    teacher, student = teacher_logits[real], logits[real]
+    total = 0.0
+    for start in range(0, teacher.shape[0], rows):
+        log_p = F.log_softmax(teacher[start : start + rows].double(), -1)
+        log_q = F.log_softmax(student[start : start + rows].double(), -1)
+        total += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
+    return total, int(real.sum())
+
+
 @torch.no_grad()
 def perplexity(model, blocks, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> float:
     """``blocks``: :class:`~linearize.data.Blocks` or ``[N, T]`` token ids. Returns the
