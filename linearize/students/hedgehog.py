@@ -29,7 +29,7 @@ from .base import Student
 
 @dataclass
 class HedgehogConfig:
-    feature_map: str = "hedgehog"  # hedgehog | elu | relu
+    feature_map: str = "hedgehog"  # hedgehog | npmap | elu | relu
     feature_dim: int | None = None  # F (the map outputs 2F features); default: the head size
 
 
