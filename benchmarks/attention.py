@@ -413,8 +413,14 @@ def main(argv=None):
             rec = dict(mode=mode, B=B, D=D, T=T, floor_ms=floor_ms(B, T, D, mode),
                        gated_floor_ms=floor_ms(B, T, D, mode, gated=True),
                        hybrid_floor_ms=floor_ms(B, T, D, mode, hybrid=True), ms={})
+            rec["wall_s"] = {}
             for name, make in backends.items():
+                t0 = time.time()
                 rec["ms"][name] = measure(make, q, k, v, mode, args.quick)
+                # compiling and autotuning show here (the first shape of a kernel, or every new shape)
+                rec["wall_s"][name] = round(time.time() - t0, 2)
+                print(f"#   {mode} B={B} D={D} T={T} {name}: {rec['ms'][name] if isinstance(rec['ms'][name], str) else ''}"
+                      f"{rec['wall_s'][name]:.1f} s wall", file=sys.stderr, flush=True)
             del q, k, v
             _ratios(rec, args.chunk)
             records.append(rec)
