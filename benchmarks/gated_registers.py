@@ -6,8 +6,8 @@
 The checkout's ``linearize`` is the one compiled (the script puts the repository first on the
 path). Each kernel is compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` with the
 tile sizes its launcher would pick (or those given; without a GPU the launchers assume enough
-multiprocessors, so ``BV`` is not shrunk for few heads), the PTX is assembled again with
-``ptxas -v`` (the one Triton uses for sm_90), and its report is printed: registers a thread,
+multiprocessors, so ``BV`` is not shrunk for few heads), ``ptxas -v`` reports on it
+(``benchmarks/sm90.py``), and that report is printed: registers a thread,
 spill stores and loads (bytes a thread, in the code as compiled, not per step) and the stack
 frame. The backward's three kinds of program (``dfq``, ``dfk``, ``dv``) are compiled alone as
 well as fused: the fused kernel takes the registers of its largest kind, and its spill count
@@ -20,21 +20,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sm90 import compile_sm90  # noqa: E402  (benchmarks/sm90.py)
 
 FP32_POINTERS = {"A", "den", "y32", "s0", "z0", "s_out", "z_out", "dgq", "dgk", "ds0", "dz0", "ds_final",
                  "dz_final", "dg_last"}
@@ -55,27 +50,9 @@ def _signature(fn, consts, dtype, y_fp32=False):
     return sig
 
 
-def _ptxas_report(ptx: str) -> dict:
-    ptxas = get_ptxas(90).path  # the ptxas Triton itself uses for sm_90
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    report = {"regs": int(re.search(r"Used (\d+) registers", out).group(1))}
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    report["spill_st"], report["spill_ld"] = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    m = re.search(r"(\d+) bytes stack frame", out)
-    report["stack"] = int(m.group(1)) if m else 0
-    return report
-
-
 def compile_report(fn, consts, dtype="bf16", num_warps=4, y_fp32=False, num_stages=2) -> dict:
     src = ASTSource(fn, signature=_signature(fn, consts, dtype, y_fp32), constexprs=consts)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    return _ptxas_report(compiled.asm["ptx"])
+    return compile_sm90(src, num_warps, num_stages)[0]
 
 
 def _wrappers(mod):

@@ -68,7 +68,7 @@ and denominator agree; in the backward ``dfq``/``dfk`` stay fp32 in registers in
 backward, whose products take ``dz`` split, and ``dv``'s product with the long fp32 sum ``dS``
 takes it split too.
 
-Registers (compiled for sm_90a with Triton 3.9 and its ptxas, ``scripts/sm90_registers.py``;
+Registers (compiled for sm_90a with Triton 3.9 and its ptxas, ``benchmarks/fused_registers.py``;
 the GPU machines run Triton 3.6, whose figures may differ). At D = Fh = Dv = 64 with bf16
 products, in chunks of 16: the forward 241 registers (BV = 16) / 245 (BV = 64), no spill; the
 backward's ``dq``, ``dk``, ``dv`` programs alone 249, 253, 222, no spill; the three in one
@@ -600,7 +600,7 @@ def _fwd_config(D, FH, DV, chunk_size, heads, dtype):
     more map work but run at once). Chunks of 16 tokens: compiled for sm_90a (Triton 3.9) at
     D = Fh = Dv = 64 with bf16 products, the forward holds in registers (235-246 of 255, no
     spill) with 8 warps at BV = 64 and 16 and 4 warps at BV = 32, while chunks of 32 spill
-    8-136 bytes a thread and chunks of 64 200-650 (``scripts/sm90_registers.py``)."""
+    8-136 bytes a thread and chunks of 64 200-650 (``benchmarks/fused_registers.py``)."""
     BD, BF = _pow2(D), _pow2(FH)
     if dtype == torch.float32:  # fp32 products run on FMA units: the exact path, not the fast one
         return min(chunk_size, 16), BD, BF, 16, 8, 2

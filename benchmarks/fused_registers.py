@@ -2,8 +2,8 @@
 on a machine without a GPU: Triton compiles for a target given by hand, and the log of
 its ``ptxas -v`` says what each kernel uses.
 
-    python scripts/sm90_registers.py                     # D=64, Fh=64 (128 features), Dv=64, bf16
-    python scripts/sm90_registers.py --D 128 --FH 64 --DV 128 --dtype fp32
+    python benchmarks/fused_registers.py                     # D=64, Fh=64 (128 features), Dv=64, bf16
+    python benchmarks/fused_registers.py --D 128 --FH 64 --DV 128 --dtype fp32
 
 Prints, per kernel (the forward, the backward, and each of the backward's three kinds of
 program compiled alone), the configuration the launchers pick, the registers a thread uses
@@ -15,10 +15,7 @@ counts of the instructions' bytes, not of how often they run). Must run without
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -30,7 +27,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from sm90 import compile_sm90  # noqa: E402  (benchmarks/sm90.py)
 from triton.compiler import ASTSource  # noqa: E402
 
 from linearize.kernels.linear import fused  # noqa: E402
@@ -107,18 +104,10 @@ def compile_kernel(fn, constexprs, ints, dtype, num_warps, absent=(), num_stages
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if (signature[n].startswith("*") and n not in absent) or (n in ints and ints[n] % 16 == 0)}
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    # Triton runs ptxas with -v; its log says registers, stack frame, spill stores and loads
-    triton.knobs.nvidia.dump_ptxas_log = True
-    triton.knobs.compilation.always_compile = True  # a cached cubin would skip ptxas
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    report, asm = compile_sm90(src, num_warps, num_stages)
     if keep is not None:  # a dict: gets the compiled kernel's IRs
-        keep.update(compiled.asm)
-    report = log.getvalue()
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    regs = re.search(r"Used (\d+) registers", report)
-    return int(regs.group(1)), int(frame.group(1)), int(frame.group(2)), int(frame.group(3))
+        keep.update(asm)
+    return report["regs"], report["stack"], report["spill_st"], report["spill_ld"]
 
 
 def _say(regs, frame, stores, loads):
