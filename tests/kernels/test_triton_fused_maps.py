@@ -394,3 +394,13 @@ def test_gpu_real_shapes_fp32_forward():
     y_ref, (S_ref, z_ref) = reference_call(mq, mk, q, k, v, (S0, z0))
     err = errors(dict(y=(y, y_ref), S=(S, S_ref), z=(z, z_ref)))
     assert max(err.values()) <= 1e-5, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("kind", ["hedgehog", "npmap"])
+def test_gpu_many_programs_bf16(kind):
+    """Batch 16 x 9 heads (the converted SmolLM2 at batch 16): with as many programs as that the
+    launchers keep their wider blocks of value columns, which the B=2 tests (blocks shrunk to
+    fill the multiprocessors) never compile; such a block faulted in the hybrid forward on an H200."""
+    check_bf16_against_reference(kind, 16, 9, 1024, 64, 64, 64, "cuda")

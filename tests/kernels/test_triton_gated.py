@@ -540,3 +540,14 @@ def test_gpu_step_real_shapes():
     y_ref, new = gated_step(fq, fk, v, g, keep, GatedState(S=S))
     y, S1 = triton_gated_step(fq, fk, v, g, S, keep)
     assert rel(y, y_ref) <= 1e-5 and rel(S1, new.S) <= 1e-6 and torch.equal(S1[3], S[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("f", [64, 128])
+def test_gpu_chunk_many_programs_bf16(f, chunk):
+    """Batch 16 x 9 heads (the converted SmolLM2 at batch 16): with as many programs as that the
+    launchers keep their wider blocks of value columns, which the B=2 tests (blocks shrunk to
+    fill the multiprocessors) never compile; such a block faulted in the hybrid forward on an H200."""
+    check_bf16_against_reference(16, 9, 1024, f, 64, "cuda", chunk)

@@ -481,3 +481,12 @@ def test_gpu_chunk_real_shapes_bf16(h):
 def test_gpu_step_real_shapes():
     """The decode step at real shapes: B=16, H=9, head dim 64, F=128, W=64, 4 sinks."""
     check_step_against_reference(16, 9, 300, 64, 128, 64, 4, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+def test_gpu_chunk_many_programs_bf16():
+    """Batch 16 x 9 heads (the converted SmolLM2 at batch 16): with as many programs as that the
+    launchers keep their wider blocks of value columns, which the B=2 tests (blocks shrunk to
+    fill the multiprocessors) never compile; such a block faulted in the hybrid forward on an H200."""
+    check_bf16_against_reference(16, 9, 1024, 64, 128, 64, 4, "cuda")

@@ -402,3 +402,12 @@ def check_step_and_hedgehog(b, h, f, dv, d, T, device):
             res.append((phi, xl.grad, fmap.weight.grad.clone()))
         errs = [rel(a, b_) for a, b_ in zip(res[1], res[0])]
         assert max(errs) <= tol, (dtype, errs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+def test_gpu_chunk_many_programs_bf16():
+    """Batch 16 x 9 heads (the converted SmolLM2 at batch 16): with as many programs as that the
+    launchers keep their wider blocks of value columns, which the B=2 tests (blocks shrunk to
+    fill the multiprocessors) never compile; such a block faulted in the hybrid forward on an H200."""
+    check_bf16_against_reference(16, 9, 1024, 128, 64, "cuda")
