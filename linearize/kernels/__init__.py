@@ -14,8 +14,9 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
 (:mod:`linearize.kernels.gated`'s ``chunk.py`` and ``recurrent.py``):
 
 * ``auto`` (default): the PyTorch reference, for now. Compiled on an H200 (Triton 3.6), every
-  kernel test passes (after two tile fixes, in ``linear/chunk.py``'s backward config and
-  ``hybrid/chunk.py``'s forward blocks, each checked there at the shape that had failed) except
+  kernel test that ran there passes (after two tile fixes, in ``linear/chunk.py``'s backward
+  config and ``hybrid/chunk.py``'s forward blocks, each checked there at the shape that had
+  failed; the ``many_programs`` tests, batch 16 x 9 heads, were written after that run) except
   one: the gated kernels' ``dg`` with strong decays is 1.1e-4 from float64
   where the fp32 reference is 2.5e-6. At model level the converted SmolLM2 is not yet faster
   with the kernels than its SDPA teacher (benchmarks/model.py; results/h200-kernels/), so they
