@@ -26,7 +26,7 @@ parameters, 2e-2 on ``dq, dk, dv`` (as the unfused kernels' tests), 5e-3 on ``dS
 import pytest
 import torch
 
-from triton_env import DEVICE, Spy, interpreting, rel, triton  # noqa: F401  (sets TRITON_INTERPRET first)
+from triton_env import DEVICE, Spy, interpreting, rel, through_kernels, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from linearize.feature_maps import EluFeatureMap, HedgehogFeatureMap, NPMapFeatureMap
 from linearize.kernels import HybridState, chunk_hybrid_attention, feature_map_attention
@@ -310,22 +310,12 @@ def test_hedgehog_student_through_the_fused_kernel(monkeypatch):
     x = token_ids(2, 16, seed=1).to(DEVICE)
     mask = torch.ones_like(x)
     mask[1, :4] = 0
-    real = mask.bool()
     params = [p for s in students(model).values() for _, p in s.student_parameters()]
     assert len(params) == 2 + 4  # hedgehog: a weight per map; npmap: a weight and a reflection per map
     spy = Spy(monkeypatch, fused, "fused_map_linear_attention")
     step = Spy(monkeypatch, linear, "linear_step")
-    results = {}
-    for kernels in ("reference", "triton-fused"):
-        monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
-        model.zero_grad()
-        logits = model(x, attention_mask=mask).logits
-        logits[real].float().pow(2).mean().backward()
-        with torch.no_grad():
-            out = model.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                 output_scores=True, return_dict_in_generate=True)
-        results[kernels] = (logits[real].detach(), [p.grad.clone() for p in params], out.sequences,
-                            torch.stack(out.scores))
+    results = through_kernels(monkeypatch, model, x, mask, params, max_new_tokens=4,
+                              choices=("reference", "triton-fused"))
     (l_ref, g_ref, t_ref, s_ref), (l_tri, g_tri, t_tri, s_tri) = results["reference"], results["triton-fused"]
     assert rel(l_tri, l_ref) <= 1e-5
     assert max(rel(a, b) for a, b in zip(g_tri, g_ref)) <= 1e-4

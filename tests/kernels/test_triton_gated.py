@@ -28,7 +28,7 @@ operands (2^-16). Seen in the interpreter, the same for both chunk sizes: 3e-3 o
 import pytest
 import torch
 
-from triton_env import DEVICE, Spy, interpreting, rel, triton  # noqa: F401  (sets TRITON_INTERPRET first)
+from triton_env import DEVICE, Spy, interpreting, rel, through_kernels, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from linearize.kernels import GatedState, chunk_gated_attention, gated_attention, gated_step
 from linearize.kernels.gated.chunk import CHUNK, CHUNK_SIZES, SUB_CHUNK, triton_chunk_gated_attention
@@ -394,19 +394,10 @@ def test_lawcat_student_through_the_kernels(monkeypatch):
     x = token_ids(2, 18, seed=1).to(DEVICE)  # two chunks
     mask = torch.ones_like(x)
     mask[1, :4] = 0
-    real = mask.bool()
     named = [(n, p) for s in students(model).values() for n, p in s.student_parameters()]
     assert {n.split(".")[0] for n, _ in named} >= {"feature_map_q", "conv_q", "conv_k", "decay_down", "decay_up"}
-    results = {}
-    for kernels in ("reference", "triton"):
-        monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
-        model.zero_grad()
-        logits = model(x, attention_mask=mask).logits
-        logits[real].float().pow(2).mean().backward()
-        with torch.no_grad():
-            tokens = model.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        results[kernels] = (logits[real].detach(), [p.grad.clone() for _, p in named], tokens)
-    (l_ref, g_ref, t_ref), (l_tri, g_tri, t_tri) = results["reference"], results["triton"]
+    results = through_kernels(monkeypatch, model, x, mask, [p for _, p in named], max_new_tokens=4)
+    (l_ref, g_ref, t_ref, _), (l_tri, g_tri, t_tri, _) = results["reference"], results["triton"]
     assert rel(l_tri, l_ref) <= 1e-5
     assert max(rel(a, b) for a, b in zip(g_tri, g_ref)) <= 1e-4
     assert t_tri.tolist() == t_ref.tolist()

@@ -17,7 +17,7 @@ on the Hedgehog map's bf16 ``dx``; 1e-2 and 2e-2 are asserted.
 import pytest
 import torch
 
-from triton_env import DEVICE, Spy, interpreting, rel, triton  # noqa: F401  (sets TRITON_INTERPRET first)
+from triton_env import DEVICE, Spy, interpreting, rel, through_kernels, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from linearize.feature_maps import HedgehogFeatureMap
 from linearize.kernels import (
@@ -279,33 +279,22 @@ def test_dispatch(monkeypatch):
 def test_hedgehog_student_through_the_kernels(monkeypatch):
     """A tiny Llama with Hedgehog students (left-padded batch): logits, the gradients of the
     feature maps, and greedy decoding through the cache (the fused step) are the same with the
-    Triton kernels as with the reference. The maps run in PyTorch here (the fused-map kernel,
-    which the Hedgehog map would otherwise take, is switched off): this is the unfused kernels'
-    test; tests/kernels/test_triton_fused_maps.py has the fused one's."""
+    Triton kernels as with the reference. The maps run in PyTorch here (``triton``, not
+    ``triton-fused``): this is the unfused kernels' test; tests/kernels/test_triton_fused_maps.py
+    has the fused one's."""
     from conftest import converted_model, token_ids
 
-    import linearize.kernels as kernels_module
     import linearize.kernels.linear as linear
     from linearize import ConversionSpec, students
 
-    monkeypatch.setattr(kernels_module, "_fused_map_kind", lambda *maps: None)
     chunk, step = Spy(monkeypatch, linear, "chunk_linear_attention"), Spy(monkeypatch, linear, "linear_step")
     model = converted_model("llama", ConversionSpec("hedgehog"), seed=0).to(DEVICE)
     x = token_ids(2, 20, seed=1).to(DEVICE)
     mask = torch.ones_like(x)
     mask[1, :4] = 0
-    real = mask.bool()
     params = [p for s in students(model).values() for _, p in s.student_parameters()]
-    results = {}
-    for kernels in ("reference", "triton"):
-        monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
-        model.zero_grad()
-        logits = model(x, attention_mask=mask).logits
-        logits[real].float().pow(2).mean().backward()
-        with torch.no_grad():
-            tokens = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        results[kernels] = (logits[real].detach(), [p.grad.clone() for p in params], tokens)
-    (l_ref, g_ref, t_ref), (l_tri, g_tri, t_tri) = results["reference"], results["triton"]
+    results = through_kernels(monkeypatch, model, x, mask, params, max_new_tokens=6)
+    (l_ref, g_ref, t_ref, _), (l_tri, g_tri, t_tri, _) = results["reference"], results["triton"]
     assert rel(l_tri, l_ref) <= 1e-5
     assert max(rel(a, b) for a, b in zip(g_tri, g_ref)) <= 1e-4
     assert t_tri.tolist() == t_ref.tolist()

@@ -49,3 +49,22 @@ class Spy:
             return fn(*args, **kwargs)
 
         monkeypatch.setattr(module, name, wrapped)
+
+
+def through_kernels(monkeypatch, model, x, mask, params, max_new_tokens, choices=("reference", "triton")):
+    """A converted model under each ``LINEARIZE_KERNELS`` choice: ``{choice: (logits at the real
+    positions, the gradients of params of their mean square, the greedy continuation, its
+    scores)}``; the continuation goes through the model's cache."""
+    real = mask.bool()
+    results = {}
+    for choice in choices:
+        monkeypatch.setenv("LINEARIZE_KERNELS", choice)
+        model.zero_grad()
+        logits = model(x, attention_mask=mask).logits
+        logits[real].float().pow(2).mean().backward()
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        results[choice] = (logits[real].detach(), [p.grad.clone() for p in params], out.sequences,
+                           torch.stack(out.scores))
+    return results
