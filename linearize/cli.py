@@ -92,6 +92,14 @@ def _convert(args) -> int:
             raise RecipeError("--candidates, --signal, --calibration-steps and --signal-blocks go with --recipe auto")
         recipe = load_recipe(args.recipe, overrides=args.set or [], model=args.model)
         plan_seconds = None
+    if args.data_only:
+        run = ConvertRun(recipe, args.out, device=args.device)
+        run.setup()
+        sizes = [f"{stage.stage} {blocks.tokens():,} tokens" for stage, blocks in zip(recipe.stages, run.stage_blocks)]
+        if run.eval_blocks is not None:
+            sizes.append(f"evaluation {run.eval_blocks.tokens():,} tokens")
+        print("data ready (cached for the conversion): " + ", ".join(sizes))
+        return 0
     started = time.perf_counter()
     ConvertRun(recipe, args.out, device=args.device, resume=args.resume).run()
     if plan_seconds is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -214,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: write the upload to OUT.hub/ instead")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint (in OUT.checkpoints/)")
+    p.add_argument("--data-only", action="store_true",
+                   help="load the teacher, build (and cache) every stage's data and the evaluation data, then stop: "
+                        "recipes that share a data mix can then convert side by side without generating it twice")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("plan", help="choose, layer by layer, what to convert under a budget; writes a recipe")

@@ -569,3 +569,19 @@ def test_evaluating_a_converted_model_builds_no_length_squared_tensor_and_keeps_
             out = model(torch.tensor([word_tokenizer(prompts[0])["input_ids"][:n]]), use_cache=True)
         sizes.append(cache_nbytes(out.cache if hasattr(out, "cache") else out.past_key_values))
     assert sizes[0] == sizes[1] > 0
+
+
+def test_merge_reports_puts_models_side_by_side_and_refuses_runs_that_do_not_compare():
+    from linearize.eval.report import merge_reports
+
+    opts = {"lengths": [1024], "samples": 2, "batch_size": 4, "device": "cuda"}
+    a = {"suite": "passkey", "options": opts, "models": {"/m/teacher.gguf": {"model": "/m/teacher.gguf", "status": "ok", "tasks": {"x": 1}}}}
+    b = {"suite": "passkey", "options": {**opts, "batch_size": 16}, "models": {"/r/lolcats": {"model": "/r/lolcats", "status": "ok", "tasks": {"x": 2}}}}
+    merged = merge_reports([a, b], {"/m/teacher.gguf": "teacher", "/r/lolcats": "lolcats"})
+    assert list(merged["models"]) == ["teacher", "lolcats"] and merged["models"]["lolcats"]["tasks"] == {"x": 2}
+    with pytest.raises(ValueError, match="different options \\(samples\\)"):
+        merge_reports([a, {**b, "options": {**opts, "samples": 3}}])
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_reports([a, {**b, "suite": "niah"}])
+    with pytest.raises(ValueError, match="in two"):
+        merge_reports([a, a])

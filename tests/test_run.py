@@ -148,3 +148,32 @@ def test_killed_and_interrupted_run_resumes_to_the_same_weights(workdir, uninter
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (whole, out))
     assert ra["student_perplexity"] == rb["student_perplexity"]
     assert [h["loss"] for h in ra["stages"][1]["history"]] == [h["loss"] for h in rb["stages"][1]["history"]]
+
+
+def test_data_only_caches_the_teacher_text_that_the_conversion_then_reads(tmp_path):
+    """`convert --data-only` writes the teacher's texts into the cache and no model; the
+    conversion that follows reads those texts instead of generating them again."""
+    make_base_folder(tmp_path / "base")
+    (tmp_path / "test.txt").write_text(synthetic_text(400, seed=2))
+    recipe = RECIPE.format(train=tmp_path / "test.txt", test=tmp_path / "test.txt", steps=2).replace(
+        f"{{source: text, path: {tmp_path / 'test.txt'}}}\n    seq_len: 32\n    batch_size: 2\n    steps: 2\n    lr: 1.0e-2",
+        "{source: teacher, samples: 6, max_new_tokens: 48, batch_size: 6, seed: 5}\n    seq_len: 32\n    batch_size: 2\n"
+        "    steps: 2\n    lr: 1.0e-2", 1)
+    assert "source: teacher" in recipe
+    (tmp_path / "r.yaml").write_text(recipe)
+    env = {**ENV, "LINEARIZE_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    cmd = command(tmp_path, out)
+    first = subprocess.run(cmd + ["--data-only"], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "data ready" in first.stdout and "attention_transfer" in first.stdout
+    assert not out.exists() and not Path(f"{out}.checkpoints").exists()
+    cached = list((tmp_path / "cache" / "teacher-text").glob("*.jsonl"))
+    assert len(cached) == 1
+    texts = [json.loads(line)["text"] for line in cached[0].read_text().splitlines()]
+    assert len(texts) == 6
+    stamp = cached[0].stat().st_mtime_ns
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "teacher writes text" not in second.stderr  # read from the cache, not generated again
+    assert cached[0].stat().st_mtime_ns == stamp and (out / "linearize.json").is_file()

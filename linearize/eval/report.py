@@ -191,3 +191,31 @@ def plot_perplexity(report: dict, out: Path) -> Path | None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def merge_reports(reports: list[dict], labels: dict[str, str] | None = None) -> dict:
+    """One report of a suite from several runs of it (e.g. the teacher scored in one process and
+    the students in another): the models side by side, relabelled by ``labels`` (old -> new).
+    The runs must share the suite and every option but the batch size and device, which do not
+    change a score; otherwise the scores would not compare and this raises ``ValueError``."""
+    if not reports:
+        raise ValueError("no reports to merge")
+    labels = labels or {}
+    loose = ("batch_size", "device")
+    first = reports[0]
+    merged = {"suite": first["suite"], "options": dict(first["options"]), "models": {}}
+    for r in reports:
+        if r["suite"] != first["suite"]:
+            raise ValueError(f"cannot merge a {r['suite']!r} report with a {first['suite']!r} one")
+        a = {k: v for k, v in r["options"].items() if k not in loose}
+        b = {k: v for k, v in first["options"].items() if k not in loose}
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ValueError(f"{first['suite']} reports ran with different options ({', '.join(diff)}): "
+                             "their scores do not compare")
+        for label, entry in r["models"].items():
+            new = labels.get(label, label)
+            if new in merged["models"]:
+                raise ValueError(f"model {new!r} is in two {first['suite']} reports")
+            merged["models"][new] = entry
+    return merged

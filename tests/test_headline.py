@@ -1,0 +1,81 @@
+"""`scripts/headline.sh` end to end on a tiny model: two recipes converted side by side
+(JOBS=2, the shared data built once), the teacher and the students scored in separate parts of
+the run, and `scripts/headline_report.py` merging the parts into one table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_base_folder, synthetic_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = """
+students: {{kind: {kind}, window_size: 4, sink_size: 1}}
+stages:
+  - stage: attention_transfer
+    data: {{source: text, path: $LINEARIZE_DATA/train.txt}}
+    seq_len: 32
+    batch_size: 2
+    steps: 4
+    lr: 1.0e-2
+    val_blocks: 2
+    eval_every: 10
+    checkpoint_every: 10
+eval:
+  data: {{source: text, path: $LINEARIZE_DATA/train.txt}}
+  seq_len: 32
+  max_blocks: 2
+"""
+
+
+def headline(tmp_path, **env):
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MODEL": str(tmp_path / "base"),
+            "OUT": str(tmp_path / "run"), "LINEARIZE_DATA": str(tmp_path / "data"), "DEVICE": "cpu",
+            "DTYPE": "float32", "BATCH": "2", "PPL_LENGTHS": "32,64", **env}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "headline.sh")], capture_output=True, text=True,
+                          env=full, timeout=600)
+
+
+def test_headline_run_in_parts_merges_into_one_table(tmp_path):
+    make_base_folder(tmp_path / "base")
+    data = tmp_path / "data"
+    (data / "wikitext-2-raw").mkdir(parents=True)
+    (data / "train.txt").write_text(synthetic_text(1500, seed=1))
+    (data / "wikitext-2-raw" / "wiki.test.raw").write_text(synthetic_text(800, seed=2))
+    for kind in ("lolcats", "hedgehog"):
+        (tmp_path / f"{kind}.yaml").write_text(RECIPE.format(kind=kind).replace(", window_size: 4, sink_size: 1", "")
+                                               if kind == "hedgehog" else RECIPE.format(kind=kind))
+    recipes = f"{tmp_path / 'lolcats.yaml'} {tmp_path / 'hedgehog.yaml'}"
+    run = tmp_path / "run"
+    students = headline(tmp_path, RECIPES=recipes, JOBS="2", PART="students", STEPS="convert ppl",
+                        MODELS=f"{run / 'lolcats'} {run / 'hedgehog'}")
+    assert students.returncode == 0, students.stdout[-2000:] + students.stderr[-3000:]
+    assert "data ready" in students.stdout
+    assert (run / "lolcats" / "linearize.json").is_file() and (run / "hedgehog" / "linearize.json").is_file()
+    teacher = headline(tmp_path, RECIPES=recipes, PART="teacher", STEPS="ppl", MODELS=str(tmp_path / "base"))
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    report = headline(tmp_path, RECIPES=recipes, STEPS="report")
+    assert report.returncode == 0, report.stderr[-3000:]
+
+    summary = json.loads((run / "headline.json").read_text())
+    assert list(summary["models"]) == ["teacher", "hedgehog", "lolcats"]
+    seen = set()
+    for part in ("teacher", "students"):  # every part's figures, unchanged, under its model's label
+        own = json.loads((run / part / "eval-wikitext" / "report.json").read_text())
+        for entry in own["models"].values():
+            label = "teacher" if Path(entry["model"]) == tmp_path / "base" else Path(entry["model"]).name
+            ppl = {int(t.split("@")[1]): v["metrics"]["ppl"] for t, v in entry["tasks"].items()}
+            assert ppl == {int(n): v for n, v in summary["models"][label]["wikitext_ppl"].items()}
+            assert set(ppl) == {32, 64}
+            seen.add(label)
+    assert seen == {"teacher", "lolcats", "hedgehog"}
+    merged = json.loads((run / "eval-wikitext" / "report.json").read_text())
+    assert set(merged["models"]) == {"teacher", "lolcats", "hedgehog"}
+    table = (run / "headline.md").read_text()
+    assert "| lolcats | attention_transfer | 4 |" in table and "| hedgehog | attention_transfer | 4 |" in table
+    assert (run / "accuracy_by_length.png").exists() is False  # no retrieval suite ran: no plot
