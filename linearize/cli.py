@@ -312,8 +312,9 @@ def main(argv=None) -> int:
             return 2
         raise
     except KeyboardInterrupt:
-        print("linearize: interrupted; run the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        hint = {"convert": "; run the same command with --resume to continue from the last checkpoint",
+                "eval": "; the report in --out holds every model that finished before"}.get(args.command, "")
+        print(f"linearize: interrupted{hint}", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError as err:
         print(

@@ -8,7 +8,9 @@
 # Settings (environment): MODEL, LINEARIZE_DATA (the data folder: recipes' mixes, lm-eval's local
 # tasks, WikiText-2, haystacks), OUT, RECIPES ("lolcats hedgehog"), DEVICE (cuda), DTYPE (bfloat16),
 # LENGTHS (retrieval lengths), PPL_LENGTHS, LIMIT (lm-eval items a task; empty: all), BATCH (16),
-# STEPS ("convert retrieval ppl zeroshot fewshot"). A recipe whose output folder exists is not
+# RETRIEVAL_BATCH (4: prompts a batch for passkey and needle retrieval; 16 x 32K tokens at once
+# took more than 100 GiB of an H200 for a converted SmolLM2),
+# STEPS ("convert retrieval ppl zeroshot fewshot report"). A recipe whose output folder exists is not
 # converted again; an interrupted conversion resumes from its checkpoint. An entry of RECIPES may
 # carry overrides, NAME@KEY=VALUE[@KEY=VALUE...], converted into $OUT/NAME+VALUE...:
 #   RECIPES="hedgehog hedgehog@students.feature_map=npmap lolcats lawcat still"
@@ -23,7 +25,7 @@
 set -euo pipefail
 
 : "${MODEL:=smollm2-135m-instruct}" "${OUT:=runs/headline}" "${RECIPES:=lolcats hedgehog}"
-: "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${BATCH:=16}" "${LIMIT:=}" "${JOBS:=1}" "${PART:=all}"
+: "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${BATCH:=16}" "${LIMIT:=}" "${JOBS:=1}" "${PART:=all}" "${RETRIEVAL_BATCH:=4}"
 : "${LENGTHS:=1024,2048,4096,8192,16384,32768}" "${PPL_LENGTHS:=512,2048,8192}"
 : "${STEPS:=convert retrieval ppl zeroshot fewshot report}"
 : "${LINEARIZE_DATA:?set LINEARIZE_DATA to the data folder (alpaca/, haystack/, wikitext-2-raw/, piqa/, arc/, ...)}"
@@ -65,8 +67,9 @@ if step convert; then
 fi
 ev() { local name=$1; shift; job "$OUT/$PART/eval-$name.log" linearize eval "${models[@]}" "${common[@]}" --out "$OUT/$PART/eval-$name" "$@"; }
 if step retrieval; then
-  ev passkey --suite passkey --lengths "$LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples 4
-  ev niah --suite niah --niah-tasks niah_single_1,niah_single_2 \
+  rb=(--batch-size "$RETRIEVAL_BATCH")  # after the common options: it replaces their batch size
+  ev passkey "${rb[@]}" --suite passkey --lengths "$LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples 4
+  ev niah "${rb[@]}" --suite niah --niah-tasks niah_single_1,niah_single_2 \
     --haystack "$LINEARIZE_DATA/haystack/PaulGrahamEssays_gkamradt49.json" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 2
 fi
 if step ppl; then

@@ -39,7 +39,9 @@ def merged_suites(out: Path, teacher_label: str) -> dict[str, dict]:
     merged = {}
     for folder, reports in groups.items():
         names = {label: entry["model"] for r in reports for label, entry in r["models"].items()}
-        merged[folder] = merge_reports(reports, {label: label_of(name, out, teacher_label) for label, name in names.items()})
+        report = merge_reports(reports, {label: label_of(name, out, teacher_label) for label, name in names.items()})
+        report["models"] = dict(sorted(report["models"].items(), key=lambda kv: kv[0] != teacher_label))  # teacher first
+        merged[folder] = report
     return merged
 
 
@@ -184,9 +186,9 @@ def plot(summary: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for m, r in summary["models"].items():
+        for i, (m, r) in enumerate(summary["models"].items()):  # one colour a model in every panel
             if r[key]:
-                ax.plot(list(r[key]), list(r[key].values()), marker="o", label=m)
+                ax.plot(list(r[key]), list(r[key].values()), marker="o", label=m, color=f"C{i}")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("context length (tokens)")

@@ -585,3 +585,21 @@ def test_merge_reports_puts_models_side_by_side_and_refuses_runs_that_do_not_com
         merge_reports([a, {**b, "suite": "niah"}])
     with pytest.raises(ValueError, match="in two"):
         merge_reports([a, a])
+
+
+def test_a_model_out_of_memory_is_reported_with_the_fix(base, tmp_path):
+    """An out-of-memory model fails alone, and its report says which option to lower."""
+    def loader(name):
+        model, tok = load_any(str(base))
+        if name == "big":
+            def oom(*args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.25 GiB.")
+            model.generate = oom
+        return model, tok
+
+    opts = EvalOptions(**{**OPTS, "batch_size": 4})
+    run_eval(["big", "small"], "passkey", tmp_path / "out", opts, loader=loader, progress=False, echo=False)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["models"]["big"]["status"] == "error"
+    assert "Tried to allocate 2.25 GiB. Lower --batch-size (now 4)." in saved["models"]["big"]["error"]
+    assert saved["models"]["small"]["status"] == "ok"

@@ -15,6 +15,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 SUITES = ("passkey", "niah", "task-file", "ppl-by-length", "lm-eval")
 
 
@@ -171,6 +173,8 @@ def run_eval(models: list[str], suite: str, out, opts: EvalOptions | None = None
         except KeyboardInterrupt:
             raise
         except Exception as err:
+            if isinstance(err, torch.OutOfMemoryError):  # the generation suites hold batch x length tokens at once
+                err = type(err)(f"{str(err).splitlines()[0]} Lower --batch-size (now {opts.batch_size}).")
             report["models"][label] = {"model": name, "status": "error", "error": f"{type(err).__name__}: {err}",
                                        "traceback": traceback.format_exc(), "tasks": {}}
             print(f"linearize eval: {name}: {type(err).__name__}: {err}", file=sys.stderr)
