@@ -419,7 +419,8 @@ def main(argv=None):
                 rec["ms"][name] = measure(make, q, k, v, mode, args.quick)
                 # compiling and autotuning show here (the first shape of a kernel, or every new shape)
                 rec["wall_s"][name] = round(time.time() - t0, 2)
-                print(f"#   {mode} B={B} D={D} T={T} {name}: {rec['ms'][name] if isinstance(rec['ms'][name], str) else ''}"
+                ms = rec["ms"][name]
+                print(f"#   {mode} B={B} D={D} T={T} {name}: {ms if isinstance(ms, str) else f'{ms:.3f} ms'}, "
                       f"{rec['wall_s'][name]:.1f} s wall", file=sys.stderr, flush=True)
             del q, k, v
             _ratios(rec, args.chunk)
