@@ -168,6 +168,7 @@ def _eval(args) -> int:
     opts = EvalOptions(
         samples=args.samples, seed=args.seed, max_new_tokens=args.max_new_tokens, haystack=args.haystack,
         task_files=args.task_file or [], text=args.text, max_chunks=args.max_chunks, segment=args.segment,
+        prefill_chunk=args.prefill_chunk,
         limit=args.limit, num_fewshot=args.num_fewshot, data_dir=args.data_dir, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype,
     )
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="ppl-by-length: the text file")
     p.add_argument("--max-chunks", type=int, default=4, help="ppl-by-length: chunks per length")
     p.add_argument("--segment", type=int, default=512, help="ppl-by-length: tokens per forward (through the cache)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="passkey, niah, task-file: prefill long prompts N tokens a forward through the cache "
+                        "(the same greedy output, activations bounded by N instead of the prompt's length)")
     p.add_argument("--tasks", type=_names, default=None, help="lm-eval: task names, e.g. piqa (default: piqa)")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: items per task")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")

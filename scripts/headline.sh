@@ -9,7 +9,8 @@
 # tasks, WikiText-2, haystacks), OUT, RECIPES ("lolcats hedgehog"), DEVICE (cuda), DTYPE (bfloat16),
 # LENGTHS (retrieval lengths), PPL_LENGTHS, LIMIT (lm-eval items a task; empty: all), BATCH (16),
 # RETRIEVAL_BATCH (4: prompts a batch for passkey and needle retrieval; 16 x 32K tokens at once
-# took more than 100 GiB of an H200 for a converted SmolLM2),
+# took more than 100 GiB of an H200 for a converted SmolLM2), PREFILL_CHUNK (empty: their prompts are
+# prefilled N tokens a forward through the cache, the same answers with activations bounded by N),
 # STEPS ("convert retrieval ppl zeroshot fewshot report"). A recipe whose output folder exists is not
 # converted again; an interrupted conversion resumes from its checkpoint. An entry of RECIPES may
 # carry overrides, NAME@KEY=VALUE[@KEY=VALUE...], converted into $OUT/NAME+VALUE...:
@@ -68,6 +69,7 @@ fi
 ev() { local name=$1; shift; job "$OUT/$PART/eval-$name.log" linearize eval "${models[@]}" "${common[@]}" --out "$OUT/$PART/eval-$name" "$@"; }
 if step retrieval; then
   rb=(--batch-size "$RETRIEVAL_BATCH")  # after the common options: it replaces their batch size
+  [ -n "${PREFILL_CHUNK:-}" ] && rb+=(--prefill-chunk "$PREFILL_CHUNK")
   ev passkey "${rb[@]}" --suite passkey --lengths "$LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples 4
   ev niah "${rb[@]}" --suite niah --niah-tasks niah_single_1,niah_single_2 \
     --haystack "$LINEARIZE_DATA/haystack/PaulGrahamEssays_gkamradt49.json" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 2

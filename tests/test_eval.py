@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import WORDS, converted_model, make_base_folder, synthetic_text, tiny_model
 
 from linearize.eval.generation import ModelGenerator, score_samples, summarize
-from linearize.eval.runner import EvalError, EvalOptions, load_any, run_eval
+from linearize.eval.runner import EvalError, EvalOptions, load_any, run_eval, run_suite
 
 
 def fixed(text):
@@ -603,3 +603,23 @@ def test_a_model_out_of_memory_is_reported_with_the_fix(base, tmp_path):
     assert saved["models"]["big"]["status"] == "error"
     assert "Tried to allocate 2.25 GiB. Lower --batch-size (now 4)." in saved["models"]["big"]["error"]
     assert saved["models"]["small"]["status"] == "ok"
+
+
+def test_chunked_prefill_gives_the_same_answers_with_shorter_forwards(base, converted_folder, tmp_path):
+    """`--prefill-chunk 7`: the teacher and a converted model prefill each left-padded prompt
+    batch at most 7 tokens a forward through their caches, and answer exactly as with one
+    forward over the whole prompt."""
+    for name in (str(base), str(converted_folder)):
+        model, tok = load_any(name)
+        widths = []
+        model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                        with_kwargs=True)
+        results = {}
+        for chunk in (None, 7):
+            widths.clear()
+            opts = EvalOptions(**{**OPTS, "batch_size": 2, "prefill_chunk": chunk})
+            results[chunk] = run_suite("passkey", model, tok, opts)["passkey"]["results"]
+            assert (max(widths) <= 7) if chunk else (max(widths) >= 96)
+        assert [r["output"] for r in results[7]] == [r["output"] for r in results[None]]
+    with pytest.raises(EvalError, match="prefill-chunk must be a positive"):
+        run_eval([str(base)], "passkey", tmp_path / "x", EvalOptions(**{**OPTS, "prefill_chunk": 0}), progress=False, echo=False)

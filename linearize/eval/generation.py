@@ -32,8 +32,11 @@ class ModelGenerator:
     LAWCAT evaluate passkey retrieval), and the continuation is decoded as a whole, so a target
     split across several tokens is found."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 1):
+    def __init__(self, model, tokenizer, batch_size: int = 1, prefill_chunk: int | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        # prompt tokens a forward while prefilling (transformers' ``prefill_chunk_size``): bounds
+        # the activations of a long prompt, with the same greedy output (the cache carries on)
+        self.prefill_chunk = prefill_chunk
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -48,6 +51,7 @@ class ModelGenerator:
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 pad_token_id=pad_id, use_cache=True,
+                **({"prefill_chunk_size": self.prefill_chunk} if self.prefill_chunk else {}),
             )
             outputs += [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
         return outputs

@@ -196,12 +196,12 @@ def plot_perplexity(report: dict, out: Path) -> Path | None:
 def merge_reports(reports: list[dict], labels: dict[str, str] | None = None) -> dict:
     """One report of a suite from several runs of it (e.g. the teacher scored in one process and
     the students in another): the models side by side, relabelled by ``labels`` (old -> new).
-    The runs must share the suite and every option but the batch size and device, which do not
+    The runs must share the suite and every option but the batch size, device and prefill chunk, which do not
     change a score; otherwise the scores would not compare and this raises ``ValueError``."""
     if not reports:
         raise ValueError("no reports to merge")
     labels = labels or {}
-    loose = ("batch_size", "device")
+    loose = ("batch_size", "device", "prefill_chunk")
     first = reports[0]
     merged = {"suite": first["suite"], "options": dict(first["options"]), "models": {}}
     for r in reports:

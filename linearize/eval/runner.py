@@ -38,6 +38,7 @@ class EvalOptions:
     num_fewshot: int | None = None
     data_dir: str | None = None
     batch_size: int = 8
+    prefill_chunk: int | None = None  # generation suites: prompt tokens a forward while prefilling
     device: str | None = None
     dtype: str | None = None
 
@@ -76,6 +77,8 @@ def check_model(name: str) -> None:
 def check_options(suite: str, opts: EvalOptions) -> None:
     if suite not in SUITES:
         raise EvalError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    if opts.prefill_chunk is not None and opts.prefill_chunk < 1:
+        raise EvalError(f"--prefill-chunk must be a positive number of tokens, not {opts.prefill_chunk}")
     if suite == "task-file":
         if not opts.task_files:
             raise EvalError("--suite task-file needs --task-file PATH (one or more)")
@@ -105,7 +108,7 @@ def run_suite(suite: str, model, tokenizer, opts: EvalOptions, progress: bool = 
     model's greedy generation (tests drive the scoring with it)."""
     from .generation import ModelGenerator
 
-    generate = generate or (ModelGenerator(model, tokenizer, opts.batch_size) if model is not None else None)
+    generate = generate or (ModelGenerator(model, tokenizer, opts.batch_size, opts.prefill_chunk) if model is not None else None)
     if suite == "passkey":
         from .passkey import passkey_samples
 
