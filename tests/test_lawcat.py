@@ -224,11 +224,14 @@ def test_at_init_a_layer_computes_the_written_out_math():
     assert relative_error(got, expected) <= 1e-5
 
 
-def test_decay_is_shared_by_the_query_heads_of_a_kv_group_and_starts_almost_constant():
+@pytest.mark.parametrize("decay_init, spread", [("default", 0.05), ("normal", 2e-3)])
+def test_decay_is_shared_by_the_query_heads_of_a_kv_group_and_starts_near_sigmoid_0(decay_init, spread):
     """As LAWCAT's code: one decay vector per kv head, repeated to its query heads, from a
-    projection initialised N(0, 0.006) with a zero bias, so alpha starts near sigmoid(0)^(1/16)."""
-    model = converted("llama", train_like=False)  # 4 query heads, 2 kv heads
+    projection with a zero bias, so alpha starts near sigmoid(0)^(1/16): data-dependent from
+    the start under PyTorch's default init, almost constant under the code's N(0, 0.006)."""
+    model = converted("llama", train_like=False, decay_init=decay_init)  # 4 query heads, 2 kv heads
     s = students(model)[1]
+    assert torch.equal(s.decay_up.bias, torch.zeros_like(s.decay_up.bias))
     x = torch.randn(2, 9, 64)
     with torch.no_grad():
         g = s.log_decay(x)  # [B, H, T, F]
@@ -236,4 +239,9 @@ def test_decay_is_shared_by_the_query_heads_of_a_kv_group_and_starts_almost_cons
     assert torch.equal(g[:, 0], g[:, 1]) and torch.equal(g[:, 2], g[:, 3])
     assert not torch.equal(g[:, 0], g[:, 2])
     alpha = g.exp()
-    assert (alpha - 0.5 ** (1 / 16)).abs().max() < 2e-3
+    assert (alpha - 0.5 ** (1 / 16)).abs().max() < spread
+
+
+def test_unknown_decay_init_is_refused():
+    with pytest.raises(ValueError, match="decay_init"):
+        converted("llama", decay_init="xavier")
