@@ -1,7 +1,8 @@
 """The gated Triton kernels equal their PyTorch reference: chunked gated linear attention (forward,
 final state, every gradient, ``g``'s included) in both its schemes (64 tokens a step, four
-16-token sub-chunks, the default; and 16), the decode step, the dispatcher, and the LAWCAT student
-through them.
+16-token sub-chunks, the default; and 16), with either forward (the sequential walk, the default,
+and the two-pass ``parallel=True`` one, which must also give the walk's results), the decode
+step, the dispatcher, and the LAWCAT student through them.
 
 Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``), on tiny
 shapes; with CUDA the same tests run compiled, and the ``gpu`` tests add real shapes. The oracle
@@ -79,22 +80,29 @@ def reference(fq, fk, v, g, S0=None, z0=None, key_mask=None, chunk_size=16):
     return y, new.S[..., :-1], new.S[..., -1]
 
 
+# the kernels' forward: "kernel" the module's default, "sequential" the one-walk forward, "parallel"
+# the two-pass forward (the backward is the same kernels for all three)
+FORWARDS = {"kernel": None, "sequential": False, "parallel": True}
+
+
 def run_both(T, seed, dtype=torch.float32, decay="lawcat", init=False, key_mask=None, corrupt=None, offset=0.0, b=B,
-             chunk=CHUNK):
+             chunk=CHUNK, f=F, dv=DV, impls=("kernel", "reference")):
     """Outputs and gradients (of a random ``dy`` against ``y`` and random final-state gradients)
     of the kernel (``chunk`` tokens a step) and of the reference on the same inputs; ``corrupt``
-    edits both copies of ``(fk, v, g)`` before the call."""
-    fq, fk, v, g, S0, z0 = make_inputs(T, seed, dtype, decay, offset=offset, b=b)
+    edits both copies of ``(fk, v, g)`` before the call. ``impls``: the reference and any of
+    :data:`FORWARDS`."""
+    fq, fk, v, g, S0, z0 = make_inputs(T, seed, dtype, decay, offset=offset, b=b, f=f, dv=dv)
     dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed)
     out = {}
-    for impl in ("kernel", "reference"):
+    for impl in impls:
         leaves = [x.clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
         a, k_, c, gg, s, z = leaves
         if corrupt is not None:
             k_, c, gg = corrupt(k_, c, gg)
-        if impl == "kernel":
+        if impl in FORWARDS:
             y, (S, Z) = triton_chunk_gated_attention(
-                a, k_, c, gg, (s, z) if init else None, output_final_state=True, key_mask=key_mask, chunk_size=chunk
+                a, k_, c, gg, (s, z) if init else None, output_final_state=True, key_mask=key_mask, chunk_size=chunk,
+                parallel=FORWARDS[impl],
             )
         else:
             y, S, Z = reference(a, k_, c, gg, s if init else None, z if init else None, key_mask)
@@ -112,8 +120,8 @@ def fp32_tolerance(decay):
     return 1e-4 if decay == "strong" and not interpreting() else 1e-5
 
 
-def errors(out):
-    return {n: rel(a, b) for n, a, b in zip(NAMES, out["kernel"], out["reference"])}
+def errors(out, kernel="kernel", against="reference"):
+    return {n: rel(a, b) for n, a, b in zip(NAMES, out[kernel], out[against])}
 
 
 @pytest.mark.parametrize(
@@ -280,6 +288,136 @@ def test_split_sequence_with_carried_state_equals_whole(chunk, T, cuts):
     y_ref, S_ref, z_ref = reference(fq, fk, v, g)
     tol = fp32_tolerance("strong")
     assert rel(whole, y_ref) <= tol and rel(S, S_ref) <= tol and rel(z, z_ref) <= tol
+
+
+# ----------------------------------------------------------------------------- the two-pass forward
+
+
+def assert_same_as_sequential(out, f=F, bf16=False):
+    """The two-pass forward's outputs and the gradients through it against the sequential
+    forward's. Both take the same operands, splits and order; the output pass sums the features
+    64 at a time, so with ``f <= 64`` under the interpreter they are bit for bit the same, and
+    otherwise (more feature blocks, or compiled products tiled another way) the same up to fp32
+    rounding: 1e-5 (1e-3 on bf16 tensors, where such a difference can move a value across a
+    rounding boundary)."""
+    par, seq = out["parallel"], out["sequential"]
+    assert len(par) == len(seq)
+    if interpreting() and f <= 64:
+        bad = [n for n, a, b in zip(NAMES, par, seq) if not torch.equal(a, b)]
+        assert not bad, errors(out, "parallel", "sequential")
+    else:
+        err = errors(out, "parallel", "sequential")
+        tol = {n: (1e-3 if bf16 and a.dtype == torch.bfloat16 else 1e-5) for n, a in zip(NAMES, par)}
+        assert all(err[n] <= tol[n] for n in err), err
+
+
+def assert_bf16_errors(err):
+    assert err["y"] <= 1e-2 and err["S"] <= 1e-4 and err["z"] <= 1e-4, err
+    assert max(err[n] for n in NAMES[3:] if n in err) <= 2e-2, err
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize(
+    "T,dtype,init,decay,b",
+    [(1, torch.float32, False, "lawcat", B), (15, torch.float32, True, "strong", B),
+     (63, torch.bfloat16, False, "lawcat", 1), (100, torch.float32, True, "lawcat", 1),
+     (100, torch.bfloat16, True, "strong", 1)],
+)
+def test_parallel_forward_matches_reference_and_sequential(chunk, T, dtype, init, decay, b):
+    """The two-pass forward (each chunk's starting state, then every chunk's output at once):
+    lengths that are not a multiple of the chunk (T = 1, 15, 63, 100), with and without an
+    initial state, the final state out, F != Dv and neither a power of two, fp32 and bf16 inputs
+    (bf16 values offset by 3): within the file's tolerances of the reference, and the same as
+    the sequential forward, outputs and every gradient (the backward is shared)."""
+    bf16 = dtype == torch.bfloat16
+    out = run_both(T, seed=50 + T, dtype=dtype, decay=decay, init=init, b=b, chunk=chunk,
+                   offset=3.0 if bf16 else 0.0, impls=("parallel", "sequential", "reference"))
+    assert out["parallel"][0].dtype == dtype
+    assert_same_as_sequential(out, bf16=bf16)
+    err = errors(out, "parallel")
+    assert len(err) == (9 if init else 7)
+    if T == 1 and not init:  # y_0 = v_0 whatever fq and g: dfq and dg are zero up to rounding
+        del err["dfq"], err["dg"]
+    if bf16:
+        assert_bf16_errors(err)
+    else:
+        assert max(err.values()) <= fp32_tolerance(decay), err
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parallel_forward_saves_what_the_backward_reads(chunk, dtype):
+    """Every tensor the forward returns (``y``, its fp32 copy, the denominators ``d``, the
+    intra-chunk weights ``A`` where written, the final ``S`` and ``z``) from both forwards, at
+    F = Dv = 70: two blocks of features and two of value columns in both passes (the
+    denominators and ``z`` are stored by the first block of columns only), so the output pass
+    sums the features in two parts; and ``y`` against the reference."""
+    from linearize.kernels.gated.chunk import gated_attention_fwd
+
+    T, f, dv = 100, 70, 70
+    fq, fk, v, g, S0, z0 = make_inputs(T, seed=61, dtype=dtype, b=1, f=f, dv=dv)
+    seq = gated_attention_fwd(fq, fk, v, g, S0, z0, True, keep_fp32_output=True, chunk_size=chunk, parallel=False)
+    par = gated_attention_fwd(fq, fk, v, g, S0, z0, True, keep_fp32_output=True, chunk_size=chunk, parallel=True)
+    pos = torch.arange(T, device=DEVICE) % chunk
+    written = (torch.arange(chunk, device=DEVICE)[None, :] // SUB_CHUNK) <= (pos[:, None] // SUB_CHUNK)  # [T, C]
+    for name, a, b_ in zip(("y", "y32", "d", "A", "S", "z"), par, seq):
+        assert a.dtype == b_.dtype and a.shape == b_.shape, name
+        if name == "A":
+            a, b_ = a[..., written], b_[..., written]
+        assert rel(a, b_) <= (1e-3 if a.dtype == torch.bfloat16 else 1e-6), name
+    assert torch.equal(par[3][..., written], seq[3][..., written])  # the same intra kernel
+    y_ref, S_ref, z_ref = reference(fq, fk, v, g, S0, z0)
+    assert rel(par[0], y_ref) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert rel(par[4], S_ref) <= 1e-4 and rel(par[5], z_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_parallel_forward_padding_keys(chunk):
+    """``key_mask`` (left and right padding, the padded keys corrupted as in
+    :func:`test_padding_keys`) through the two-pass forward: the reference's results and the
+    sequential forward's."""
+    T = 40
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    mask[1, :9] = False
+    mask[0, -5:] = False
+
+    def corrupt(fk, v, g):
+        pad = ~mask[:, None, :, None]
+        return fk.masked_fill(pad, float("nan")), v.masked_fill(pad, 1e6), g.masked_fill(pad, 50.0)
+
+    out = run_both(T, seed=5, key_mask=mask, corrupt=corrupt, init=True, chunk=chunk,
+                   impls=("parallel", "sequential", "reference"))
+    assert_same_as_sequential(out)
+    err = errors(out, "parallel")
+    assert max(err.values()) <= 1e-5, err
+
+
+def test_parallel_forward_is_off_by_default(monkeypatch):
+    """The sequential forward stays the default until a GPU run confirms the two-pass one's
+    speed; the module switch picks the two-pass forward when ``parallel`` is not given."""
+    import linearize.kernels.gated.chunk as gchunk
+
+    class Launches:  # counts the launches (``kernel[grid](...)``) of a kernel
+        def __init__(self, name):
+            self.kernel, self.calls = getattr(gchunk, name), 0
+            monkeypatch.setattr(gchunk, name, self)
+
+        def __getitem__(self, grid):
+            self.calls += 1
+            return self.kernel[grid]
+
+    assert gchunk.PARALLEL_FORWARD is False
+    walk, states, output = Launches("_fwd_kernel"), Launches("_fwd_states_kernel"), Launches("_fwd_output_kernel")
+    fq, fk, v, g, _, _ = make_inputs(20, seed=7, b=1)
+    y, _ = triton_chunk_gated_attention(fq, fk, v, g)
+    assert (walk.calls, states.calls, output.calls) == (1, 0, 0)
+    monkeypatch.setattr(gchunk, "PARALLEL_FORWARD", True)
+    y_par, _ = triton_chunk_gated_attention(fq, fk, v, g)
+    assert (walk.calls, states.calls, output.calls) == (1, 1, 1)
+    assert rel(y_par, y) <= 1e-6
+    triton_chunk_gated_attention(fq, fk, v, g, parallel=False)
+    assert (walk.calls, states.calls, output.calls) == (2, 1, 1)
+
 
 
 def random_step_inputs(b, h, f, dv, seed, device=DEVICE):
@@ -451,9 +589,10 @@ def _hedgehog_like(shape, device, dtype):
     return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).to(dtype)
 
 
-def check_bf16_against_reference(b, h, T, f, dv, device, chunk=CHUNK):
-    """bf16 kernel (``chunk`` tokens a step) vs the fp32 reference (on the same rounded inputs),
-    LAWCAT-like decays, an initial state in and the final state out, every gradient."""
+def check_bf16_against_reference(b, h, T, f, dv, device, chunk=CHUNK, impls=("kernel",)):
+    """bf16 kernel (``chunk`` tokens a step; each forward of ``impls``, see :data:`FORWARDS`) vs
+    the fp32 reference (on the same rounded inputs), LAWCAT-like decays, an initial state in and
+    the final state out, every gradient. Returns the outputs and gradients of each."""
     torch.manual_seed(0)
     fq, fk = (_hedgehog_like((b, h, T, f), device, torch.bfloat16) for _ in range(2))
     v = torch.randn(b, h, T, dv, device=device).to(torch.bfloat16)
@@ -462,24 +601,33 @@ def check_bf16_against_reference(b, h, T, f, dv, device, chunk=CHUNK):
     z0 = torch.rand(b, h, f, device=device) + 0.5
     dy, dS, dz = (torch.randn(s, device=device) for s in (v.shape, S0.shape, z0.shape))
     out = {}
-    for impl in ("kernel", "reference"):
+    for impl in (*impls, "reference"):
         leaves = [x.clone().requires_grad_() for x in (fq, fk, v, g, S0, z0)]
         a, k_, c, gg, s, z = leaves
-        if impl == "kernel":
-            y, (S, Z) = triton_chunk_gated_attention(a, k_, c, gg, (s, z), output_final_state=True, chunk_size=chunk)
+        if impl in FORWARDS:
+            y, (S, Z) = triton_chunk_gated_attention(a, k_, c, gg, (s, z), output_final_state=True, chunk_size=chunk,
+                                                     parallel=FORWARDS[impl])
         else:
             y, S, Z = reference(a, k_, c, gg, s, z)
         ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
         out[impl] = [y, S, Z, *(l.grad for l in leaves)]
-    err = errors(out)
-    assert err["y"] <= 1e-2 and err["S"] <= 1e-4 and err["z"] <= 1e-4, err
-    assert max(err[n] for n in NAMES[3:]) <= 2e-2, err
-    return err
+    for impl in impls:
+        assert_bf16_errors(errors(out, impl))
+    return out
 
 
 def test_bf16_hedgehog_features_small():
     """The GPU test's code at a small shape (one 64-token chunk of three sub-chunks, F = 32)."""
     check_bf16_against_reference(1, 2, 40, 32, 16, DEVICE)
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_bf16_hedgehog_features_small_parallel(chunk):
+    """The two-pass forward's GPU test code at a small shape (T = 40: one 64-token chunk of three
+    sub-chunks, or three 16-token chunks), F = 32: the reference's tolerances, the sequential
+    forward's results."""
+    out = check_bf16_against_reference(1, 2, 40, 32, 16, DEVICE, chunk, impls=("parallel", "sequential"))
+    assert_same_as_sequential(out, f=32, bf16=True)
 
 
 @pytest.mark.gpu
@@ -542,3 +690,17 @@ def test_gpu_chunk_many_programs_bf16(f, chunk):
     launchers keep their wider blocks of value columns, which the B=2 tests (blocks shrunk to
     fill the multiprocessors) never compile; such a block faulted in the hybrid forward on an H200."""
     check_bf16_against_reference(16, 9, 1024, f, 64, "cuda", chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("f", [64, 128])
+@pytest.mark.parametrize("b,h,T", [(16, 9, 1024), (2, 8, 4096)])
+def test_gpu_parallel_forward_real_shapes_bf16(b, h, T, f, chunk):
+    """The two-pass forward compiled, at batch 16 x 9 heads (many programs: the launchers' widest
+    blocks) and at batch 2 x 8 heads, T = 4096 (blocks shrunk to fill the multiprocessors):
+    within the bf16 tolerances of the reference, and the sequential forward's outputs and
+    gradients up to fp32 rounding (products tiled differently once compiled)."""
+    out = check_bf16_against_reference(b, h, T, f, 64, "cuda", chunk, impls=("parallel", "sequential"))
+    assert_same_as_sequential(out, f=f, bf16=True)

@@ -39,7 +39,8 @@ every chunk is one sub-chunk: the kernels are the 16-token ones as they were bef
 steps existed (the forward's loop body verbatim).
 
 How the work is split. Every walk takes the chunks of one (batch, head) in order (or in reverse)
-with the running state in fp32 registers; no per-chunk state goes through memory.
+with the running state in fp32 registers; no per-chunk state goes through memory, except in the
+two-pass forward below, which stores each chunk's starting state.
 
 * forward: ``_intra_kernel``, grid ``(T / 16, B * H)``, one program per query sub-chunk, forms
   its row block of ``A`` (the pairwise diagonal block and its off-diagonal products; the
@@ -50,6 +51,37 @@ with the running state in fp32 registers; no per-chunk state goes through memory
   (``[C, F]`` tiles against the chunk-start ``S, z``, plus ``A v1``), which writes ``y`` and the
   denominators ``d``, then the state takes the chunk's keys a sub-chunk ``J`` at a time,
   ``S <- diag(exp(G_J)) S + (fk_j exp(G_J - c_j))^T v1_j``. ``A`` is kept for the backward.
+* forward in two passes (``parallel=True``, or :data:`PARALLEL_FORWARD`; off by default until a
+  GPU run confirms its speed), the structure of flash-linear-attention's ``chunk_gla``: the walk
+  above does a chunk's read-out and its update in one program per (head, block of value
+  columns), so the read-outs (the bulk of its products) run on ``B * H * Dv / BV`` programs, one
+  chunk after another. Instead, after ``_intra_kernel`` (the same ``A``):
+
+  1. ``_fwd_states_kernel``, grid ``(F / BK, Dv / BV, B * H)`` (a feature's row of the state
+     evolves on its own, so the features split too): walks the chunks doing only the update,
+     exactly the walk's (a sub-chunk at a time, the same operands and splits), and stores each
+     chunk's starting state ``h_c = S [F, Dv]`` and ``z_c`` in fp32, ``[B, H, T / C, F, Dv]``
+     and ``[B, H, T / C, F]``, and the final state;
+  2. ``_fwd_output_kernel``, grid ``(Dv / BV, T / C, B * H)``, every chunk at once: the walk's
+     read-out against ``h_c``, ``o = (fq exp(b)) h_c + A v1`` (features 64 at a time), the
+     normaliser division, ``y`` (and its fp32 copy) and ``d``.
+
+  The outputs, ``A``, ``d``, the fp32 ``y`` and the final state are those of the walk (bit for bit
+  in the interpreter with ``F <= 64``; otherwise up to the order of the sum over features), so
+  the backward is unchanged. No operand is transposed in either pass (the states pass loads
+  ``fk^T`` and ``g^T`` transposed, as the walk does). Expected bound (not yet measured: the
+  benchmark's ``ours_gated_par``): at B = 1, 32 heads, T = 32K, F = Dv = 64, bf16, 64-token
+  chunks, the three launches move about 2.3 KB a (token, head) (inputs read by each pass that
+  needs them, ``A`` written and read in fp32, 256 B, and ``h_c`` written and read in fp32,
+  ``4 F Dv / C`` = 256 B each way), some 2.4 GB, 0.5 ms at an H200's 4.8 TB/s, 3.6 times the
+  benchmark's floor (q, k, v, g, y once: 0.14 ms), against 7.9 ms (56 times) for the walk and
+  2.8 ms for ``chunk_gla``; the intra kernel's exponentials (``16 F`` a token) add about 0.26 ms
+  of special-function throughput if they do not overlap. What may keep it above that: the states
+  pass still takes ``T / 16`` dependent sub-chunk updates per program (2048 at T = 32K; its blocks
+  shrink to 16-32 so that ``B * H`` heads fill the multiprocessors), each a ``[BK, 16] x [16,
+  BV]`` product whose operands do not depend on the state (only ``S <- S exp(G) + ...`` does), so
+  it is latency-bound if the loads are not overlapped; one ``[BK, C] x [C, BV]`` update per chunk
+  (fla's) would take a quarter of the steps but round unlike the backward's sub-chunk sums.
 * backward, with ``dn_t = dy_t / d_t``, ``dd_t = -(dy_t . y_t) / d_t`` (the gradient of
   ``o_t = [n_t, d_t]``) and ``P_ij = dn_i . v_j + dd_i`` (``= do_i . v1_j``), one launch with three
   kinds of program, all at once:
@@ -116,7 +148,8 @@ The diagonal blocks of ``A`` and the pairwise sums are fp32 elementwise work, an
 ``fk dfk`` (what ``dg`` sums) are formed in fp32. The backward reads ``y`` in fp32.
 
 Triton 3.4-3.7 miscompiles, on Hopper, ``tl.trans`` of a ``tl.dot`` result cast to bf16/fp16 and
-fed to another ``tl.dot``. Nothing here calls ``tl.trans``: every operand needed transposed
+fed to another ``tl.dot``. Nothing here calls ``tl.trans`` (the two-pass forward's kernels
+included): every operand needed transposed
 (``fk^T``, ``g^T``, ``fq^T``, ``v^T``, ``dy^T``, ``y^T``, ``A^T``, blocks of ``S0^T`` and ``dS^T``)
 is loaded transposed from memory, and the running states are kept in the layout their products
 need.
@@ -149,6 +182,9 @@ SUB_CHUNK = 16  # tokens of a sub-chunk: exact pairwise decays inside
 CHUNK_SIZES = (16, 64)  # tokens a sequential step takes: one sub-chunk, or four
 CHUNK = 64  # the default
 DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
+# the forward in two passes parallel over chunks (_fwd_states_kernel, _fwd_output_kernel) rather
+# than the sequential walk (_fwd_kernel); off until a GPU run confirms its speed
+PARALLEL_FORWARD = False
 
 
 @triton.jit
@@ -314,6 +350,133 @@ def _fwd_kernel(
         tl.store(s_out + p_s, S, mask=m_fv)
         if i_v == 0:
             tl.store(z_out + i_bh * F + o_f, tl.sum(Z, 1), mask=m_f)
+
+
+@triton.jit
+def _fwd_states_kernel(
+    fk, v, g, s0, z0, h, hz, s_out, z_out,
+    T, F, DV,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The parallel forward's first pass: each chunk's starting state. Grid ``(F / BK, Dv / BV,
+    B * H)``: features ``[i_k * BK, ...)`` and value columns ``[i_v * BV, ...)`` of one head
+    (a feature's row of the state evolves on its own), chunks of ``C`` in order, ``S [BK, BV]`` and
+    ``z [BK]`` in fp32 registers. Before a chunk's keys enter, the state is stored, fp32, as
+    ``h[b, h, chunk] [F, Dv]`` (``z`` as ``hz[b, h, chunk] [F]``, by the ``i_v == 0`` programs);
+    then the chunk's keys enter a sub-chunk ``J`` at a time, exactly as ``_fwd_kernel``
+    updates its state: ``S <- diag(exp(G_J)) S + (fk_j exp(G_J - c_j))^T v_j``, the same
+    operands, splits and order, so the states are those the sequential walk reads out against.
+    ``z`` is a plain fp32 vector here (the sequential kernel's column 0 of a ``[BF, SC]`` matrix,
+    whose update is elementwise: the same numbers)."""
+    NS: tl.constexpr = C // SC
+    i_k = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    o_c = tl.arange(0, SC)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < F
+    m_v = o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    fk += i_bh * T * F
+    g += i_bh * T * F
+    v += i_bh * T * DV
+    n_t = tl.cdiv(T, C)
+    p_s = i_bh * F * DV + o_k[:, None] * DV + o_v[None, :]  # [BK, BV]
+    if HAS_INIT:
+        S = tl.load(s0 + p_s, mask=m_kv, other=0.0).to(tl.float32)
+        z = tl.load(z0 + i_bh * F + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        z = tl.zeros([BK], dtype=tl.float32)
+    last_col = o_c[None, :] == SC - 1
+    for i_t in range(0, n_t):
+        p_h = (i_bh * n_t + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :]
+        tl.store(h + p_h, S, mask=m_kv)
+        if i_v == 0:
+            tl.store(hz + (i_bh * n_t + i_t) * F + o_k, z, mask=m_k)
+        for J in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
+            t_J = i_t * C + J * SC + o_c
+            m_J = t_J < T
+            m_kJ = m_k[:, None] & m_J[None, :]
+            # keys and decays loaded transposed, [BK, SC]: no tl.trans (Triton 3.4-3.7 miscompiles, on
+            # Hopper, tl.trans of a dot result cast to bf16 feeding another dot; see the module docstring)
+            b_fkT = tl.load(fk + t_J[None, :] * F + o_k[:, None], mask=m_kJ, other=0.0).to(tl.float32)
+            cT = tl.cumsum(tl.load(g + t_J[None, :] * F + o_k[:, None], mask=m_kJ, other=0.0).to(tl.float32), 1)
+            G_J = tl.sum(tl.where(last_col, cT, 0.0), 1)  # [BK]
+            k_outT = b_fkT * tl.exp(G_J[:, None] - cT)  # keys as they stand at the sub-chunk end
+            b_v = tl.load(v + t_J[:, None] * DV + o_v[None, :], mask=m_J[:, None] & m_v[None, :], other=0.0)
+            decay = tl.exp(G_J)  # [BK]
+            S = S * decay[:, None] + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
+            z = z * decay + tl.sum(k_outT, 1)
+    if STORE_FINAL:
+        tl.store(s_out + p_s, S, mask=m_kv)
+        if i_v == 0:
+            tl.store(z_out + i_bh * F + o_k, z, mask=m_k)
+
+
+@triton.jit
+def _fwd_output_kernel(
+    fq, v, g, A, h, hz, y, y32, den,
+    T, F, DV,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_Y32: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The parallel forward's second pass: grid ``(Dv / BV, T / C, B * H)``, a program per
+    (block of value columns, chunk, head), all independent. The read-out of ``_fwd_kernel``
+    against the chunk's starting state from the first pass: ``o = (fq exp(b)) h_c + A v``,
+    ``d = (fq exp(b)) z_c + sum_j A_ij``, ``y = o / max(d, 1e-30)``, the same operands and splits
+    (``fq exp(b)`` rounded once for numerator and normaliser, ``h_c`` and ``A`` split), with the
+    features taken ``BK`` at a time (the sum over features in blocks: the same up to fp32
+    rounding). No operand is transposed (no ``tl.trans``, which Triton 3.4-3.7 miscompiles on
+    Hopper when it transposes a dot result cast to bf16 for another dot): ``[C, BK] x [BK, BV]``,
+    ``[C, BK] x [BK, SC]`` and ``[C, C] x [C, BV]`` products of tiles loaded as they lie in
+    memory."""
+    i_v = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    n_t = tl.cdiv(T, C)
+    o_c = tl.arange(0, SC)
+    o_C = tl.arange(0, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    t = i_t * C + o_C
+    m_t = t < T
+    m_tv = m_t[:, None] & m_v[None, :]
+    first = o_c[None, :] == 0
+    o = tl.zeros([C, BV], dtype=tl.float32)
+    dz = tl.zeros([C, SC], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(F, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        m_tk = m_t[:, None] & m_k[None, :]
+        p = i_bh * T * F + t[:, None] * F + o_k[None, :]
+        b_fq = tl.load(fq + p, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
+        b = tl.cumsum(tl.load(g + p, mask=m_tk, other=0.0).to(tl.float32), 0)  # from the chunk start, <= 0
+        q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
+        p_h = (i_bh * n_t + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :]
+        S = tl.load(h + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV] fp32
+        z = tl.load(hz + (i_bh * n_t + i_t) * F + o_k, mask=m_k, other=0.0)
+        Z = tl.where(first, z[:, None], 0.0)  # [BK, SC]: z as column 0, as in _fwd_kernel
+        o += _dot_split(q_in, S, DT, PREC, EMULATE, False, True)
+        dz += _dot_split(q_in, Z, DT, PREC, EMULATE, False, True)
+    b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)  # [C, BV]
+    blocks = (o_C[:, None] // SC) >= (o_C[None, :] // SC)  # [C, C]: A's blocks that are written
+    b_A = tl.load(A + (i_bh * T + t[:, None]) * C + o_C[None, :], mask=m_t[:, None] & blocks, other=0.0)
+    o += _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+    if C == SC:
+        d = tl.sum(dz + b_A, 1)  # [C]
+    else:
+        d = tl.sum(dz, 1) + tl.sum(b_A, 1)
+    o = o / tl.maximum(d, _TINY)[:, None]
+    p_y = i_bh * T * DV + t[:, None] * DV + o_v[None, :]
+    tl.store(y + p_y, o.to(y.dtype.element_ty), mask=m_tv)
+    if STORE_Y32:  # the backward's copy of y, in fp32
+        tl.store(y32 + p_y, o, mask=m_tv)
+    if i_v == 0:
+        tl.store(den + i_bh * T + t, d, mask=m_t)
 
 
 @triton.jit
@@ -678,14 +841,41 @@ def _bwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUN
     return BF, min(BF, 32), BV, _pow2(DV)
 
 
+def _par_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUNK):
+    """``(BK_states, BV_states, BK_out, BV_out, out_warps)`` of the parallel forward. The states pass
+    (``[BK, BV]`` fp32 state, ``[BK, 16]`` keys) starts at 64 x 64 blocks and halves ``BV``, then
+    ``BK`` (to 32 and 16), while ``B * H`` heads times its blocks would leave multiprocessors idle:
+    its programs are the only sequential work left, so it wants many of them. The output pass
+    (``[C, BK]`` queries and exponentials, ``[BK, BV]`` state, ``[C, BV]`` output, ``[C, C]``
+    weights) takes 64 features at a time and up to 64 value columns (32 with fp32 products); it
+    has ``T / C`` times as many programs as the states pass, so it needs no shrinking. (Not yet
+    compiled or tuned on a GPU.)"""
+    BF = _pow2(F)
+    fp32 = dtype == torch.float32
+    BK = min(BF, 32 if fp32 else 64)
+    BV = min(_pow2(DV), 32 if fp32 else 64)
+    sms = _sms()
+    while sms and heads * triton.cdiv(F, BK) * triton.cdiv(DV, BV) < sms and max(BK, BV) > 16:
+        if BV >= BK and BV > 16:
+            BV //= 2
+        else:
+            BK //= 2
+    BK_out = min(BF, 64)
+    BV_out = min(_pow2(DV), 32 if fp32 else 64)
+    return BK, BV, BK_out, BV_out, (8 if C > SUB_CHUNK else 4)
+
+
 def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False, output_dtype=None,
-                        keep_fp32_output=False, chunk_size=CHUNK):
+                        keep_fp32_output=False, chunk_size=CHUNK, parallel=None):
     """Launch the forward kernels on contiguous ``fq, fk, g: [B, H, T, F]``, ``v: [B, H, T, Dv]``,
     ``chunk_size`` (``C``) tokens a step.
 
     Returns ``(y [B, H, T, Dv], y32, d [B, H, T] fp32, A [B, H, T, C] fp32, S [B, H, F, Dv] fp32
     or None, z [B, H, F] fp32 or None)``; ``y32`` is ``y`` in fp32 when ``keep_fp32_output`` (the
-    same tensor when ``y`` is fp32), else None."""
+    same tensor when ``y`` is fp32), else None. ``parallel``: the two-pass forward
+    (``_fwd_states_kernel`` then ``_fwd_output_kernel``) instead of the sequential walk
+    (``_fwd_kernel``); None takes :data:`PARALLEL_FORWARD`. Both give the same tensors (up to
+    the order of an fp32 sum over features)."""
     B, H, T, F = fq.shape
     DV = v.shape[-1]
     C = chunk_size
@@ -703,12 +893,28 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
         fq, fk, g, A, T, F, C=C, SC=SUB_CHUNK, BK=min(_pow2(F), 32), BF=_pow2(F),
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4,
     )
-    BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype, C)
-    _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
-        fq, fk, v, g, A, y, y32, d, S0, z0, S, z, T, F, DV,
-        C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
-    )
+    if PARALLEL_FORWARD if parallel is None else parallel:
+        N = triton.cdiv(T, C)
+        BKs, BVs, BKo, BVo, out_warps = _par_config(F, DV, B * H, dtype, C)
+        h = torch.empty(B, H, N, F, DV, device=dev, dtype=torch.float32)  # each chunk's starting state
+        hz = torch.empty(B, H, N, F, device=dev, dtype=torch.float32)
+        _fwd_states_kernel[(triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)](
+            fk, v, g, S0, z0, h, hz, S, z, T, F, DV,
+            C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4, num_stages=2,
+        )
+        _fwd_output_kernel[(triton.cdiv(DV, BVo), N, B * H)](
+            fq, v, g, A, h, hz, y, y32, d, T, F, DV,
+            C=C, SC=SUB_CHUNK, BK=BKo, BV=BVo, STORE_Y32=store_y32,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=out_warps, num_stages=2,
+        )
+    else:
+        BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype, C)
+        _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
+            fq, fk, v, g, A, y, y32, d, S0, z0, S, z, T, F, DV,
+            C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
+            STORE_Y32=store_y32, DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
+        )
     if keep_fp32_output and not store_y32:
         y32 = y
     return y, y32, d, A, S, z
@@ -762,13 +968,14 @@ class ChunkGatedAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: inputs ``fq, fk, v, g, S0, z0`` (the last two may be None)."""
 
     @staticmethod
-    def forward(ctx, fq, fk, v, g, S0, z0, output_final_state, output_dtype, chunk_size):
+    def forward(ctx, fq, fk, v, g, S0, z0, output_final_state, output_dtype, chunk_size, parallel=None):
         fq, fk, v, g = fq.contiguous(), fk.contiguous(), v.contiguous(), g.contiguous()
         if S0 is not None:
             S0, z0 = S0.float().contiguous(), z0.float().contiguous()
         keep = any(ctx.needs_input_grad[:6])
         y, y32, d, A, S, z = gated_attention_fwd(
-            fq, fk, v, g, S0, z0, output_final_state, output_dtype, keep_fp32_output=keep, chunk_size=chunk_size
+            fq, fk, v, g, S0, z0, output_final_state, output_dtype, keep_fp32_output=keep, chunk_size=chunk_size,
+            parallel=parallel,
         )
         ctx.save_for_backward(fq, fk, v, g, S0, z0, y32, d, A, S, z)
         ctx.set_materialize_grads(False)
@@ -783,7 +990,7 @@ class ChunkGatedAttentionFunction(torch.autograd.Function):
             fq, fk, v, g, A, y, d, dy.contiguous(), S0, z0, S, z, dS, dz,
             want_dinit=ctx.needs_input_grad[4] or ctx.needs_input_grad[5], want_dg=ctx.needs_input_grad[3],
         )
-        return dfq, dfk, dv, dg, dS0, dz0, None, None, None
+        return dfq, dfk, dv, dg, dS0, dz0, None, None, None, None
 
 
 def triton_chunk_gated_attention(
@@ -796,6 +1003,7 @@ def triton_chunk_gated_attention(
     key_mask: torch.Tensor | None = None,
     output_dtype: torch.dtype | None = None,
     chunk_size: int = CHUNK,
+    parallel: bool | None = None,
 ):
     """Causal normalised linear attention with a per-channel data-dependent decay, chunked, in
     Triton (forward and backward).
@@ -818,6 +1026,11 @@ def triton_chunk_gated_attention(
         output_dtype: dtype of ``y``; default the promoted dtype of ``fq`` and ``v``.
         chunk_size: tokens a sequential step takes, 64 (four 16-token sub-chunks; the default)
             or 16; the result is the same up to rounding (see the module docstring for the two).
+        parallel: the forward in two passes parallel over chunks (each chunk's starting state,
+            then every chunk's output at once) instead of one sequential walk; the same result
+            (up to the order of an fp32 sum over features) and the same backward. None (the
+            default) takes the module's :data:`PARALLEL_FORWARD` (False until a GPU run confirms
+            the two-pass forward's speed).
 
     Returns:
         ``(y [B, H, T, Dv], (S [B, H, F, Dv] fp32, z [B, H, F] fp32) or None)``.
@@ -873,5 +1086,7 @@ def triton_chunk_gated_attention(
         if S0 is None:
             S0, z0 = fq.new_zeros(B, H, F, DV, dtype=torch.float32), fq.new_zeros(B, H, F, dtype=torch.float32)
         return y, (S0.float(), z0.float())
-    y, S, z = ChunkGatedAttentionFunction.apply(fq, fk, v, g, S0, z0, output_final_state, output_dtype, chunk_size)
+    y, S, z = ChunkGatedAttentionFunction.apply(
+        fq, fk, v, g, S0, z0, output_final_state, output_dtype, chunk_size, parallel
+    )
     return y, ((S, z) if output_final_state else None)
