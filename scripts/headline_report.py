@@ -111,12 +111,16 @@ def summarise(out: Path, teacher_label: str = "teacher") -> dict:
                                  "teacher_perplexity": c.get("teacher_perplexity"),
                                  "student_perplexity": c.get("student_perplexity"),
                                  "heldout_relative_error": [c.get("heldout_transfer", {}).get(w, {}).get("mean_relative_error")
-                                                            for w in ("before", "after")]}
+                                                            for w in ("before", "after")],
+                                 # each converted layer's held-out attention-output MSE, before and after training
+                                 "layer_mse": {w: {int(i): v for i, v in c.get("heldout_transfer", {}).get(w, {}).get("mse", {}).items()}
+                                               for w in ("before", "after")}}
         summary["models"][m] = row
     summary["options"] = {k: r["options"] for k, r in suites.items()}
     (out / "headline.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "headline.md").write_text(markdown(summary, teacher_label))
     plot(summary, out / "accuracy_by_length.png")
+    plot_layers(summary, out / "transfer_by_layer.png")
     return summary
 
 
@@ -169,6 +173,15 @@ def markdown(summary: dict, teacher_label: str) -> str:
             tp, sp = c["teacher_perplexity"], c["student_perplexity"]
             before, after = c["heldout_relative_error"]
             lines.append(f"| {m} | {fmt(tp)} | {fmt(sp)} | {fmt(ratio(sp, tp))}x | {fmt(before)} -> {fmt(after)} |")
+        layered = {m: c["layer_mse"] for m, c in converted.items() if c.get("layer_mse", {}).get("after")}
+        if layered:
+            lines += ["", "Held-out attention-output MSE by layer, after training over before "
+                      "(min / median / max over the converted layers):", "",
+                      "| model | min | median | max | worst layer |", "|---|---|---|---|---|"]
+            for m, lm in layered.items():
+                r = sorted((lm["after"][n] / lm["before"][n], n) for n in lm["after"] if lm["before"].get(n))
+                if r:
+                    lines.append(f"| {m} | {r[0][0]:.3f} | {r[len(r) // 2][0]:.3f} | {r[-1][0]:.3f} | {r[-1][1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,6 +208,33 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylabel("accuracy")
         ax.set_title({"passkey": "passkey retrieval", "niah": "needle in a haystack"}[key])
         ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_layers(summary: dict, path: Path) -> None:
+    """Each conversion's held-out attention-output MSE by layer, after training over before."""
+    rows = {m: r["conversion"]["layer_mse"] for m, r in summary["models"].items()
+            if r.get("conversion", {}).get("layer_mse", {}).get("after")}
+    if not rows:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for i, m in enumerate(summary["models"]):
+        if m in rows:
+            layers = sorted(rows[m]["after"])
+            ax.plot(layers, [rows[m]["after"][n] / rows[m]["before"][n] for n in layers], marker="o", label=m, color=f"C{i}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("held-out MSE after / before")
+    ax.set_title("attention transfer by layer")
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 

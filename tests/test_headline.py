@@ -79,3 +79,7 @@ def test_headline_run_in_parts_merges_into_one_table(tmp_path):
     table = (run / "headline.md").read_text()
     assert "| lolcats | attention_transfer | 4 |" in table and "| hedgehog | attention_transfer | 4 |" in table
     assert (run / "accuracy_by_length.png").exists() is False  # no retrieval suite ran: no plot
+    layers = summary["models"]["lolcats"]["conversion"]["layer_mse"]
+    own = json.loads((run / "lolcats" / "report.json").read_text())["heldout_transfer"]
+    assert {int(i): v for i, v in own["after"]["mse"].items()} == {int(i): v for i, v in layers["after"].items()}
+    assert "| lolcats |" in table.split("worst layer")[1] and (run / "transfer_by_layer.png").is_file()
