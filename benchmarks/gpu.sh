@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The kernels on one GPU, in one go: every kernel test compiled (the slow and GPU-marked real-shape
-# ones included: each Triton kernel against its fp32 PyTorch reference), then the attention-op and
-# model-level benchmarks. Logs, a JUnit file and the benchmarks' JSON go to OUT.
+# ones included: each Triton kernel against its fp32 PyTorch reference; and the CUDA-graph decode
+# path's tests), then the attention-op and model-level benchmarks (the student decoding through
+# generate()'s forward loop, model-KERNELS.json, and through the CUDA-graph static decoder,
+# model-KERNELS-static.json). Logs, a JUnit file and the benchmarks' JSON go to OUT.
 #
 #   OUT=runs/gpu bash benchmarks/gpu.sh                  # everything
 #   STEPS="tests attention" OUT=runs/gpu bash benchmarks/gpu.sh
@@ -19,7 +21,7 @@ step() { [[ " $STEPS " == *" $1 "* ]]; }
 status=0
 if step tests; then
   xdist=(); [ "$WORKERS" != 0 ] && xdist=(-n "$WORKERS")
-  "$PYTHON" -m pytest tests/kernels -m "gpu or not gpu" -q -rf -p no:cacheprovider "${xdist[@]}" \
+  "$PYTHON" -m pytest tests/kernels tests/test_generation.py -m "gpu or not gpu" -q -rf -p no:cacheprovider "${xdist[@]}" \
     --junitxml "$OUT/kernel-tests.xml" 2>&1 | tee "$OUT/kernel-tests.log" || status=1
 fi
 if step attention; then
@@ -31,6 +33,9 @@ if step model; then
     # shellcheck disable=SC2086
     LINEARIZE_KERNELS=$kernels "$PYTHON" benchmarks/model.py --out "$OUT/model-$kernels.json" $MODEL_ARGS 2>&1 \
       | tee "$OUT/model-$kernels.log" || status=1
+    # shellcheck disable=SC2086
+    LINEARIZE_KERNELS=$kernels "$PYTHON" benchmarks/model.py --decode-path static --out "$OUT/model-$kernels-static.json" \
+      $MODEL_ARGS 2>&1 | tee "$OUT/model-$kernels-static.log" || status=1
   done
 fi
 exit $status

@@ -14,7 +14,13 @@ kernels: whatever ``LINEARIZE_KERNELS`` selects (see ``linearize.kernels``).
 * decode: after a prefill of ``B x context`` tokens, ``--decode-tokens`` greedy steps of one
   token per sequence through the cache, tokens/s = ``B * steps / time``; the cache's size (the
   teacher's keys and values grow with the context, a student's state does not) and the peak
-  memory of the decode on a GPU.
+  memory of the decode on a GPU. ``--decode-path`` picks how the student decodes: ``generate``
+  (default) the ordinary forward loop with the cache that ``generate()`` runs, as the teacher;
+  ``static`` :class:`linearize.StaticDecoder`, whose step has fixed shapes and addresses and is
+  captured once as a CUDA graph and replayed (on CUDA only; eagerly on a CPU). The static path
+  prefills once, untimed, then times ``--decode-tokens`` steps per repeat, each repeat going on
+  from where the last one stopped (the state's size, hence the step's cost, does not change);
+  the graph is captured during the untimed warm-up run;
 
 Times are medians over ``--repeats`` runs after a warm-up. Every row prints the teacher, the
 student and their ratio; a configuration that runs out of memory is reported as such.
@@ -88,7 +94,15 @@ def decode(model, cache, token, steps: int):
     return token
 
 
-def measure(model, device, batch: int, length: int, decode_steps: int, repeats: int, vocab: int) -> dict:
+@torch.no_grad()
+def static_decode(decoder, token, steps: int):
+    for _ in range(steps):
+        token = decoder.step(token).argmax(-1)
+    return token
+
+
+def measure(model, device, batch: int, length: int, decode_steps: int, repeats: int, vocab: int,
+            decode_path: str = "generate") -> dict:
     from linearize.cache import cache_nbytes
 
     gen = torch.Generator().manual_seed(length)
@@ -103,9 +117,21 @@ def measure(model, device, batch: int, length: int, decode_steps: int, repeats: 
             base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             cache, token = prefill(model, ids)
             row["cache_bytes"] = cache_nbytes(cache)
+            if decode_path == "static":
+                from linearize import StaticDecoder
 
-            def steps():  # each repeat decodes from a copy of the prompt's cache
-                decode(model, copy.deepcopy(cache), token, decode_steps)
+                del cache
+                decoder = StaticDecoder(model, batch)
+                first = decoder.prefill(ids).argmax(-1)
+                if device.type == "cuda":  # the peak of the decode, not of this second prefill
+                    torch.cuda.reset_peak_memory_stats(device)
+                row["decode_path"] = "static-cuda-graph" if decoder.cuda_graph else "static-eager"
+
+                def steps():  # each repeat goes on from the last one's state (same size, same cost)
+                    static_decode(decoder, first, decode_steps)
+            else:
+                def steps():  # each repeat decodes from a copy of the prompt's cache
+                    decode(model, copy.deepcopy(cache), token, decode_steps)
 
             row["decode_s"] = timed(steps, device, repeats)
             row["decode_tok_s"] = batch * decode_steps / row["decode_s"]
@@ -160,6 +186,9 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-path", default="generate", choices=("generate", "static"),
+                        help="how the student decodes: the forward loop with the cache (as the teacher), or "
+                             "linearize.StaticDecoder (one CUDA graph a step on CUDA)")
     parser.add_argument("--quick", action="store_true", help="prefill 512 and 1024, decode at 512, batch 1 and 2")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -197,7 +226,8 @@ def main(argv=None):
             steps = args.decode_tokens if length in contexts else 0
             row = {"batch": batch, "length": length}
             for name, model in (("teacher", teacher), ("student", student)):
-                row[name] = measure(model, device, batch, length, steps, args.repeats, vocab)
+                path = args.decode_path if name == "student" else "generate"
+                row[name] = measure(model, device, batch, length, steps, args.repeats, vocab, path)
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
 
@@ -206,7 +236,7 @@ def main(argv=None):
         "model": args.model, "student": args.student, "settings": STUDENTS[args.student], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "dtype": args.dtype, "kernels": kernel_choice(), "torch": torch.__version__, "decode_tokens": args.decode_tokens,
-        "repeats": args.repeats, "rows": rows,
+        "decode_path": args.decode_path, "repeats": args.repeats, "rows": rows,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,13 @@
 """
 
 from .convert import ConversionSpec, attention_mode, convert_model, students
+from .generation import StaticDecoder, fast_generate
 from .io import load, save
 from .recipe import load_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["ConversionSpec", "attention_mode", "convert_model", "load", "load_recipe", "save", "students", "__version__"]
+__all__ = [
+    "ConversionSpec", "StaticDecoder", "attention_mode", "convert_model", "fast_generate", "load", "load_recipe", "save",
+    "students", "__version__",
+]

@@ -353,7 +353,7 @@ def _triton_gated(fq, fk, v, g, key_mask, state, output_state):
 
 def still_attention(
     q, k, v, fq, fk, g, scale, key_mask=None, state=None, output_state=False, form="auto", chunk_size=64,
-    tokens_per_chunk=4, budget=64,
+    tokens_per_chunk=4, budget=64, branch_free=False,
 ):
     """STILL's hybrid attention (see :mod:`linearize.kernels.still`). ``q, k: [B, H, T, Dk]``,
     ``v, g: [B, H, T, Dv]`` (``g``: the gate of the linear numerator), ``fq, fk: [B, H, T, F]``,
@@ -362,12 +362,16 @@ def still_attention(
     Returns ``(y [B, H, T, Dv] fp32, StillState or None)``. ``form`` is ``auto`` (the
     recurrent step for a single token with a state, chunked otherwise), ``chunk`` or
     ``recurrent``; there is no quadratic form. Only the PyTorch reference exists so far.
+    ``branch_free``: the recurrent form's step reads no tensor value on the host (see
+    :func:`linearize.kernels.still.still_step`).
     """
     form = _pick_form(form, q.shape[2], state)
     settings = dict(chunk_size=chunk_size, tokens_per_chunk=tokens_per_chunk, budget=budget)
     if form == "naive":
         raise ValueError("STILL has no quadratic ('naive') form; use form='chunk' or 'recurrent'")
     if form == "recurrent":
-        y, state = recurrent_still_attention(q, k, v, fq, fk, g, scale, key_mask, state, **settings)
+        y, state = recurrent_still_attention(
+            q, k, v, fq, fk, g, scale, key_mask, state, **settings, branch_free=branch_free
+        )
         return y, (state if output_state else None)
     return chunk_still_attention(q, k, v, fq, fk, g, scale, key_mask, state, output_state=output_state, **settings)

@@ -80,6 +80,10 @@ class Student(nn.Module):
     kind: ClassVar[str]
     Config: ClassVar[type]
     rotary: ClassVar[bool] = True  # whether attend() gets q and k after RoPE
+    # set (per instance) by linearize.generation around its decode steps: a one-token step must
+    # then read no tensor value on the host (no data-dependent branch), so it can be captured
+    # in a CUDA graph; only STILL's step has such a branch (it turns it off when this is set)
+    static_step: bool = False
 
     def __init__(self, attn: nn.Module, adapter, config, layer_idx: int):
         super().__init__()

@@ -140,6 +140,7 @@ class StillStudent(Student):
         return still_attention(
             q, k, v, fq, fk, g, self.scaling, key_mask=key_mask, state=state, output_state=output_state,
             form=self.form, chunk_size=s.chunk_size, tokens_per_chunk=s.tokens_per_chunk, budget=s.selected_budget,
+            branch_free=self.static_step,
         )
 
     def attend(self, q, k, v, key_mask, state, output_state):

@@ -217,9 +217,14 @@ def _complete_chunk(state: StillState, scale, K):
     )
 
 
-def still_step(q, k, v, fq, fk, g, scale, key_mask, state: StillState, tokens_per_chunk: int):
+def still_step(q, k, v, fq, fk, g, scale, key_mask, state: StillState, tokens_per_chunk: int, branch_free=False):
     """One token: ``q, k: [B, H, Dk]``, ``v, g: [B, H, Dv]``, ``fq, fk: [B, H, F]``,
-    ``key_mask: [B]`` bool or None. Returns ``(y [B, H, Dv] fp32, new_state)``."""
+    ``key_mask: [B]`` bool or None. Returns ``(y [B, H, Dv] fp32, new_state)``.
+
+    ``branch_free``: complete the chunk (score, split, shift) at every step and keep the result
+    only in the rows whose chunk did complete, instead of asking the device whether any did. The
+    result is the same; the step then never reads a tensor's value on the host, so it can be
+    captured in a CUDA graph (:mod:`linearize.generation`)."""
     q, k, v, fq, fk, g = (x.float() for x in (q, k, v, fq, fk, g))
     B, H, C = q.shape[0], q.shape[1], state.chunk_size
     keep = torch.ones(B, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
@@ -244,7 +249,7 @@ def still_step(q, k, v, fq, fk, g, scale, key_mask, state: StillState, tokens_pe
         state, count=state.count + keep.long(), cur_q=cur[0], cur_k=cur[1], cur_v=cur[2], cur_fk=cur[3], cur_mask=cur[4]
     )
     done = keep & (state.count % C == 0)
-    if bool(done.any()):
+    if branch_free or bool(done.any()):
         completed = _complete_chunk(state, scale, tokens_per_chunk)
 
         def pick(new, old):
@@ -255,9 +260,11 @@ def still_step(q, k, v, fq, fk, g, scale, key_mask, state: StillState, tokens_pe
 
 
 def recurrent_still_attention(
-    q, k, v, fq, fk, g, scale, key_mask=None, state=None, chunk_size=64, tokens_per_chunk=4, budget=64
+    q, k, v, fq, fk, g, scale, key_mask=None, state=None, chunk_size=64, tokens_per_chunk=4, budget=64,
+    branch_free=False,
 ):
-    """Token-by-token form. Returns ``(y [B, H, T, Dv] fp32, state)``."""
+    """Token-by-token form. Returns ``(y [B, H, T, Dv] fp32, state)``; ``branch_free`` as for
+    :func:`still_step`."""
     check_settings(chunk_size, tokens_per_chunk, budget)
     B, H, T, Dk = q.shape
     if state is None:
@@ -267,7 +274,7 @@ def recurrent_still_attention(
     for t in range(T):
         y, state = still_step(
             q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], g[:, :, t], scale,
-            None if key_mask is None else key_mask[:, t], state, tokens_per_chunk,
+            None if key_mask is None else key_mask[:, t], state, tokens_per_chunk, branch_free,
         )
         ys.append(y)
     if not ys:
