@@ -213,6 +213,60 @@ def test_the_kl_signal_equals_a_direct_computation():
     assert all(s.mode == "student" for s in students(model).values())  # modes put back
 
 
+
+@pytest.mark.parametrize("chunk", [None, 3 * 97])  # the default chunking, and 3 rows a chunk (a ragged last one)
+def test_the_kl_signal_equals_converting_only_that_layer(monkeypatch, chunk):
+    """``kl[i]`` of :func:`layer_signals` (one transfer-mode pass, then layer i's suffix from its
+    captured input, the KL in chunks of rows) against the plain computation: a fresh teacher with
+    only layer i converted (the same student weights), one full forward, the KL in float64."""
+    from conftest import converted_model
+    from linearize import ConversionSpec, convert_model, students
+    from linearize.architectures import adapter_for
+    from linearize.data import Blocks
+    from linearize.plan import layer_signals
+    from linearize.plan.measure import TeacherDistribution
+
+    if chunk is not None:
+        monkeypatch.setattr(TeacherDistribution, "CPU_CHUNK", chunk)
+    settings = {"window_size": 4, "sink_size": 1}
+    model = converted_model("llama", ConversionSpec("lolcats", "all", settings), seed=5, num_hidden_layers=5)
+    ids = torch.randint(1, 97, (3, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0  # padded blocks
+    mask[2, 6:] = 0
+    _, kl, _ = layer_signals(model, adapter_for(model.config), Blocks(ids, mask), batch_size=2)
+    with torch.no_grad():
+        teacher = tiny_model("llama", seed=5, num_hidden_layers=5)
+        log_p = torch.log_softmax(teacher(ids, attention_mask=mask).logits.double(), -1)
+        for i in (0, 2, 4):
+            one = tiny_model("llama", seed=5, num_hidden_layers=5)
+            convert_model(one, ConversionSpec("lolcats", [i], settings))
+            assert sorted(students(one)) == [i]
+            students(one)[i].load_state_dict(students(model)[i].state_dict())
+            log_q = torch.log_softmax(one(ids, attention_mask=mask).logits.double(), -1)
+            direct = float(((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum() / mask.sum())
+            assert direct > 0
+            assert math.isclose(kl[i], direct, rel_tol=1e-5), (i, kl[i], direct)
+
+
+def test_the_teacher_distribution_in_chunks_equals_all_rows_at_once(monkeypatch):
+    from linearize.plan.measure import TeacherDistribution
+
+    g = torch.Generator().manual_seed(0)
+    teacher, other = torch.randn(2, 9, 50, generator=g) * 3, torch.randn(2, 9, 50, generator=g) * 3
+    for mask in (torch.ones(2, 9, dtype=torch.long), torch.tensor([[1] * 9, [1] * 4 + [0] * 5])):
+        real = mask.bool()
+        log_p = torch.log_softmax(teacher[real].double(), -1)
+        log_q = torch.log_softmax(other[real].double(), -1)
+        expected = float((log_p.exp() * (log_p - log_q)).sum())
+        for chunk in (50, 3 * 50, 4 * 50 + 7, 2**18):
+            monkeypatch.setattr(TeacherDistribution, "CPU_CHUNK", chunk)
+            dist = TeacherDistribution(teacher, mask)
+            assert dist.tokens == int(mask.sum())
+            assert torch.equal(dist.p, log_p.exp())
+            assert math.isclose(dist.kl_sum(other), expected, rel_tol=1e-12), (chunk, mask)
+
+
 # ---------------------------------------------------------------------------------- end to end
 RECIPE = """
 seed: 0

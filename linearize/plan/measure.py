@@ -132,24 +132,47 @@ def _logits_from(model, adapter, captured: dict, start: int) -> torch.Tensor:
 
 class TeacherDistribution:
     """The teacher's next-token distributions at the real positions of one batch, kept for many
-    KL computations against it: ``log p`` and ``p`` in float64, and ``sum_v p log p`` per row.
+    KL computations against it: ``p`` in float64, and ``sum_v p log p`` per row.
 
     ``KL(p || q) = sum_v p_v log p_v - sum_v p_v z_v + logsumexp(z)`` for the other model's
     logits ``z`` (``log q = z - logsumexp(z)``): per comparison one pass for the dot product and
     one for the log-sum-exp, in float64 (a small KL is the difference of terms far larger than
-    itself, which float32 loses)."""
+    itself, which float32 loses). On the CPU the rows go a few at a time (``CPU_CHUNK``
+    elements), so that their float64 copies stay in the cache instead of a new ``[N, V]``
+    float64 tensor each time: the same values, in under a third of the time (a 49,152-token
+    vocabulary, one thread)."""
+
+    CPU_CHUNK = 2**18  # float64 elements a chunk on the CPU (2 MiB); on an accelerator, all rows at once
 
     def __init__(self, logits: torch.Tensor, attention_mask: torch.Tensor):
         self.real = attention_mask.bool()
-        log_p = torch.log_softmax(logits[self.real].double(), -1)  # [N, V]
-        self.p = log_p.exp()
-        self.neg_entropy = (self.p * log_p).sum(-1)  # [N]
+        self.all_real = bool(self.real.all())
+        rows = self._rows(logits)  # [N, V]
+        self.p = torch.empty(rows.shape, dtype=torch.float64, device=rows.device)
+        self.neg_entropy = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)  # [N]
+        for a, b in self._chunks(rows):
+            log_p = torch.log_softmax(rows[a:b].double(), -1)
+            self.p[a:b] = log_p.exp()
+            self.neg_entropy[a:b] = (self.p[a:b] * log_p).sum(-1)
         self.tokens = int(self.real.sum())
+
+    def _rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """The real positions' logits as ``[N, V]`` (a view when every position is real)."""
+        return logits.reshape(-1, logits.shape[-1]) if self.all_real else logits[self.real]
+
+    def _chunks(self, rows: torch.Tensor):
+        n, v = rows.shape
+        step = max(1, n if rows.device.type != "cpu" else self.CPU_CHUNK // max(v, 1))
+        return [(a, min(a + step, n)) for a in range(0, n, step)]
 
     def kl_sum(self, logits: torch.Tensor) -> float:
         """``sum_t KL(p_t || q_t)`` over the real positions; ``logits: [B, T, V]``."""
-        z = logits[self.real].double()
-        return float((self.neg_entropy - torch.einsum("nv,nv->n", self.p, z) + torch.logsumexp(z, -1)).sum())
+        rows = self._rows(logits)
+        per_row = torch.empty_like(self.neg_entropy)
+        for a, b in self._chunks(rows):
+            z = rows[a:b].double()
+            per_row[a:b] = self.neg_entropy[a:b] - torch.einsum("nv,nv->n", self.p[a:b], z) + torch.logsumexp(z, -1)
+        return float(per_row.sum())
 
 
 def signal_batch_size(stage) -> int:
