@@ -241,12 +241,9 @@ def test_fp16_inputs():
     assert max(err.values()) <= 2e-3, err
 
 
-@pytest.mark.parametrize("chunk", CHUNK_SIZES)
-def test_padding_keys(chunk):
-    """Left padding (row 1) and right padding (row 0) through ``key_mask``; the padded keys hold
-    NaN features, huge values and positive "decays", none of which may leak into outputs, the
-    state or gradients; a padding key neither adds to the state nor decays it."""
-    T = 40
+def padded_keys(T):
+    """``(key_mask, corrupt)``: row 1 left-padded by 9 keys, row 0 right-padded by 5, and a
+    function that fills the padded keys with NaN features, huge values and positive "decays"."""
     mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
     mask[1, :9] = False
     mask[0, -5:] = False
@@ -255,6 +252,16 @@ def test_padding_keys(chunk):
         pad = ~mask[:, None, :, None]
         return fk.masked_fill(pad, float("nan")), v.masked_fill(pad, 1e6), g.masked_fill(pad, 50.0)
 
+    return mask, corrupt
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_padding_keys(chunk):
+    """Left padding (row 1) and right padding (row 0) through ``key_mask``; the padded keys hold
+    NaN features, huge values and positive "decays", none of which may leak into outputs, the
+    state or gradients; a padding key neither adds to the state nor decays it."""
+    T = 40
+    mask, corrupt = padded_keys(T)
     out = run_both(T, seed=5, key_mask=mask, corrupt=corrupt, init=True, chunk=chunk)
     err = errors(out)
     assert max(err.values()) <= 1e-5, err
@@ -377,14 +384,7 @@ def test_parallel_forward_padding_keys(chunk):
     :func:`test_padding_keys`) through the two-pass forward: the reference's results and the
     sequential forward's."""
     T = 40
-    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
-    mask[1, :9] = False
-    mask[0, -5:] = False
-
-    def corrupt(fk, v, g):
-        pad = ~mask[:, None, :, None]
-        return fk.masked_fill(pad, float("nan")), v.masked_fill(pad, 1e6), g.masked_fill(pad, 50.0)
-
+    mask, corrupt = padded_keys(T)
     out = run_both(T, seed=5, key_mask=mask, corrupt=corrupt, init=True, chunk=chunk,
                    impls=("parallel", "sequential", "reference"))
     assert_same_as_sequential(out)
