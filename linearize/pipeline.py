@@ -11,6 +11,8 @@ loads the last one and goes on from there. The folder is removed once the model 
 
 from __future__ import annotations
 
+import copy
+
 import random
 import shutil
 import time
@@ -152,6 +154,9 @@ class ConvertRun:
             "stage_state": stage_state,
             "model_state": self._model_state(),
             "reports": list(self.report["stages"]),
+            # the held-out attention-transfer error as measured when its stage ended: a run resumed in
+            # a later stage no longer holds the weights it was measured with
+            "heldout_transfer": copy.deepcopy(self.report.get("heldout_transfer")),
             "rng": rng_state(),
         }, summary)
 
@@ -185,7 +190,8 @@ class ConvertRun:
                         self._load_model_state(previous["model_state"])
                         set_rng_state(previous["rng"])
                     if i == last_transfer and held is not None:
-                        held["after"] = self._heldout_transfer()
+                        saved = (previous.get("heldout_transfer") or {}).get("after")
+                        held["after"] = saved if saved is not None else self._heldout_transfer()
                     continue
                 self._load_model_state(previous["model_state"])
                 resume = previous["stage_state"]

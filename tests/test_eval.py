@@ -623,3 +623,17 @@ def test_chunked_prefill_gives_the_same_answers_with_shorter_forwards(base, conv
         assert [r["output"] for r in results[7]] == [r["output"] for r in results[None]]
     with pytest.raises(EvalError, match="prefill-chunk must be a positive"):
         run_eval([str(base)], "passkey", tmp_path / "x", EvalOptions(**{**OPTS, "prefill_chunk": 0}), progress=False, echo=False)
+
+
+def test_a_report_read_back_from_json_orders_its_lengths_as_numbers():
+    """JSON turns the by-length keys into strings; the markdown still orders them 1K, 2K, ..., 32K."""
+    from linearize.eval.report import markdown
+
+    by = {n: i / 10 for i, n in enumerate([1024, 2048, 4096, 8192, 16384, 32768])}
+    metrics = {"accuracy": 0.5, "by": {"length": by}}
+    report = {"suite": "passkey", "options": {}, "models": {"m": {"model": "m", "status": "ok", "tasks": {"passkey": {"metrics": metrics}}}}}
+    text = markdown(json.loads(json.dumps(report)))
+    header = next(line for line in text.splitlines() if line.startswith("| model | 1024"))
+    assert header == "| model | 1024 | 2048 | 4096 | 8192 | 16384 | 32768 |"
+    row = text.splitlines()[text.splitlines().index(header) + 2]
+    assert row == "| m | 0.000 | 0.100 | 0.200 | 0.300 | 0.400 | 0.500 |"

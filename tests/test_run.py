@@ -147,6 +147,10 @@ def test_killed_and_interrupted_run_resumes_to_the_same_weights(workdir, uninter
             assert (a[k] == b[k]).all(), (name, k)
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (whole, out))
     assert ra["student_perplexity"] == rb["student_perplexity"]
+    # the held-out attention error after attention transfer is the one measured when that stage ended,
+    # not one measured again with the weights of a later stage (or none) after the resume
+    assert ra["heldout_transfer"] == rb["heldout_transfer"]
+    assert rb["heldout_transfer"]["after"]["mean_relative_error"] < rb["heldout_transfer"]["before"]["mean_relative_error"]
     assert [h["loss"] for h in ra["stages"][1]["history"]] == [h["loss"] for h in rb["stages"][1]["history"]]
 
 

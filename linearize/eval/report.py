@@ -57,6 +57,12 @@ def tasks_of(report: dict) -> list[str]:
     return tasks
 
 
+def _by_length(metrics: dict) -> dict[int, float]:
+    """A task's accuracy by context length, keyed by the length as a number: a report read back from
+    JSON has string keys, which would sort as text (1024, 16384, 2048, ...)."""
+    return {int(n): v for n, v in metrics.get("by", {}).get("length", {}).items()}
+
+
 def markdown(report: dict) -> str:
     tasks = tasks_of(report)
     metric_names = {}
@@ -92,13 +98,13 @@ def markdown(report: dict) -> str:
             lines += ["", f"**{label}** failed: {entry['error']}"]
     for t in tasks:  # accuracy by length, where a task has lengths
         lengths = sorted({v for e in report["models"].values() if t in e["tasks"]
-                          for v in e["tasks"][t]["metrics"].get("by", {}).get("length", {})})
+                          for v in _by_length(e["tasks"][t]["metrics"])})
         if not lengths:
             continue
         lines += ["", f"### {t}: accuracy by length (tokens)", "",
                   "| model | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
         for label, e in report["models"].items():
-            by = e["tasks"].get(t, {}).get("metrics", {}).get("by", {}).get("length", {})
+            by = _by_length(e["tasks"].get(t, {}).get("metrics", {}))
             lines.append("| " + " | ".join([label] + [_fmt("accuracy", by.get(n)) for n in lengths]) + " |")
     return "\n".join(lines) + "\n"
 

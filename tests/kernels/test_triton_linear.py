@@ -251,7 +251,7 @@ def test_dispatch(monkeypatch):
     assert chunk.calls == 0
     monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
     call()
-    assert chunk.calls == 0  # auto: the reference until the compiled kernels pass their GPU tests
+    assert chunk.calls == (1 if DEVICE == "cuda" else 0)  # auto: the kernels for CUDA tensors only
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
     y, s = call()
     assert chunk.calls >= 1
@@ -400,3 +400,26 @@ def test_gpu_chunk_many_programs_bf16():
     launchers keep their wider blocks of value columns, which the B=2 tests (blocks shrunk to
     fill the multiprocessors) never compile; such a block faulted in the hybrid forward on an H200."""
     check_bf16_against_reference(16, 9, 1024, 128, 64, "cuda")
+
+
+def test_auto_sends_cuda_tensors_to_the_kernels_and_everything_else_to_the_reference(monkeypatch):
+    """``LINEARIZE_KERNELS=auto`` (the default): the kernels for CUDA tensors that one takes, the
+    reference for CPU tensors, for calls no kernel takes, and where triton cannot be imported;
+    ``reference`` and ``triton`` force either."""
+    import linearize.kernels as K
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    monkeypatch.setattr(K, "triton_available", lambda: True)
+    assert K._use_triton(device=cuda) and not K._use_triton(device=cpu) and not K._use_triton()
+    assert not K._use_triton("window=256", device=cuda)  # no kernel for it: the reference, no error
+    assert K._beyond_hybrid_kernels(256, 4) is not None and K._beyond_hybrid_kernels(64, 4) is None
+    monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
+    assert not K._use_triton(device=cuda)
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    assert K._use_triton(device=cpu)
+    with pytest.raises(ValueError, match="no Triton kernel for window=256"):
+        K._use_triton("window=256", device=cuda)
+    monkeypatch.delenv("LINEARIZE_KERNELS")
+    monkeypatch.setattr(K, "triton_available", lambda: False)
+    assert not K._use_triton(device=cuda)
