@@ -11,6 +11,7 @@
 # RETRIEVAL_BATCH (4: prompts a batch for passkey and needle retrieval; 16 x 32K tokens at once
 # took more than 100 GiB of an H200 for a converted SmolLM2), PREFILL_CHUNK (empty: their prompts are
 # prefilled N tokens a forward through the cache, the same answers with activations bounded by N),
+# RETRIEVAL ("passkey niah": the retrieval suites the step runs),
 # STEPS ("convert retrieval ppl zeroshot fewshot report"). A recipe whose output folder exists is not
 # converted again; an interrupted conversion resumes from its checkpoint. An entry of RECIPES may
 # carry overrides, NAME@KEY=VALUE[@KEY=VALUE...], converted into $OUT/NAME+VALUE...:
@@ -28,7 +29,7 @@ set -euo pipefail
 : "${MODEL:=smollm2-135m-instruct}" "${OUT:=runs/headline}" "${RECIPES:=lolcats hedgehog}"
 : "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${BATCH:=16}" "${LIMIT:=}" "${JOBS:=1}" "${PART:=all}" "${RETRIEVAL_BATCH:=4}"
 : "${LENGTHS:=1024,2048,4096,8192,16384,32768}" "${PPL_LENGTHS:=512,2048,8192}"
-: "${STEPS:=convert retrieval ppl zeroshot fewshot report}"
+: "${STEPS:=convert retrieval ppl zeroshot fewshot report}" "${RETRIEVAL:=passkey niah}"
 : "${LINEARIZE_DATA:?set LINEARIZE_DATA to the data folder (alpaca/, haystack/, wikitext-2-raw/, piqa/, arc/, ...)}"
 export LINEARIZE_DATA
 here=$(cd "$(dirname "$0")" && pwd)
@@ -70,8 +71,8 @@ ev() { local name=$1; shift; job "$OUT/$PART/eval-$name.log" linearize eval "${m
 if step retrieval; then
   rb=(--batch-size "$RETRIEVAL_BATCH")  # after the common options: it replaces their batch size
   [ -n "${PREFILL_CHUNK:-}" ] && rb+=(--prefill-chunk "$PREFILL_CHUNK")
-  ev passkey "${rb[@]}" --suite passkey --lengths "$LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples 4
-  ev niah "${rb[@]}" --suite niah --niah-tasks niah_single_1,niah_single_2 \
+  [[ " $RETRIEVAL " == *" passkey "* ]] && ev passkey "${rb[@]}" --suite passkey --lengths "$LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples 4
+  [[ " $RETRIEVAL " == *" niah "* ]] && ev niah "${rb[@]}" --suite niah --niah-tasks niah_single_1,niah_single_2 \
     --haystack "$LINEARIZE_DATA/haystack/PaulGrahamEssays_gkamradt49.json" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 2
 fi
 if step ppl; then

@@ -76,6 +76,53 @@ def ratio(x, ref):
     return None if x is None or not ref else x / ref
 
 
+def validation_layer_mse(conversion: dict) -> dict:
+    """Each layer's attention-output MSE on the validation blocks of the last attention-transfer
+    stage, before and after it (empty where the run had no validation blocks)."""
+    stages = [s for s in conversion.get("stages", []) if s.get("stage") == "attention_transfer"]
+    if not stages:
+        return {}
+    last = stages[-1]
+    return {w: {int(i): v for i, v in ((last.get(w) or {}).get("mse") or {}).items()} for w in ("before", "after")}
+
+
+def layer_ratios(mse: dict) -> list[tuple[float, int]]:
+    """(after / before, layer) for every layer measured both times, smallest first."""
+    return sorted((mse["after"][n] / mse["before"][n], n) for n in mse.get("after", {}) if mse.get("before", {}).get(n))
+
+
+def side_by_side(summary: dict, teacher_label: str) -> list[str]:
+    """One row a model: attention transfer (per-layer MSE after over before), held-out perplexity
+    and passkey accuracy by length."""
+    models = summary["models"]
+    converted = {m: r["conversion"] for m, r in models.items() if "conversion" in r}
+    if not converted:
+        return []
+    lengths = sorted({n for r in models.values() for n in r["passkey"]})
+    lines = ["## Side by side", "",
+             "Per-layer MSE: each layer's attention-output MSE after attention transfer over before it, on the "
+             "blocks that stage held back from training (median and worst layer; layers at or under 0.2 of "
+             "their initial MSE). Held-out perplexity: teacher-written text the training never saw.", "",
+             "| model | per-layer MSE after / before: median | worst (layer) | layers <= 0.2 | held-out ppl | vs teacher | "
+             + " | ".join(f"passkey {n}" for n in lengths) + " |",
+             "|" + "---|" * (6 + len(lengths))]
+    teacher_ppl = next((c["teacher_perplexity"] for c in converted.values() if c.get("teacher_perplexity")), None)
+    for m, r in models.items():
+        pk = [fmt(r["passkey"].get(n), 2) for n in lengths]
+        if m not in converted:
+            lines.append("| " + " | ".join([m, "", "", "", fmt(teacher_ppl) if m == teacher_label else "n/a", ""] + pk) + " |")
+            continue
+        c = converted[m]
+        ratios = layer_ratios(c.get("validation_layer_mse") or {})
+        med = f"{ratios[len(ratios) // 2][0]:.3f}" if ratios else "n/a"
+        worst = f"{ratios[-1][0]:.3f} ({ratios[-1][1]})" if ratios else "n/a"
+        under = f"{sum(x <= 0.2 for x, _ in ratios)} / {len(ratios)}" if ratios else "n/a"
+        sp, tp = c.get("student_perplexity"), c.get("teacher_perplexity")
+        rel = ratio(sp, tp)
+        lines.append("| " + " | ".join([m, med, worst, under, fmt(sp), "n/a" if rel is None else f"{rel:.3f}x"] + pk) + " |")
+    return lines + [""]
+
+
 def summarise(out: Path, teacher_label: str = "teacher") -> dict:
     suites = merged_suites(out, teacher_label)
     for folder, report in suites.items():
@@ -114,7 +161,9 @@ def summarise(out: Path, teacher_label: str = "teacher") -> dict:
                                                             for w in ("before", "after")],
                                  # each converted layer's held-out attention-output MSE, before and after training
                                  "layer_mse": {w: {int(i): v for i, v in c.get("heldout_transfer", {}).get(w, {}).get("mse", {}).items()}
-                                               for w in ("before", "after")}}
+                                               for w in ("before", "after")},
+                                 # the same, on the blocks the last attention-transfer stage held back from its training
+                                 "validation_layer_mse": validation_layer_mse(c)}
         summary["models"][m] = row
     summary["options"] = {k: r["options"] for k, r in suites.items()}
     (out / "headline.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -127,6 +176,17 @@ def summarise(out: Path, teacher_label: str = "teacher") -> dict:
 def markdown(summary: dict, teacher_label: str) -> str:
     models = summary["models"]
     t = models.get(teacher_label, {})
+    lines = side_by_side(summary, teacher_label)
+    if any(v is not None for r in models.values() for v in r["zero_shot"].values()):
+        lines += zero_shot_table(models, t)
+    if any(v is not None for r in models.values() for v in r["few_shot"].values()):
+        lines += few_shot_table(models, t)
+    if any(r["wikitext_ppl"] for r in models.values()):
+        lines += wikitext_table(models, t, teacher_label)
+    return lines_after_lm_eval(summary, teacher_label, lines)
+
+
+def zero_shot_table(models: dict, t: dict) -> list[str]:
     lines = ["## Zero-shot (lm-eval; acc, acc_norm for arc_challenge and hellaswag)", "",
              "| model | " + " | ".join(ZERO_SHOT) + " | lambada ppl | average | vs teacher |", "|" + "---|" * (len(ZERO_SHOT) + 4)]
     for m, r in models.items():
@@ -134,15 +194,23 @@ def markdown(summary: dict, teacher_label: str) -> str:
         lines.append("| " + " | ".join([m] + [fmt(r["zero_shot"][k]) for k in ZERO_SHOT]
                                        + [fmt(r["lambada_openai_ppl"], 2), fmt(r["zero_shot_average"]),
                                           "n/a" if rel is None else f"{rel:.1%}"]) + " |")
+    return lines + [""]
+
+
+def few_shot_table(models: dict, t: dict) -> list[str]:
     heads = [f"{k.split(':')[0]} {k.split(':')[1]}-shot" for k in next(iter(models.values()))["few_shot"]] if models else []
-    lines += ["", "## Few-shot (lm-eval)", "", "| model | " + " | ".join(heads) + " | average | vs teacher |",
+    lines = ["## Few-shot (lm-eval)", "", "| model | " + " | ".join(heads) + " | average | vs teacher |",
               "|" + "---|" * (len(heads) + 3)]
     for m, r in models.items():
         rel = ratio(r["few_shot_average"], t.get("few_shot_average"))
         lines.append("| " + " | ".join([m] + [fmt(v) for v in r["few_shot"].values()]
                                        + [fmt(r["few_shot_average"]), "n/a" if rel is None else f"{rel:.1%}"]) + " |")
+    return lines + [""]
+
+
+def wikitext_table(models: dict, t: dict, teacher_label: str) -> list[str]:
     lengths = sorted({n for r in models.values() for n in r["wikitext_ppl"]})
-    lines += ["", "## WikiText-2 (raw test) perplexity by context length", "",
+    lines = ["## WikiText-2 (raw test) perplexity by context length", "",
               "| model | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
     for m, r in models.items():
         cells = []
@@ -150,6 +218,13 @@ def markdown(summary: dict, teacher_label: str) -> str:
             v, ref = r["wikitext_ppl"].get(n), t.get("wikitext_ppl", {}).get(n)
             cells.append(fmt(v, 2) + (f" ({v / ref:.2f}x)" if v is not None and ref and m != teacher_label else ""))
         lines.append("| " + " | ".join([m] + cells) + " |")
+    return lines + [""]
+
+
+def lines_after_lm_eval(summary: dict, teacher_label: str, lines: list[str]) -> str:
+    models = summary["models"]
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
     for key, title in (("passkey", "Passkey retrieval"), ("niah", "Needle in a haystack (single needle)")):
         lengths = sorted({n for r in models.values() for n in r[key]})
         if not lengths:
@@ -213,9 +288,10 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def plot_layers(summary: dict, path: Path) -> None:
-    """Each conversion's held-out attention-output MSE by layer, after training over before."""
-    rows = {m: r["conversion"]["layer_mse"] for m, r in summary["models"].items()
-            if r.get("conversion", {}).get("layer_mse", {}).get("after")}
+    """Each conversion's attention-output MSE by layer, after attention transfer over before, on
+    the blocks that stage held back from training (as the side-by-side table)."""
+    rows = {m: r["conversion"]["validation_layer_mse"] for m, r in summary["models"].items()
+            if (r.get("conversion", {}).get("validation_layer_mse") or {}).get("after")}
     if not rows:
         return
     try:
@@ -229,10 +305,12 @@ def plot_layers(summary: dict, path: Path) -> None:
     for i, m in enumerate(summary["models"]):
         if m in rows:
             layers = sorted(rows[m]["after"])
-            ax.plot(layers, [rows[m]["after"][n] / rows[m]["before"][n] for n in layers], marker="o", label=m, color=f"C{i}")
+            ax.plot(layers, [rows[m]["after"][n] / rows[m]["before"][n] for n in layers], marker="o", label=m,
+                    color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_ylabel("held-out MSE after / before")
+    ax.axhline(0.2, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_ylabel("MSE after / before (held-back blocks)")
     ax.set_title("attention transfer by layer")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")

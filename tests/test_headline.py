@@ -83,3 +83,14 @@ def test_headline_run_in_parts_merges_into_one_table(tmp_path):
     own = json.loads((run / "lolcats" / "report.json").read_text())["heldout_transfer"]
     assert {int(i): v for i, v in own["after"]["mse"].items()} == {int(i): v for i, v in layers["after"].items()}
     assert "| lolcats |" in table.split("worst layer")[1] and (run / "transfer_by_layer.png").is_file()
+    # the side-by-side table: per-layer MSE from the attention-transfer stage's held-back blocks
+    stage = next(s for s in json.loads((run / "lolcats" / "report.json").read_text())["stages"] if s["stage"] == "attention_transfer")
+    val = summary["models"]["lolcats"]["conversion"]["validation_layer_mse"]
+    assert {w: {int(i): v for i, v in stage[w]["mse"].items()} for w in ("before", "after")} == \
+        {w: {int(i): v for i, v in val[w].items()} for w in ("before", "after")}
+    ratios = sorted(val["after"][n] / val["before"][n] for n in val["after"])
+    row = next(line for line in table.split("## Side by side")[1].splitlines() if line.startswith("| lolcats |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{ratios[len(ratios) // 2]:.3f}" and cells[2].startswith(f"{ratios[-1]:.3f} (")
+    assert cells[3] == f"{sum(r <= 0.2 for r in ratios)} / {len(ratios)}"
+    assert "## Zero-shot" not in table  # a suite that did not run leaves no empty table
