@@ -57,8 +57,11 @@ def test_headline_run_in_parts_merges_into_one_table(tmp_path):
     assert students.returncode == 0, students.stdout[-2000:] + students.stderr[-3000:]
     assert "data ready" in students.stdout
     assert (run / "lolcats" / "linearize.json").is_file() and (run / "hedgehog" / "linearize.json").is_file()
-    teacher = headline(tmp_path, RECIPES=recipes, PART="teacher", STEPS="ppl", MODELS=str(tmp_path / "base"))
+    teacher = headline(tmp_path, RECIPES=recipes, PART="teacher", STEPS="ppl retrieval", RETRIEVAL="passkey",
+                       LENGTHS="96", MODELS=str(tmp_path / "base"))
     assert teacher.returncode == 0, teacher.stderr[-3000:]
+    # RETRIEVAL picks the retrieval suites: passkey ran, the needle suite did not
+    assert (run / "teacher" / "eval-passkey" / "report.json").is_file() and not (run / "teacher" / "eval-niah").exists()
     report = headline(tmp_path, RECIPES=recipes, STEPS="report")
     assert report.returncode == 0, report.stderr[-3000:]
 
@@ -78,7 +81,8 @@ def test_headline_run_in_parts_merges_into_one_table(tmp_path):
     assert set(merged["models"]) == {"teacher", "lolcats", "hedgehog"}
     table = (run / "headline.md").read_text()
     assert "| lolcats | attention_transfer | 4 |" in table and "| hedgehog | attention_transfer | 4 |" in table
-    assert (run / "accuracy_by_length.png").exists() is False  # no retrieval suite ran: no plot
+    assert (run / "accuracy_by_length.png").is_file()  # the teacher's passkey accuracy by length
+    assert set(summary["models"]["teacher"]["passkey"]) == {"96"} and summary["models"]["lolcats"]["passkey"] == {}
     layers = summary["models"]["lolcats"]["conversion"]["layer_mse"]
     own = json.loads((run / "lolcats" / "report.json").read_text())["heldout_transfer"]
     assert {int(i): v for i, v in own["after"]["mse"].items()} == {int(i): v for i, v in layers["after"].items()}
