@@ -5,6 +5,7 @@ and KL to the teacher of converted models, on a recipe's evaluation text.
     python scripts/plan_comparison.py layers PLAN_DIR every
     python scripts/plan_comparison.py layers PLAN_DIR random --seed 1
     python scripts/plan_comparison.py heldout --recipe smoke --out table.md NAME=DIR [NAME=DIR ...]
+    python scripts/plan_comparison.py report OUT BUDGET [BUDGET ...]   # OUT/comparison.md, .json, .png
 
 The baselines keep as many layers softmax as the plan's budget allows with the recipe's own
 settings on every other layer: every k-th layer (evenly spread, ``floor((j + 1/2) L / m)``), or a
@@ -62,7 +63,7 @@ def _heldout(args) -> int:
     from linearize.models import load_teacher
     from linearize.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     dtype = args.dtype or recipe.precision
     teacher, tokenizer, source = load_teacher(args.model or recipe.model, dtype=dtype, device=args.device)
     blocks = build_blocks(recipe.eval.data, tokenizer, recipe.eval.seq_len, teacher, source.reference)[: recipe.eval.max_blocks]
@@ -103,6 +104,158 @@ def _heldout(args) -> int:
     return 0
 
 
+FEW_SHOT = [("arc_challenge", 25), ("hellaswag", 10), ("winogrande", 5)]
+PLAN = "kl"  # the plan `linearize plan` makes by default; "transfer" is the same measurements, another signal
+MEASURES = [  # (key, title, higher is better)
+    ("few_shot_average", "few-shot average", True),
+    ("passkey_average", "passkey average", True),
+    ("perplexity", "held-out perplexity", False),
+    ("kl", "KL to the teacher", False),
+]
+
+
+def budget_dir(out: Path, budget: str) -> Path:
+    return out / budget.replace("=", "-").replace("@", "_")
+
+
+def _method_of(model: str, folder: Path) -> str:
+    """A converted model of this budget by its method's name (its folder's), anything else the teacher."""
+    path = Path(model)
+    return path.name if path.parent == folder or (folder / path.name) == path else "teacher"
+
+
+def _suite(folder: Path, name: str) -> dict:
+    path = folder / name / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else {"models": {}}
+
+
+def budget_rows(out: Path, budget: str) -> list[dict]:
+    """One row a method (and the teacher) of one budget: softmax layers, held-out perplexity and
+    KL, few-shot accuracies and their average, passkey accuracy by length and its average."""
+    from linearize.eval.report import primary_metric
+
+    folder = budget_dir(out, budget)
+    rows: dict[str, dict] = {}
+    heldout = folder / "heldout.json"
+    if heldout.is_file():
+        h = json.loads(heldout.read_text())
+        rows["teacher"] = {"method": "teacher", "softmax_layers": None, "perplexity": h["teacher_perplexity"], "kl": 0.0}
+        for r in h["rows"]:
+            rows[r["name"]] = {"method": r["name"], "softmax_layers": r["softmax_layers"], "perplexity": r["perplexity"], "kl": r["kl"]}
+
+    def row(method):
+        return rows.setdefault(method, {"method": method, "softmax_layers": None, "perplexity": None, "kl": None})
+
+    for task, shots in FEW_SHOT:
+        for entry in _suite(folder, f"eval-{task}-{shots}shot")["models"].values():
+            r = row(_method_of(entry["model"], folder))
+            metric = primary_metric(entry["tasks"][task]["metrics"], task) if entry.get("status") == "ok" and task in entry["tasks"] else None
+            r.setdefault("few_shot", {})[f"{task} {shots}-shot"] = metric[1] if metric else None
+    for entry in _suite(folder, "eval-passkey")["models"].values():
+        r = row(_method_of(entry["model"], folder))
+        by = entry["tasks"].get("passkey", {}).get("metrics", {}).get("by", {}).get("length", {}) if entry.get("status") == "ok" else {}
+        r["passkey"] = {int(n): v for n, v in by.items()}
+    for r in rows.values():
+        few = list((r.get("few_shot") or {}).values())
+        r["few_shot_average"] = sum(few) / len(few) if few and None not in few else None
+        pk = list((r.get("passkey") or {}).values())
+        r["passkey_average"] = sum(pk) / len(pk) if pk else None
+    order = ["teacher", PLAN, "transfer", "every"]
+    return sorted(rows.values(), key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["method"]))
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """For each measure: the plan's value, the baselines' (every k-th layer, each random seed), and
+    whether the plan beats every one of them (a tie is not a win)."""
+    by = {r["method"]: r for r in rows}
+    plan = by.get(PLAN)
+    baselines = [r for r in rows if r["method"] == "every" or r["method"].startswith("random")]
+    out = []
+    for key, title, higher in MEASURES:
+        mine = plan.get(key) if plan else None
+        theirs = [(r["method"], r.get(key)) for r in baselines if r.get(key) is not None]
+        if mine is None or not theirs:
+            continue
+        best = max(theirs, key=lambda x: x[1]) if higher else min(theirs, key=lambda x: x[1])
+        wins = all((mine > v) if higher else (mine < v) for _, v in theirs)
+        out.append({"measure": title, "plan": mine, "best_baseline": best[0], "best_baseline_value": best[1], "plan_wins": wins})
+    return out
+
+
+def _fmt(x, digits=3):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _report(args) -> int:
+    out = Path(args.out)
+    result = {"budgets": {}}
+    lines = ["# The plan against every k-th layer and random layers, at equal budgets", "",
+             f"`{PLAN}`: the plan `linearize plan` makes (its KL signal); `transfer`: the same measurements, "
+             "the attention-transfer signal; `every`: the softmax layers evenly spread; `randomN`: a random choice "
+             "from seed N. Each baseline keeps as many layers softmax as the budget allows at the recipe's settings.", ""]
+    wins_lines = ["## Does the plan win?", "", "| budget | measure | plan | best baseline | plan wins |", "|---|---|---|---|---|"]
+    for budget in args.budgets:
+        rows = budget_rows(out, budget)
+        if not rows:
+            continue
+        result["budgets"][budget] = {"rows": rows, "verdicts": verdicts(rows)}
+        tasks = sorted({t for r in rows for t in (r.get("few_shot") or {})})
+        lengths = sorted({n for r in rows for n in (r.get("passkey") or {})})
+        head = ["method", "softmax layers", "held-out ppl", "KL"]
+        head += tasks + ["few-shot avg"] if tasks else []
+        head += [f"passkey {n}" for n in lengths] + ["passkey avg"] if lengths else []
+        lines += [f"## {budget}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r["method"], "" if r["softmax_layers"] is None else str(r["softmax_layers"]),
+                     _fmt(r["perplexity"]), _fmt(r["kl"], 4)]
+            if tasks:
+                cells += [_fmt((r.get("few_shot") or {}).get(t)) for t in tasks] + [_fmt(r["few_shot_average"])]
+            if lengths:
+                cells += [_fmt((r.get("passkey") or {}).get(n), 2) for n in lengths] + [_fmt(r["passkey_average"], 2)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for v in result["budgets"][budget]["verdicts"]:
+            wins_lines.append(f"| {budget} | {v['measure']} | {_fmt(v['plan'], 4)} | {v['best_baseline']} "
+                              f"{_fmt(v['best_baseline_value'], 4)} | {'yes' if v['plan_wins'] else '**no**'} |")
+    text = "\n".join(lines + wins_lines) + "\n"
+    (out / "comparison.md").write_text(text)
+    (out / "comparison.json").write_text(json.dumps(result, indent=1) + "\n")
+    _plot(result, out / "comparison.png")
+    print(text)
+    return 0
+
+
+def _plot(result: dict, path: Path) -> None:
+    """Per budget, each method's few-shot average and passkey average (where measured), as bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = [(k, t) for k, t, _ in MEASURES[:2]
+            if any(r.get(k) is not None for b in result["budgets"].values() for r in b["rows"])]
+    if not keys:
+        return
+    budgets = list(result["budgets"])
+    methods = []
+    for b in result["budgets"].values():
+        methods += [r["method"] for r in b["rows"] if r["method"] not in methods]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for ax, (key, title) in zip(axes[0], keys):
+        for j, m in enumerate(methods):
+            values = [next((r.get(key) for r in result["budgets"][b]["rows"] if r["method"] == m), None) for b in budgets]
+            ax.bar([i + j * width for i in range(len(budgets))], [v if v is not None else 0 for v in values], width,
+                   label=m, color=f"C{j % 10}")
+        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(budgets))], budgets, fontsize=8)
+        ax.set_title(title)
+    axes[0][0].legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,7 +272,12 @@ def main(argv=None) -> int:
     q.add_argument("--device", default="cpu")
     q.add_argument("--dtype", default=None, help="float32, bfloat16 (default: the recipe's precision)")
     q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the recipe")
     q.set_defaults(func=_heldout)
+    q = sub.add_parser("report")
+    q.add_argument("out")
+    q.add_argument("budgets", nargs="+")
+    q.set_defaults(func=_report)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -4,88 +4,137 @@
 # signal (the same measurements, --reuse), the every-k-th baseline and one random baseline a seed, the
 # baselines with as many softmax layers as the budget allows at the recipe's own settings. Each is converted
 # with the recipe, then teacher and students are scored side by side: held-out perplexity and KL to the
-# teacher, passkey retrieval by length, the few-shot lm-eval tasks. Reports go under $OUT/<budget>/.
+# teacher, passkey retrieval by length, the few-shot lm-eval tasks. Reports go under $OUT/<budget>/, and
+# STEPS "report" writes $OUT/comparison.md (.json, .png): every method at every budget, and which won.
 #
 #   LINEARIZE_DATA=../shared/data OUT=runs/plans bash scripts/plan_comparison.sh                # a GPU machine
-#   RECIPE=smoke DEVICE=cpu DTYPE=float32 STEPS="plan convert heldout" SEEDS=0 OUT=runs/plans-cpu \
+#   RECIPE=smoke DEVICE=cpu DTYPE=float32 STEPS="plan convert heldout report" SEEDS=0 OUT=runs/plans-cpu \
 #     bash scripts/plan_comparison.sh                                                          # the CPU check
 #
 # Settings (environment): MODEL (smollm2-135m-instruct), RECIPE (lolcats), BUDGETS ("softmax-layers=2
 # softmax-layers=4 kv-memory=100MiB@32768"), CANDIDATES (the settings a memory or prefill budget chooses
 # among, "window_size=16,64,256"; softmax-layers budgets plan with the recipe's own), SEEDS ("0 1 2"), DEVICE
 # (cuda), DTYPE (bfloat16), LENGTHS (passkey, "4096,8192,16384,32768"), LIMIT (lm-eval items a task; empty:
-# all), BATCH (16), STEPS ("plan convert heldout retrieval fewshot"), SIGNAL_BLOCKS (the plans' --signal-blocks;
-# default: the planner's), LINEARIZE_DATA (the data folder: the
-# recipe's mix, lm-eval's local tasks). A conversion whose folder exists is not made again; an interrupted
-# one resumes from its checkpoint. $OUT/<budget>/seconds.txt records how long the plan and each conversion took.
+# all), BATCH (16), RETRIEVAL_BATCH (4: passkey prompts a batch), STEPS ("plan convert heldout retrieval
+# fewshot report"), SIGNAL_BLOCKS (the plans' --signal-blocks; default: the planner's), SETS (overrides of the
+# recipe for the plans and every conversion, e.g. a token budget: "stages.0.tokens=1000000
+# stages.1.tokens=500000"), JOBS (1: conversions, then evaluations, that run at a time on the one device; the
+# shared data are built once first, with --data-only), DEADLINE (seconds since the epoch: each command gets
+# SIGINT then; a conversion checkpoints, and a rerun resumes it), LINEARIZE_DATA (the data folder: the
+# recipe's mix, lm-eval's local tasks). A plan or conversion whose folder exists is not made again; an
+# interrupted conversion resumes from its checkpoint. $OUT/<budget>/seconds.txt records how long the plan and
+# each conversion took.
 set -euo pipefail
 : "${MODEL:=smollm2-135m-instruct}" "${RECIPE:=lolcats}" "${OUT:=runs/plans}" "${SEEDS:=0 1 2}"
 : "${BUDGETS:=softmax-layers=2 softmax-layers=4 kv-memory=100MiB@32768}" "${CANDIDATES:=window_size=16,64,256}"
 : "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${BATCH:=16}" "${LIMIT:=}" "${LENGTHS:=4096,8192,16384,32768}"
-: "${STEPS:=plan convert heldout retrieval fewshot}"
+: "${STEPS:=plan convert heldout retrieval fewshot report}" "${JOBS:=1}" "${RETRIEVAL_BATCH:=4}"
 [ -n "${LINEARIZE_DATA:-}" ] && export LINEARIZE_DATA
 here=$(cd "$(dirname "$0")" && pwd)
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 common=(--device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH")
 limit=(); [ -n "$LIMIT" ] && limit=(--limit "$LIMIT")
 signal_blocks=(); [ -n "${SIGNAL_BLOCKS:-}" ] && signal_blocks=(--signal-blocks "$SIGNAL_BLOCKS")
+sets=(); for kv in ${SETS:-}; do sets+=(--set "$kv"); done
+bounded() {  # "$@" under the DEADLINE, if one is set
+  if [ -z "${DEADLINE:-}" ]; then "$@"; return; fi
+  local left=$((DEADLINE - $(date +%s))); [ "$left" -gt 0 ] || { echo "past the deadline: $*" >&2; return 124; }
+  timeout --signal=INT --kill-after=30 "$left" "$@"; }
+pids=()
+# run "$@" now (JOBS=1) or in the background, its output in $log, at most JOBS at a time
+job() { local log=$1; shift
+  if [ "$JOBS" -le 1 ]; then bounded "$@"; return; fi
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
+  echo "started: $* (log: $log)"; bounded "$@" > "$log" 2>&1 & pids+=($!); }
+finish() { local failed=0; for p in "${pids[@]}"; do wait "$p" || failed=1; done; pids=(); return $failed; }
+budget_dir() { echo "$OUT/$(tr '=@' '-_' <<<"$1")"; }
 declare -A measured=()  # candidates -> the plan folder whose measurements later budgets reuse
 
+# 1. the plans, one budget after another (a later budget with the same candidates reuses the measurements)
 for budget in $BUDGETS; do
-  dir="$OUT/$(tr '=@' '-_' <<<"$budget")"
-  mkdir -p "$dir"
+  dir=$(budget_dir "$budget"); mkdir -p "$dir"
   candidates=(); [[ $budget != softmax-layers=* && -n "$CANDIDATES" ]] && candidates=(--candidates $CANDIDATES)
   ckey="options:${candidates[*]:-}"
   if step plan; then
-    if [ ! -d "$dir/plan-kl" ]; then
+    if [ ! -f "$dir/plan-kl/plan.json" ]; then
       began=$SECONDS
       reuse=(); [ -n "${measured[$ckey]:-}" ] && reuse=(--reuse "${measured[$ckey]}")
-      linearize plan "$MODEL" --recipe "$RECIPE" --budget "$budget" "${candidates[@]}" "${signal_blocks[@]}" \
-        --signal kl --out "$dir/plan-kl" --device "$DEVICE" "${reuse[@]}"
+      bounded linearize plan "$MODEL" --recipe "$RECIPE" "${sets[@]}" --budget "$budget" "${candidates[@]}" \
+        "${signal_blocks[@]}" --signal kl --out "$dir/plan-kl" --device "$DEVICE" "${reuse[@]}"
       echo "plan-kl $((SECONDS - began))s${reuse:+ (measurements reused)}" >>"$dir/seconds.txt"
     fi
     measured[$ckey]=$dir/plan-kl
-    [ -d "$dir/plan-transfer" ] || linearize plan "$MODEL" --recipe "$RECIPE" --budget "$budget" "${candidates[@]}" \
-      "${signal_blocks[@]}" --signal transfer --reuse "$dir/plan-kl" --out "$dir/plan-transfer" --device "$DEVICE"
+    [ -f "$dir/plan-transfer/plan.json" ] || bounded linearize plan "$MODEL" --recipe "$RECIPE" "${sets[@]}" \
+      --budget "$budget" "${candidates[@]}" "${signal_blocks[@]}" --signal transfer --reuse "$dir/plan-kl" \
+      --out "$dir/plan-transfer" --device "$DEVICE"
   fi
-  # NAME=WHAT for every model of this budget; WHAT: a recipe file, or the layers to convert with $RECIPE
-  layers() { python "$here/plan_comparison.py" layers "$@"; }
-  methods=("kl=$(layers "$dir/plan-kl" plan)" "transfer=$(layers "$dir/plan-transfer" plan)"
-           "every=$(layers "$dir/plan-kl" every)")
-  for s in $SEEDS; do methods+=("random$s=$(layers "$dir/plan-kl" random --seed "$s")"); done
-  models=("$MODEL"); named=(); declare -A made=()
-  for m in "${methods[@]}"; do
-    name=${m%%=*} what=${m#*=} target="$dir/$name"
-    models+=("$target"); named+=("$name=$target")
-    if [ -n "${made[$what]:-}" ]; then  # the same choice as an earlier method: the same conversion
-      [ -e "$target" ] || ln -s "$(basename "${made[$what]}")" "$target"
-      continue
-    fi
-    made[$what]=$target
-    if step convert && [ ! -d "$target" ]; then
-      resume=(); [ -d "$target.checkpoints" ] && resume=(--resume)
-      began=$SECONDS
-      if [[ $what == *.yaml ]]; then
-        linearize convert "$MODEL" --recipe "$what" --out "$target" --device "$DEVICE" "${resume[@]}"
-      else
-        linearize convert "$MODEL" --recipe "$RECIPE" --set "students.layers=$what" --out "$target" --device "$DEVICE" "${resume[@]}"
+done
+
+# NAME=WHAT for every model of a budget; WHAT: a recipe file, or the layers to convert with $RECIPE
+layers() { python "$here/plan_comparison.py" layers "$@"; }
+methods_of() { local dir=$1
+  echo "kl=$(layers "$dir/plan-kl" plan)"; echo "transfer=$(layers "$dir/plan-transfer" plan)"
+  echo "every=$(layers "$dir/plan-kl" every)"
+  for s in $SEEDS; do echo "random$s=$(layers "$dir/plan-kl" random --seed "$s")"; done; }
+
+# 2. the conversions, JOBS at a time (a method that chose what an earlier one did links to its conversion)
+if step convert; then
+  todo=()
+  for budget in $BUDGETS; do
+    dir=$(budget_dir "$budget"); declare -A made=()
+    while IFS= read -r m; do
+      name=${m%%=*} what=${m#*=} target="$dir/$name"
+      if [ -n "${made[$what]:-}" ]; then
+        [ -e "$target" ] || ln -s "$(basename "${made[$what]}")" "$target"
+        continue
       fi
-      echo "$name $((SECONDS - began))s${resume:+ (resumed)}" >>"$dir/seconds.txt"
-    fi
+      made[$what]=$target
+      [ -d "$target" ] || todo+=("$target=$what")
+    done < <(methods_of "$dir")
+    unset made
   done
+  if [ "$JOBS" -gt 1 ] && [ "${#todo[@]}" -gt 1 ]; then  # the shared data, built once for every conversion
+    bounded linearize convert "$MODEL" --recipe "$RECIPE" "${sets[@]}" --out "$OUT/data" --device "$DEVICE" --data-only
+  fi
+  for entry in "${todo[@]}"; do
+    target=${entry%%=*} what=${entry#*=}
+    resume=(); [ -d "$target.checkpoints" ] && resume=(--resume)
+    if [[ $what == *.yaml ]]; then
+      args=(--recipe "$what")
+    else
+      args=(--recipe "$RECIPE" --set "students.layers=$what")
+    fi
+    # the time of each conversion, recorded when it ends (in the background with JOBS > 1)
+    job "$target.log" bash -c 'began=$SECONDS; "${@:3}" && echo "$(basename "$1") $((SECONDS - began))s$2" >>"$(dirname "$1")/seconds.txt"' \
+      _ "$target" "${resume:+ (resumed)}" linearize convert "$MODEL" "${args[@]}" "${sets[@]}" --out "$target" --device "$DEVICE" "${resume[@]}"
+  done
+  finish || echo "plan_comparison: a conversion failed or was cut short (see its log beside it)" >&2
+fi
+
+# 3. the evaluations, JOBS at a time
+for budget in $BUDGETS; do
+  dir=$(budget_dir "$budget")
+  [ -f "$dir/plan-kl/plan.json" ] || continue
+  models=("$MODEL"); named=()
+  while IFS= read -r m; do models+=("$dir/${m%%=*}"); named+=("${m%%=*}=$dir/${m%%=*}"); done < <(methods_of "$dir")
   if step heldout; then
-    python "$here/plan_comparison.py" heldout --recipe "$RECIPE" --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
-      --out "$dir/heldout.md" "${named[@]}"
+    job "$dir/heldout.log" python "$here/plan_comparison.py" heldout --recipe "$RECIPE" "${sets[@]}" --model "$MODEL" \
+      --device "$DEVICE" --dtype "$DTYPE" --out "$dir/heldout.md" "${named[@]}"
   fi
   if step retrieval; then
-    linearize eval "${models[@]}" "${common[@]}" --suite passkey --lengths "$LENGTHS" \
-      --depths 0,0.25,0.5,0.75,1 --samples 4 --out "$dir/eval-passkey"
+    job "$dir/eval-passkey.log" linearize eval "${models[@]}" "${common[@]}" --batch-size "$RETRIEVAL_BATCH" --suite passkey \
+      --lengths "$LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples 4 --out "$dir/eval-passkey"
   fi
   if step fewshot; then
     for spec in arc_challenge:25 hellaswag:10 winogrande:5; do
-      linearize eval "${models[@]}" "${common[@]}" --suite lm-eval --data-dir "$LINEARIZE_DATA" "${limit[@]}" \
-        --tasks "${spec%%:*}" --num-fewshot "${spec##*:}" --out "$dir/eval-${spec%%:*}-${spec##*:}shot"
+      job "$dir/eval-${spec%%:*}-${spec##*:}shot.log" linearize eval "${models[@]}" "${common[@]}" --suite lm-eval \
+        --data-dir "$LINEARIZE_DATA" "${limit[@]}" --tasks "${spec%%:*}" --num-fewshot "${spec##*:}" \
+        --out "$dir/eval-${spec%%:*}-${spec##*:}shot"
     done
   fi
 done
-echo "reports: $OUT/*/heldout.md, $OUT/*/eval-*/report.md"
+finish || echo "plan_comparison: an evaluation failed or was cut short (see its log under $OUT/<budget>/)" >&2
+if step report; then
+  python "$here/plan_comparison.py" report "$OUT" $BUDGETS
+fi
+echo "reports: $OUT/comparison.md, $OUT/*/heldout.md, $OUT/*/eval-*/report.md"
