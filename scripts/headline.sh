@@ -40,17 +40,7 @@ if [ -n "${MODELS:-}" ]; then read -ra models <<<"$MODELS"; else
 common=(--device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH")
 limit=(); [ -n "$LIMIT" ] && limit=(--limit "$LIMIT")
 step() { [[ " $STEPS " == *" $1 "* ]]; }
-bounded() {  # "$@" under the DEADLINE, if one is set
-  if [ -z "${DEADLINE:-}" ]; then "$@"; return; fi
-  local left=$((DEADLINE - $(date +%s))); [ "$left" -gt 0 ] || { echo "past the deadline: $*" >&2; return 124; }
-  timeout --signal=INT --kill-after=30 "$left" "$@"; }
-pids=()
-# run "$@" now (JOBS=1) or in the background, its output in $log, at most JOBS at a time
-job() { local log=$1; shift
-  if [ "$JOBS" -le 1 ]; then bounded "$@"; return; fi
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
-  echo "started: $* (log: $log)"; bounded "$@" > "$log" 2>&1 & pids+=($!); }
-finish() { local failed=0; for p in "${pids[@]}"; do wait "$p" || failed=1; done; pids=(); return $failed; }
+. "$here/jobs.sh"  # bounded, job, finish
 
 if step convert; then
   recipe_args() { local r=$1; sets=(); IFS=@ read -ra parts <<<"$r"; for kv in "${parts[@]:1}" ${SETS:-}; do sets+=(--set "$kv"); done; }

@@ -36,17 +36,7 @@ common=(--device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH")
 limit=(); [ -n "$LIMIT" ] && limit=(--limit "$LIMIT")
 signal_blocks=(); [ -n "${SIGNAL_BLOCKS:-}" ] && signal_blocks=(--signal-blocks "$SIGNAL_BLOCKS")
 sets=(); for kv in ${SETS:-}; do sets+=(--set "$kv"); done
-bounded() {  # "$@" under the DEADLINE, if one is set
-  if [ -z "${DEADLINE:-}" ]; then "$@"; return; fi
-  local left=$((DEADLINE - $(date +%s))); [ "$left" -gt 0 ] || { echo "past the deadline: $*" >&2; return 124; }
-  timeout --signal=INT --kill-after=30 "$left" "$@"; }
-pids=()
-# run "$@" now (JOBS=1) or in the background, its output in $log, at most JOBS at a time
-job() { local log=$1; shift
-  if [ "$JOBS" -le 1 ]; then bounded "$@"; return; fi
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
-  echo "started: $* (log: $log)"; bounded "$@" > "$log" 2>&1 & pids+=($!); }
-finish() { local failed=0; for p in "${pids[@]}"; do wait "$p" || failed=1; done; pids=(); return $failed; }
+. "$here/jobs.sh"  # bounded, job, finish
 budget_dir() { echo "$OUT/$(tr '=@' '-_' <<<"$1")"; }
 declare -A measured=()  # candidates -> the plan folder whose measurements later budgets reuse
 
