@@ -267,7 +267,7 @@ def hybrid_attention(
 def _beyond_hybrid_kernels(window, sinks) -> str | None:
     """Why the hybrid Triton kernels cannot take this window and these sinks (None: they can).
     Imports the kernels only when ``LINEARIZE_KERNELS`` may send the call to them."""
-    if kernel_choice() not in ("triton", "auto") or not triton_available():
+    if kernel_choice() == "reference" or not triton_available():
         return None
     from .hybrid.chunk import MAX_SINKS, MAX_WINDOW
 
