@@ -165,6 +165,30 @@ def base_folder(tmp_path):
     return make_base_folder(tmp_path / "base")
 
 
+def tiny_transfer_recipe(kind: str, train: str) -> str:
+    """A recipe YAML for the tiny model: 4 attention-transfer steps of 2 x 32 tokens on the text
+    file ``train`` (held-out text: the same file); LoLCATs with a 4-token window and 1 sink, other
+    kinds at their defaults."""
+    window = ", window_size: 4, sink_size: 1" if kind == "lolcats" else ""
+    return f"""
+students: {{kind: {kind}{window}}}
+stages:
+  - stage: attention_transfer
+    data: {{source: text, path: {train}}}
+    seq_len: 32
+    batch_size: 2
+    steps: 4
+    lr: 1.0e-2
+    val_blocks: 2
+    eval_every: 10
+    checkpoint_every: 10
+eval:
+  data: {{source: text, path: {train}}}
+  seq_len: 32
+  max_blocks: 2
+"""
+
+
 def synthetic_text(words: int, seed: int = 0) -> str:
     """Text over the tiny tokenizer's words with a little structure (repeated phrases), so a
     model can learn something from it."""

@@ -10,26 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_base_folder, synthetic_text
+from conftest import make_base_folder, synthetic_text, tiny_transfer_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = """
-students: {{kind: {kind}, window_size: 4, sink_size: 1}}
-stages:
-  - stage: attention_transfer
-    data: {{source: text, path: $LINEARIZE_DATA/train.txt}}
-    seq_len: 32
-    batch_size: 2
-    steps: 4
-    lr: 1.0e-2
-    val_blocks: 2
-    eval_every: 10
-    checkpoint_every: 10
-eval:
-  data: {{source: text, path: $LINEARIZE_DATA/train.txt}}
-  seq_len: 32
-  max_blocks: 2
-"""
 
 
 def headline(tmp_path, **env):
@@ -48,8 +31,7 @@ def test_headline_run_in_parts_merges_into_one_table(tmp_path):
     (data / "train.txt").write_text(synthetic_text(1500, seed=1))
     (data / "wikitext-2-raw" / "wiki.test.raw").write_text(synthetic_text(800, seed=2))
     for kind in ("lolcats", "hedgehog"):
-        (tmp_path / f"{kind}.yaml").write_text(RECIPE.format(kind=kind).replace(", window_size: 4, sink_size: 1", "")
-                                               if kind == "hedgehog" else RECIPE.format(kind=kind))
+        (tmp_path / f"{kind}.yaml").write_text(tiny_transfer_recipe(kind, "$LINEARIZE_DATA/train.txt"))
     recipes = f"{tmp_path / 'lolcats.yaml'} {tmp_path / 'hedgehog.yaml'}"
     run = tmp_path / "run"
     students = headline(tmp_path, RECIPES=recipes, JOBS="2", PART="students", STEPS="convert ppl",

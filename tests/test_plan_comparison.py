@@ -9,32 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_base_folder, synthetic_text
+from conftest import make_base_folder, synthetic_text, tiny_transfer_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = """
-students: {{kind: lolcats, window_size: 4, sink_size: 1}}
-stages:
-  - stage: attention_transfer
-    data: {{source: text, path: {train}}}
-    seq_len: 32
-    batch_size: 2
-    steps: 4
-    lr: 1.0e-2
-    val_blocks: 2
-    eval_every: 10
-    checkpoint_every: 10
-eval:
-  data: {{source: text, path: {train}}}
-  seq_len: 32
-  max_blocks: 2
-"""
 
 
 def test_plan_comparison_converts_every_method_and_reports_who_wins(tmp_path):
     make_base_folder(tmp_path / "base")
     (tmp_path / "train.txt").write_text(synthetic_text(1500, seed=1))
-    (tmp_path / "r.yaml").write_text(RECIPE.format(train=tmp_path / "train.txt"))
+    (tmp_path / "r.yaml").write_text(tiny_transfer_recipe("lolcats", tmp_path / "train.txt"))
     out = tmp_path / "plans"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MODEL": str(tmp_path / "base"),
