@@ -129,11 +129,26 @@ def _suite(folder: Path, name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"models": {}}
 
 
+def _scores(folder: Path) -> dict[str, dict]:
+    """The few-shot accuracies and passkey accuracy by length that one budget's evaluations gave, a
+    method (or the teacher) each."""
+    from linearize.eval.report import primary_metric
+
+    scores: dict[str, dict] = {}
+    for task, shots in FEW_SHOT:
+        for entry in _suite(folder, f"eval-{task}-{shots}shot")["models"].values():
+            s = scores.setdefault(_method_of(entry["model"], folder), {})
+            metric = primary_metric(entry["tasks"][task]["metrics"], task) if entry.get("status") == "ok" and task in entry["tasks"] else None
+            s.setdefault("few_shot", {})[f"{task} {shots}-shot"] = metric[1] if metric else None
+    for entry in _suite(folder, "eval-passkey")["models"].values():
+        by = entry["tasks"].get("passkey", {}).get("metrics", {}).get("by", {}).get("length", {}) if entry.get("status") == "ok" else {}
+        scores.setdefault(_method_of(entry["model"], folder), {})["passkey"] = {int(n): v for n, v in by.items()}
+    return scores
+
+
 def budget_rows(out: Path, budget: str) -> list[dict]:
     """One row a method (and the teacher) of one budget: softmax layers, held-out perplexity and
     KL, few-shot accuracies and their average, passkey accuracy by length and its average."""
-    from linearize.eval.report import primary_metric
-
     folder = budget_dir(out, budget)
     rows: dict[str, dict] = {}
     heldout = folder / "heldout.json"
@@ -146,15 +161,20 @@ def budget_rows(out: Path, budget: str) -> list[dict]:
     def row(method):
         return rows.setdefault(method, {"method": method, "softmax_layers": None, "perplexity": None, "kl": None})
 
-    for task, shots in FEW_SHOT:
-        for entry in _suite(folder, f"eval-{task}-{shots}shot")["models"].values():
-            r = row(_method_of(entry["model"], folder))
-            metric = primary_metric(entry["tasks"][task]["metrics"], task) if entry.get("status") == "ok" and task in entry["tasks"] else None
-            r.setdefault("few_shot", {})[f"{task} {shots}-shot"] = metric[1] if metric else None
-    for entry in _suite(folder, "eval-passkey")["models"].values():
-        r = row(_method_of(entry["model"], folder))
-        by = entry["tasks"].get("passkey", {}).get("metrics", {}).get("by", {}).get("length", {}) if entry.get("status") == "ok" else {}
-        r["passkey"] = {int(n): v for n, v in by.items()}
+    scored = _scores(folder)
+    for method, scores in scored.items():
+        row(method).update(scores)
+    # a method that chose what an earlier one did is a link to its model, scored once under the target's name
+    for link in sorted(p for p in folder.iterdir() if p.is_symlink() and (p / "linearize.json").is_file()):
+        for key, value in scored.get(link.resolve().name, {}).items():
+            row(link.name).setdefault(key, value)
+    # the teacher is scored once, with the first budget's models
+    if "teacher" in rows and not ({"few_shot", "passkey"} & set(rows["teacher"])):
+        for other in sorted(p for p in out.iterdir() if p.is_dir() and p != folder):
+            teacher = _scores(other).get("teacher")
+            if teacher:
+                rows["teacher"].update(teacher)
+                break
     for r in rows.values():
         few = list((r.get("few_shot") or {}).values())
         r["few_shot_average"] = sum(few) / len(few) if few and None not in few else None

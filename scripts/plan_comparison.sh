@@ -102,11 +102,16 @@ if step convert; then
 fi
 
 # 3. the evaluations, JOBS at a time
+teacher_scored=
 for budget in $BUDGETS; do
   dir=$(budget_dir "$budget")
   [ -f "$dir/plan-kl/plan.json" ] || continue
-  models=("$MODEL"); named=()
-  while IFS= read -r m; do models+=("$dir/${m%%=*}"); named+=("${m%%=*}=$dir/${m%%=*}"); done < <(methods_of "$dir")
+  # the teacher with the first budget's models only, and a link (a method that chose what an earlier one did)
+  # not again: the report takes their scores from there
+  models=(); named=(); [ -n "$teacher_scored" ] || models=("$MODEL"); teacher_scored=1
+  while IFS= read -r m; do
+    named+=("${m%%=*}=$dir/${m%%=*}"); [ -L "$dir/${m%%=*}" ] || models+=("$dir/${m%%=*}")
+  done < <(methods_of "$dir")
   if step heldout; then
     job "$dir/heldout.log" python "$here/plan_comparison.py" heldout --recipe "$RECIPE" "${sets[@]}" --model "$MODEL" \
       --device "$DEVICE" --dtype "$DTYPE" --out "$dir/heldout.md" "${named[@]}"

@@ -66,3 +66,42 @@ def test_plan_comparison_converts_every_method_and_reports_who_wins(tmp_path):
 
 def plan_layers(plan: dict) -> int:
     return len(plan["choice"])
+
+
+def test_report_takes_a_link_and_the_teacher_from_where_they_were_scored(tmp_path):
+    """The script scores the teacher with the first budget only and a method that chose what an
+    earlier one did (a link to its model) not at all: the report fills both from where they were
+    scored, and keeps a budget's own scores where it has them."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plan_comparison as pc
+
+    def budget(name, models, teacher_acc=None):
+        folder = tmp_path / name
+        for m in models:
+            (folder / m).mkdir(parents=True)
+            (folder / m / "linearize.json").write_text("{}")
+        entries = {m: (str(folder / m), acc) for m, acc in models.items()}
+        if teacher_acc is not None:
+            entries["teacher"] = ("/models/base", teacher_acc)
+        passkey = {k: {"model": path, "status": "ok", "tasks": {"passkey": {"metrics": {"by": {"length": {"4096": acc}}}}}}
+                   for k, (path, acc) in entries.items()}
+        (folder / "eval-passkey").mkdir()
+        (folder / "eval-passkey" / "report.json").write_text(json.dumps({"models": passkey}))
+        arc = {k: {"model": path, "status": "ok", "tasks": {"arc_challenge": {"metrics": {"acc_norm": acc / 2}}}}
+               for k, (path, acc) in entries.items()}
+        (folder / "eval-arc_challenge-25shot").mkdir()
+        (folder / "eval-arc_challenge-25shot" / "report.json").write_text(json.dumps({"models": arc}))
+        rows = [{"name": m, "softmax_layers": 2, "perplexity": 5.0, "kl": 0.1} for m in [*models, "every"]]
+        (folder / "heldout.json").write_text(json.dumps({"teacher_perplexity": 4.0, "rows": rows}))
+        return folder
+
+    budget("softmax-layers-2", {"kl": 0.75, "random0": 0.25}, teacher_acc=1.0)
+    second = budget("softmax-layers-4", {"kl": 0.5})
+    (second / "every").symlink_to("kl")
+    first = {r["method"]: r for r in pc.budget_rows(tmp_path, "softmax-layers=2")}
+    rows = {r["method"]: r for r in pc.budget_rows(tmp_path, "softmax-layers=4")}
+    assert rows["teacher"]["passkey"] == {4096: 1.0} and rows["teacher"]["few_shot"] == first["teacher"]["few_shot"]
+    assert rows["every"]["passkey"] == rows["kl"]["passkey"] == {4096: 0.5}
+    assert rows["every"]["few_shot_average"] == rows["kl"]["few_shot_average"] == 0.25
+    assert first["kl"]["passkey"] == {4096: 0.75}  # a budget's own scores stay its own
+    assert first["every"]["passkey_average"] is None  # not a link and not scored: left blank, not borrowed
