@@ -188,8 +188,9 @@ def _plan_options(p, auto: bool = False) -> None:
                    help=with_auto + "student settings to choose from per layer, e.g. window_size=16,64,256 "
                         "(several keys: their grid); default: the recipe's own settings")
     p.add_argument("--signal", choices=["kl", "transfer"], default=None,
-                   help=with_auto + "what the plan minimises: kl (default; each layer's end-to-end KL to the teacher "
-                        "with only it converted) or transfer (its attention-transfer error)")
+                   help=with_auto + "what the plan minimises: transfer (default; each layer's attention-transfer "
+                        "error) or kl (its end-to-end KL to the teacher with only it converted; measures both "
+                        "signals, at several times the cost)")
     p.add_argument("--calibration-steps", type=int, default=None,
                    help=with_auto + "attention-transfer steps of each option's measuring fit (default: 10%% of the "
                         "recipe's first attention-transfer stage, split over the options, at least 3)")

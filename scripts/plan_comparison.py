@@ -4,6 +4,7 @@ and KL to the teacher of converted models, on a recipe's evaluation text.
     python scripts/plan_comparison.py layers PLAN_DIR plan             # the layers to convert, as YAML
     python scripts/plan_comparison.py layers PLAN_DIR every
     python scripts/plan_comparison.py layers PLAN_DIR random --seed 1
+    python scripts/plan_comparison.py key PLAN_DIR                     # what the plan converts, as one string
     python scripts/plan_comparison.py heldout --recipe smoke --out table.md NAME=DIR [NAME=DIR ...]
     python scripts/plan_comparison.py report OUT BUDGET [BUDGET ...]   # OUT/comparison.md, .json, .png
 
@@ -50,6 +51,18 @@ def _layers(args) -> int:
         return 0
     softmax = baseline_softmax_layers(plan, args.method, args.seed)
     print(json.dumps([i for i in range(len(plan["choice"])) if i not in softmax]))
+    return 0
+
+
+def plan_key(plan_dir) -> str:
+    """What a plan converts, as one string: two plans (by different signals) that chose the same
+    layers and settings have the same key, and their comparison converts it once."""
+    plan = json.loads((Path(plan_dir) / "plan.json").read_text())
+    return json.dumps([plan["converted_layers"], plan["per_layer"]], sort_keys=True, separators=(",", ":"))
+
+
+def _key(args) -> int:
+    print(plan_key(args.plan))
     return 0
 
 
@@ -105,7 +118,7 @@ def _heldout(args) -> int:
 
 
 FEW_SHOT = [("arc_challenge", 25), ("hellaswag", 10), ("winogrande", 5)]
-PLAN = "kl"  # the plan `linearize plan` makes by default; "transfer" is the same measurements, another signal
+PLAN = "transfer"  # the plan `linearize plan` makes by default; "kl" is the same measurements, the other signal
 MEASURES = [  # (key, title, higher is better)
     ("few_shot_average", "few-shot average", True),
     ("passkey_average", "passkey average", True),
@@ -119,9 +132,10 @@ def budget_dir(out: Path, budget: str) -> Path:
 
 
 def _method_of(model: str, folder: Path) -> str:
-    """A converted model of this budget by its method's name (its folder's), anything else the teacher."""
+    """A converted model of this budget by its method's name (its folder's), anything else the teacher.
+    By the budget folder's name, not its full path: the reports stay readable once moved (to results/)."""
     path = Path(model)
-    return path.name if path.parent == folder or (folder / path.name) == path else "teacher"
+    return path.name if path.parent == folder or path.parent.name == folder.name else "teacher"
 
 
 def _suite(folder: Path, name: str) -> dict:
@@ -175,12 +189,15 @@ def budget_rows(out: Path, budget: str) -> list[dict]:
             if teacher:
                 rows["teacher"].update(teacher)
                 break
+    # an average only over every task (every length) this budget measured: one over fewer would not compare
+    tasks = {t for r in rows.values() for t in (r.get("few_shot") or {})}
+    lengths = {n for r in rows.values() for n in (r.get("passkey") or {})}
     for r in rows.values():
-        few = list((r.get("few_shot") or {}).values())
+        few = [(r.get("few_shot") or {}).get(t) for t in sorted(tasks)]
         r["few_shot_average"] = sum(few) / len(few) if few and None not in few else None
-        pk = list((r.get("passkey") or {}).values())
-        r["passkey_average"] = sum(pk) / len(pk) if pk else None
-    order = ["teacher", PLAN, "transfer", "every"]
+        pk = [(r.get("passkey") or {}).get(n) for n in sorted(lengths)]
+        r["passkey_average"] = sum(pk) / len(pk) if pk and None not in pk else None
+    order = ["teacher", PLAN, "kl", "every"]
     return sorted(rows.values(), key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["method"]))
 
 
@@ -194,12 +211,24 @@ def verdicts(rows: list[dict]) -> list[dict]:
     for key, title, higher in MEASURES:
         mine = plan.get(key) if plan else None
         theirs = [(r["method"], r.get(key)) for r in baselines if r.get(key) is not None]
-        if mine is None or not theirs:
-            continue
-        best = max(theirs, key=lambda x: x[1]) if higher else min(theirs, key=lambda x: x[1])
-        wins = all((mine > v) if higher else (mine < v) for _, v in theirs)
-        out.append({"measure": title, "plan": mine, "best_baseline": best[0], "best_baseline_value": best[1], "plan_wins": wins})
+        if mine is None and not theirs:
+            continue  # a measure this budget did not take at all
+        best = (max(theirs, key=lambda x: x[1]) if higher else min(theirs, key=lambda x: x[1])) if theirs else (None, None)
+        # beating the baselines that happened to be measured is not a win (None: not known); losing to one is a loss
+        wins = None if mine is None else all((mine > v) if higher else (mine < v) for _, v in theirs)
+        if wins and len(theirs) < len(baselines):
+            wins = None
+        out.append({"measure": title, "plan": mine, "best_baseline": best[0], "best_baseline_value": best[1],
+                    "baselines_measured": len(theirs), "baselines": len(baselines), "plan_wins": wins})
     return out
+
+
+def _verdict(v: dict) -> str:
+    if v["plan"] is None:
+        return "not known: the plan not measured"
+    if v["plan_wins"] is None:
+        return f"not known: {v['baselines_measured']} of {v['baselines']} baselines measured"
+    return "yes" if v["plan_wins"] else "**no**"
 
 
 def _fmt(x, digits=3):
@@ -210,8 +239,8 @@ def _report(args) -> int:
     out = Path(args.out)
     result = {"budgets": {}}
     lines = ["# The plan against every k-th layer and random layers, at equal budgets", "",
-             f"`{PLAN}`: the plan `linearize plan` makes (its KL signal); `transfer`: the same measurements, "
-             "the attention-transfer signal; `every`: the softmax layers evenly spread; `randomN`: a random choice "
+             f"`{PLAN}`: the plan `linearize plan` makes (its default signal, the attention-transfer error); `kl`: the same "
+             "measurements, the KL signal; `every`: the softmax layers evenly spread; `randomN`: a random choice "
              "from seed N. Each baseline keeps as many layers softmax as the budget allows at the recipe's settings.", ""]
     wins_lines = ["## Does the plan win?", "", "| budget | measure | plan | best baseline | plan wins |", "|---|---|---|---|---|"]
     for budget in args.budgets:
@@ -235,8 +264,8 @@ def _report(args) -> int:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for v in result["budgets"][budget]["verdicts"]:
-            wins_lines.append(f"| {budget} | {v['measure']} | {_fmt(v['plan'], 4)} | {v['best_baseline']} "
-                              f"{_fmt(v['best_baseline_value'], 4)} | {'yes' if v['plan_wins'] else '**no**'} |")
+            wins_lines.append(f"| {budget} | {v['measure']} | {_fmt(v['plan'], 4)} | {v['best_baseline'] or ''} "
+                              f"{_fmt(v['best_baseline_value'], 4)} | {_verdict(v)} |")
     text = "\n".join(lines + wins_lines) + "\n"
     (out / "comparison.md").write_text(text)
     (out / "comparison.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -267,7 +296,7 @@ def _plot(result: dict, path: Path) -> None:
     for ax, (key, title) in zip(axes[0], keys):
         for j, m in enumerate(methods):
             values = [next((r.get(key) for r in result["budgets"][b]["rows"] if r["method"] == m), None) for b in budgets]
-            ax.bar([i + j * width for i in range(len(budgets))], [v if v is not None else 0 for v in values], width,
+            ax.bar([i + j * width for i in range(len(budgets))], [v if v is not None else float("nan") for v in values], width,
                    label=m, color=f"C{j % 10}")
         ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(budgets))], budgets, fontsize=8)
         ax.set_title(title)
@@ -284,6 +313,9 @@ def main(argv=None) -> int:
     q.add_argument("method", choices=["plan", "every", "random"])
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_layers)
+    q = sub.add_parser("key")
+    q.add_argument("plan")
+    q.set_defaults(func=_key)
     q = sub.add_parser("heldout")
     q.add_argument("models", nargs="+", metavar="NAME=DIR")
     q.add_argument("--recipe", required=True)

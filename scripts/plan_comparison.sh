@@ -74,11 +74,12 @@ if step convert; then
     dir=$(budget_dir "$budget"); declare -A made=()
     while IFS= read -r m; do
       name=${m%%=*} what=${m#*=} target="$dir/$name"
-      if [ -n "${made[$what]:-}" ]; then
-        [ -e "$target" ] || ln -s "$(basename "${made[$what]}")" "$target"
+      key=$what; [[ $what == *.yaml ]] && key=$(python "$here/plan_comparison.py" key "$(dirname "$what")")
+      if [ -n "${made[$key]:-}" ]; then
+        [ -e "$target" ] || ln -s "$(basename "${made[$key]}")" "$target"
         continue
       fi
-      made[$what]=$target
+      made[$key]=$target
       [ -d "$target" ] || todo+=("$target=$what")
     done < <(methods_of "$dir")
     unset made

@@ -305,14 +305,14 @@ def test_a_per_layer_plan_is_deterministic_converts_and_reloads_with_each_layers
     # at 1000 tokens a softmax layer's cache (256 KB) is over the limit, and so are three windows of 8
     budget, candidates = "kv-memory=50000@1000", ["window_size=4,8"]
     result, path = run_plan(base, tiny_recipe, budget, tmp_path / "plan", candidates=candidates, calibration_steps=3,
-                            log=logs.append)
+                            signal="kl", log=logs.append)
     costs = result["costs"]
     assert result["signal"] == "kl" and result["cost"] <= costs["capacity"] == 50000
     assert 0 not in result["choice"] and result["choice"] != [2, 2, 2]
     assert {"recipe.yaml", "plan.json", "plan.md", "plan.png"} <= {p.name for p in (tmp_path / "plan").iterdir()}
     assert any("plan time" in line and "%" in line for line in logs)
     again, _ = run_plan(base, tiny_recipe, budget, tmp_path / "plan2", candidates=candidates, calibration_steps=3,
-                        log=logs.append)
+                        signal="kl", log=logs.append)
     assert _without_timing(again) == _without_timing(result)  # a fixed seed and calibration set: the same plan
 
     planned = load_recipe(str(path))
@@ -323,12 +323,22 @@ def test_a_per_layer_plan_is_deterministic_converts_and_reloads_with_each_layers
     loaded = linearize.load(tmp_path / "out")
     assert {i: s.settings.window_size for i, s in linearize.students(loaded).items()} == windows
 
-    # the same measurements, chosen again under another budget and by the other signal
+    # the same measurements, chosen again under another budget and by the other signal (the default)
     other, _ = run_plan(base, tiny_recipe, "softmax-layers=1", tmp_path / "plan3", candidates=candidates,
-                        calibration_steps=3, signal="transfer", reuse=tmp_path / "plan", log=logs.append)
-    assert other["measured"] == json.loads(json.dumps(result["measured"]))
+                        calibration_steps=3, reuse=tmp_path / "plan", log=logs.append)
+    assert other["signal"] == "transfer" and other["measured"] == json.loads(json.dumps(result["measured"]))
     transfer = other["measured"]["transfer"]
     assert other["softmax_layers"] == [max(range(3), key=lambda i: min(transfer[i][1:]))]
+
+    # the default signal measures the transfer error alone: the same numbers, no KL, and a plan by it
+    alone, _ = run_plan(base, tiny_recipe, "softmax-layers=1", tmp_path / "plan5", candidates=candidates,
+                        calibration_steps=3, log=logs.append)
+    assert alone["measured"]["kl"] is None and alone["measured"]["transfer"] == other["measured"]["transfer"]
+    assert alone["choice"] == other["choice"]
+    assert "kl /" not in (tmp_path / "plan5" / "plan.md").read_text() and (tmp_path / "plan5" / "plan.png").is_file()
+    with pytest.raises(PlanError, match=r"--reuse .*plan5: its measurements have no kl signal .*--signal kl"):
+        run_plan(base, tiny_recipe, "softmax-layers=1", tmp_path / "plan6", candidates=candidates,
+                 calibration_steps=3, signal="kl", reuse=tmp_path / "plan5", log=logs.append)
     with pytest.raises(PlanError, match=r"--reuse .*: its measurements were made with other calibration_steps, options"):
         run_plan(base, tiny_recipe, budget, tmp_path / "plan4", candidates=["window_size=4,16"], calibration_steps=2,
                  reuse=tmp_path / "plan", log=logs.append)

@@ -56,7 +56,7 @@ def test_plan_comparison_converts_every_method_and_reports_who_wins(tmp_path):
         key = {"held-out perplexity": "perplexity", "KL to the teacher": "kl", "passkey average": "passkey_average"}[v["measure"]]
         higher = key == "passkey_average"
         others = [rows[m][key] for m in ("every", "random0", "random1")]
-        mine = rows["kl"][key]
+        mine = rows["transfer"][key]
         assert v["plan_wins"] == all((mine > o) if higher else (mine < o) for o in others)
     assert {v["measure"] for v in result["verdicts"]} == {"held-out perplexity", "KL to the teacher", "passkey average"}
     table = (out / "comparison.md").read_text()
@@ -95,13 +95,58 @@ def test_report_takes_a_link_and_the_teacher_from_where_they_were_scored(tmp_pat
         (folder / "heldout.json").write_text(json.dumps({"teacher_perplexity": 4.0, "rows": rows}))
         return folder
 
-    budget("softmax-layers-2", {"kl": 0.75, "random0": 0.25}, teacher_acc=1.0)
-    second = budget("softmax-layers-4", {"kl": 0.5})
-    (second / "every").symlink_to("kl")
+    budget("softmax-layers-2", {"transfer": 0.75, "random0": 0.25}, teacher_acc=1.0)
+    second = budget("softmax-layers-4", {"transfer": 0.5})
+    (second / "every").symlink_to("transfer")
     first = {r["method"]: r for r in pc.budget_rows(tmp_path, "softmax-layers=2")}
     rows = {r["method"]: r for r in pc.budget_rows(tmp_path, "softmax-layers=4")}
     assert rows["teacher"]["passkey"] == {4096: 1.0} and rows["teacher"]["few_shot"] == first["teacher"]["few_shot"]
-    assert rows["every"]["passkey"] == rows["kl"]["passkey"] == {4096: 0.5}
-    assert rows["every"]["few_shot_average"] == rows["kl"]["few_shot_average"] == 0.25
-    assert first["kl"]["passkey"] == {4096: 0.75}  # a budget's own scores stay its own
+    assert rows["every"]["passkey"] == rows["transfer"]["passkey"] == {4096: 0.5}
+    assert rows["every"]["few_shot_average"] == rows["transfer"]["few_shot_average"] == 0.25
+    assert first["transfer"]["passkey"] == {4096: 0.75}  # a budget's own scores stay its own
     assert first["every"]["passkey_average"] is None  # not a link and not scored: left blank, not borrowed
+    # a baseline that was not scored leaves the verdict open, not won against the others
+    verdicts = {v["measure"]: v for v in pc.verdicts(pc.budget_rows(tmp_path, "softmax-layers=2"))}
+    assert verdicts["passkey average"]["plan_wins"] is None and verdicts["passkey average"]["baselines_measured"] == 1
+    assert verdicts["held-out perplexity"]["plan_wins"] is False  # every baseline measured: 5.0 against 5.0 is a tie
+    # one baseline that beats the plan decides it, whether the others were measured or not
+    (tmp_path / "softmax-layers-2" / "eval-passkey" / "report.json").write_text(json.dumps({"models": {
+        m: {"model": str(tmp_path / "softmax-layers-2" / m), "status": "ok",
+            "tasks": {"passkey": {"metrics": {"by": {"length": {"4096": acc}}}}}} for m, acc in (("transfer", 0.5), ("random0", 0.75))}}))
+    verdicts = {v["measure"]: v for v in pc.verdicts(pc.budget_rows(tmp_path, "softmax-layers=2"))}
+    assert verdicts["passkey average"]["plan_wins"] is False and verdicts["passkey average"]["best_baseline"] == "random0"
+
+
+def test_an_average_over_fewer_tasks_than_the_budget_measured_is_not_given(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plan_comparison as pc
+
+    folder = tmp_path / "softmax-layers-2"
+    for task, shots, scored in (("arc_challenge", 25, ["transfer", "every"]), ("winogrande", 5, ["transfer"])):
+        (folder / f"eval-{task}-{shots}shot").mkdir(parents=True)
+        models = {m: {"model": str(folder / m), "status": "ok", "tasks": {task: {"metrics": {"acc": 0.5}}}} for m in scored}
+        (folder / f"eval-{task}-{shots}shot" / "report.json").write_text(json.dumps({"models": models}))
+    rows = {r["method"]: r for r in pc.budget_rows(tmp_path, "softmax-layers=2")}
+    assert rows["transfer"]["few_shot_average"] == 0.5
+    assert rows["every"]["few_shot_average"] is None  # winogrande missing: no average over arc alone
+
+
+def test_two_plans_that_chose_the_same_have_one_key(tmp_path):
+    """The script converts a plan once when both signals chose the same layers and settings (a
+    recipe file each, so the paths differ), and separately when the settings differ."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plan_comparison as pc
+
+    def plan(name, per_layer, signal):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "plan.json").write_text(json.dumps(
+            {"converted_layers": [0, 2], "per_layer": per_layer, "signal": signal}))
+        return tmp_path / name
+
+    a = plan("a", {"0": {"window_size": 256}}, "kl")
+    b = plan("b", {"0": {"window_size": 256}}, "transfer")
+    c = plan("c", {"0": {"window_size": 64}}, "transfer")
+    assert pc.plan_key(a) == pc.plan_key(b) != pc.plan_key(c)
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_comparison.py"), "key", str(b)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0 and run.stdout.strip() == pc.plan_key(a)

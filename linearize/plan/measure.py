@@ -7,7 +7,8 @@ sequence length and learning rate; only the step count is the planner's). Layers
 independently in attention transfer (each sees the teacher's inputs and passes the teacher's
 output on), so one joint fit measures every layer under that option. Then, on held-back
 blocks (the first of the stage's ``val_blocks``, which the conversion validates on and never
-trains on; how many: :func:`default_calibration`), two signals per layer:
+trains on; how many: :func:`default_calibration`), two signals per layer (``kl`` only when a
+plan asks for it: it costs most of the measuring):
 
 * ``transfer``: the attention-transfer error ``||y_s - y_t|| / ||y_t||`` of the layer's output
   (before ``o_proj``), every layer at once in transfer mode;
@@ -182,8 +183,9 @@ def signal_batch_size(stage) -> int:
 
 
 @torch.no_grad()
-def layer_signals(model, adapter, blocks: Blocks, batch_size: int) -> tuple[dict, dict, float]:
-    """Both signals of every student layer over ``blocks``: ``(transfer, kl, teacher_seconds)``.
+def layer_signals(model, adapter, blocks: Blocks, batch_size: int, kl: bool = True) -> tuple[dict, dict | None, float]:
+    """The signals of every student layer over ``blocks``: ``(transfer, kl, teacher_seconds)``;
+    ``kl`` is None with ``kl=False`` (the transfer-mode forwards alone, most of whose cost the KL is).
 
     ``transfer[i] = ||y_s - y_t|| / ||y_t||`` of layer i's attention output, every layer at
     once in transfer mode (which passes the teacher's outputs on, so that forward also gives the
@@ -194,6 +196,7 @@ def layer_signals(model, adapter, blocks: Blocks, batch_size: int) -> tuple[dict
     time (a measure of the model's forward speed)."""
     device = next(model.parameters()).device
     layers = sorted(students(model))
+    want_kl = kl
     sq_err, sq_ref, kl = ({i: 0.0 for i in layers} for _ in range(3))
     tokens, teacher_seconds = 0, 0.0
     for start in range(0, len(blocks), batch_size):
@@ -204,6 +207,9 @@ def layer_signals(model, adapter, blocks: Blocks, batch_size: int) -> tuple[dict
         for i, s in students(model).items():
             sq_err[i] += s.transfer_record.sq_err
             sq_ref[i] += s.transfer_record.sq_ref
+        if not want_kl:
+            del logits, captured
+            continue
         teacher = TeacherDistribution(logits, batch.attention_mask)
         del logits
         for i in layers:
@@ -213,7 +219,7 @@ def layer_signals(model, adapter, blocks: Blocks, batch_size: int) -> tuple[dict
         tokens += teacher.tokens
         del teacher, captured
     transfer = {i: math.sqrt(sq_err[i] / max(sq_ref[i], 1e-30)) for i in layers}
-    return transfer, {i: kl[i] / max(tokens, 1) for i in layers}, teacher_seconds
+    return transfer, ({i: kl[i] / max(tokens, 1) for i in layers} if want_kl else None), teacher_seconds
 
 
 @torch.no_grad()
@@ -266,9 +272,9 @@ def fit(model, adapter, stage, blocks: Blocks, steps: int, seed: int, log) -> fl
 
 
 def measure_option(model, adapter, recipe, option: Option, fit_blocks: Blocks, held: Blocks, steps: int,
-                   log=print) -> dict:
-    """Convert every layer to ``option``, fit ``steps``, and measure both signals.
-    Returns ``{"transfer": {layer: error}, "kl": {layer: nats}, "seconds": {...}}``."""
+                   log=print, kl: bool = True) -> dict:
+    """Convert every layer to ``option``, fit ``steps``, and measure the signals (``kl=False``: the
+    transfer error only). Returns ``{"transfer": {layer: error}, "kl": {layer: nats} or None, "seconds": {...}}``."""
     from ..pipeline import seed_everything
 
     stage = transfer_stage(recipe)
@@ -276,7 +282,7 @@ def measure_option(model, adapter, recipe, option: Option, fit_blocks: Blocks, h
     with converted(model, ConversionSpec(option.kind, "all", option.settings)):
         fit_seconds = fit(model, adapter, stage, fit_blocks, steps, recipe.seed, log)
         began = time.perf_counter()
-        transfer, kl, teacher_seconds = layer_signals(model, adapter, held, signal_batch_size(stage))
+        transfer, kl, teacher_seconds = layer_signals(model, adapter, held, signal_batch_size(stage), kl=kl)
         signal_seconds = time.perf_counter() - began
     return {"transfer": transfer, "kl": kl,
             "seconds": {"fit": fit_seconds, "signals": signal_seconds, "teacher_forward": teacher_seconds}}

@@ -55,20 +55,26 @@ def reasons(result: dict) -> list[str]:
     return out
 
 
+def measured_signals(result: dict) -> list[str]:
+    """The signals the plan's measurements hold (``kl`` is measured only for a plan that asks for it)."""
+    return [signal for signal in SIGNALS if result["measured"].get(signal) is not None]
+
+
 def plan_table(result: dict) -> str:
-    """Per layer: each student option's two signals (``kl / transfer``), the choice and its reason
+    """Per layer: each student option's signals (``kl / transfer``, or ``transfer`` alone), the choice and its reason
     (and each option's cost, where the layers' costs differ: else :func:`cost_line` says them)."""
     options = result["options"]
     students = [k for k, o in enumerate(options) if o["kind"] is not None]
     costs = result["costs"]["cost"]
     uniform = _uniform_costs(result)
-    head = ["layer"] + [f"{options[k]['name']}: kl / transfer" for k in students] + ["choice", "reason"]
+    signals = measured_signals(result)
+    head = ["layer"] + [f"{options[k]['name']}: {' / '.join(signals)}" for k in students] + ["choice", "reason"]
     rows = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     why = reasons(result)
     for i, o in enumerate(result["choice"]):
         cells = [str(i)]
         for k in students:
-            cell = f"{_num(result['measured']['kl'][i][k])} / {_num(result['measured']['transfer'][i][k])}"
+            cell = " / ".join(_num(result["measured"][signal][i][k]) for signal in signals)
             cells.append(cell if uniform else f"{cell} ({_cost_cell(result, costs[i][k])})")
         cells += [options[o]["name"] + ("" if uniform else f" ({_cost_cell(result, costs[i][o])})"), why[i]]
         rows.append(" | ".join(cells))
@@ -99,8 +105,7 @@ def planned_recipe(base: dict, result: dict) -> str:
         "# Written by `linearize plan`. Edit freely: students.layers lists the layers to convert (the others",
         "# keep softmax attention); students.per_layer gives a layer settings of its own.",
         *(f"# {line}" for line in _wrap(summary(result), 98)),
-        "# kl: " + SIGNALS["kl"] + ";",
-        "# transfer: " + SIGNALS["transfer"] + ".",
+        *(f"# {signal}: {SIGNALS[signal]}." for signal in measured_signals(result)),
         "# reason: how much more predicted error the best plan without this layer's choice has.",
     ]
     header += [f"#   {line}" for line in plan_table(result).splitlines()]
@@ -133,7 +138,7 @@ def write_plan(out_dir, base: dict, result: dict) -> Path:
 
 
 def plot(path: Path, result: dict) -> None:
-    """Both signals per layer and student option (log scale), the chosen option outlined, the
+    """Each measured signal per layer and student option (log scale), the chosen option outlined, the
     layers kept softmax shaded."""
     try:
         import matplotlib
@@ -146,8 +151,10 @@ def plot(path: Path, result: dict) -> None:
     students = [k for k, o in enumerate(options) if o["kind"] is not None]
     L = len(result["choice"])
     width = 0.8 / len(students)
-    fig, axes = plt.subplots(2, 1, figsize=(max(7, L * 0.35), 6), sharex=True)
-    for ax, signal in zip(axes, ("kl", "transfer")):
+    signals = measured_signals(result)
+    fig, axes = plt.subplots(len(signals), 1, figsize=(max(7, L * 0.35), 3 * len(signals)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    for ax, signal in zip(axes, signals):
         for i, o in enumerate(result["choice"]):
             if options[o]["kind"] is None:
                 ax.axvspan(i - 0.45, i + 0.45, color="tab:red", alpha=0.12, lw=0)
@@ -159,8 +166,8 @@ def plot(path: Path, result: dict) -> None:
         ax.set_yscale("log")
         ax.set_ylabel({"kl": "KL, nats/token", "transfer": "transfer error"}[signal]
                       + (" (chosen by)" if signal == result["signal"] else ""))
-    axes[1].set_xticks(range(L))
-    axes[1].set_xlabel("layer (shaded: kept softmax; outlined: the chosen option)")
+    axes[-1].set_xticks(range(L))
+    axes[-1].set_xlabel("layer (shaded: kept softmax; outlined: the chosen option)")
     axes[0].legend(fontsize=8, ncol=min(4, len(students)))
     axes[0].set_title(f"plan: {result['budget']['text']}", fontsize=10)
     fig.tight_layout()
