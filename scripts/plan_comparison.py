@@ -275,7 +275,8 @@ def _report(args) -> int:
 
 
 def _plot(result: dict, path: Path) -> None:
-    """Per budget, each method's few-shot average and passkey average (where measured), as bars."""
+    """Per budget, each method's score on every measure that was taken (few-shot and passkey averages,
+    held-out perplexity and KL), as bars; a method not scored has no bar."""
     try:
         import matplotlib
 
@@ -283,7 +284,7 @@ def _plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    keys = [(k, t) for k, t, _ in MEASURES[:2]
+    keys = [(k, t) for k, t, _ in MEASURES
             if any(r.get(k) is not None for b in result["budgets"].values() for r in b["rows"])]
     if not keys:
         return
@@ -291,15 +292,23 @@ def _plot(result: dict, path: Path) -> None:
     methods = []
     for b in result["budgets"].values():
         methods += [r["method"] for r in b["rows"] if r["method"] not in methods]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
+    cols = min(2, len(keys))
+    rows_ = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 3.6 * rows_), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
     width = 0.8 / max(len(methods), 1)
-    for ax, (key, title) in zip(axes[0], keys):
+    for ax, (key, title) in zip(axes.flat, keys):
         for j, m in enumerate(methods):
             values = [next((r.get(key) for r in result["budgets"][b]["rows"] if r["method"] == m), None) for b in budgets]
             ax.bar([i + j * width for i in range(len(budgets))], [v if v is not None else float("nan") for v in values], width,
                    label=m, color=f"C{j % 10}")
         ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(budgets))], budgets, fontsize=8)
-        ax.set_title(title)
+        higher = next(h for k, _, h in MEASURES if k == key)
+        ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=10)
+        if key == "perplexity":  # every model lies within a few tenths of the teacher: show the differences
+            scored = [r[key] for b in result["budgets"].values() for r in b["rows"] if r.get(key) is not None]
+            ax.set_ylim(0.95 * min(scored), 1.02 * max(scored))
     axes[0][0].legend(fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
