@@ -705,3 +705,33 @@ def test_gpu_parallel_forward_real_shapes_bf16(b, h, T, f, chunk):
     gradients up to fp32 rounding (products tiled differently once compiled)."""
     out = check_bf16_against_reference(b, h, T, f, 64, "cuda", chunk, impls=("parallel", "sequential"))
     assert_same_as_sequential(out, f=f, bf16=True)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_forward_reads_no_memory_it_did_not_write(monkeypatch, parallel):
+    """Every buffer the forward allocates (``A``, the chunk states ``h`` and ``hz``, ``y``, ``d``,
+    the final state) starts as NaN: a kernel that loads a slot nobody wrote (an unwritten block of
+    ``A``, a state row, a column past the end) carries the NaN into ``y`` or the state. On the CPU
+    ``torch.empty`` often hands out zeroed memory, which would hide such a read; a GPU does not.
+    Both forwards, 64-token chunks, T = 100 (a last chunk with tokens past the end)."""
+    import linearize.kernels.gated.chunk as gchunk
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    gen = torch.Generator().manual_seed(11)
+    T = 100
+    fq, fk = (torch.rand(1, 2, T, 16, generator=gen).to(DEVICE) for _ in range(2))
+    v = torch.randn(1, 2, T, 16, generator=gen).to(DEVICE)
+    g = (-0.1 * torch.rand(1, 2, T, 16, generator=gen)).to(DEVICE)
+    monkeypatch.setattr(gchunk.torch, "empty", nan_empty)
+    y, _, d, _, S, z = gchunk.gated_attention_fwd(fq, fk, v, g, output_final_state=True, chunk_size=64, parallel=parallel)
+    monkeypatch.undo()
+    for name, t in (("y", y), ("d", d), ("S", S), ("z", z)):
+        assert torch.isfinite(t).all(), name
+    ref = chunk_gated_attention(fq, fk, v, g)
+    ref_y = ref[0] if isinstance(ref, tuple) else ref
+    assert rel(y, ref_y) <= 1e-5
