@@ -303,19 +303,18 @@ def test_split_sequence_with_carried_state_equals_whole(chunk, T, cuts):
 def assert_same_as_sequential(out, f=F, bf16=False):
     """The two-pass forward's outputs and the gradients through it against the sequential
     forward's. Both take the same operands, splits and order; the output pass sums the features
-    64 at a time, so with ``f <= 64`` under the interpreter they are bit for bit the same, and
-    otherwise (more feature blocks, or compiled products tiled another way) the same up to fp32
+    64 at a time. Under the interpreter, with ``f <= 64``, they differ only where numpy's BLAS
+    tiles a product of tiles laid out differently in another order (which depends on the CPU it
+    picks kernels for: bit for bit on some machines, ~1e-7 on others): 1e-6, a few fp32 ulps.
+    Otherwise (more feature blocks, or compiled products tiled another way) the same up to fp32
     rounding: 1e-5 (1e-3 on bf16 tensors, where such a difference can move a value across a
     rounding boundary)."""
     par, seq = out["parallel"], out["sequential"]
     assert len(par) == len(seq)
-    if interpreting() and f <= 64:
-        bad = [n for n, a, b in zip(NAMES, par, seq) if not torch.equal(a, b)]
-        assert not bad, errors(out, "parallel", "sequential")
-    else:
-        err = errors(out, "parallel", "sequential")
-        tol = {n: (1e-3 if bf16 and a.dtype == torch.bfloat16 else 1e-5) for n, a in zip(NAMES, par)}
-        assert all(err[n] <= tol[n] for n in err), err
+    err = errors(out, "parallel", "sequential")
+    fp32_tol = 1e-6 if interpreting() and f <= 64 else 1e-5
+    tol = {n: (1e-3 if bf16 and a.dtype == torch.bfloat16 else fp32_tol) for n, a in zip(NAMES, par)}
+    assert all(err[n] <= tol[n] for n in err), err
 
 
 def assert_bf16_errors(err):
