@@ -20,6 +20,10 @@ Backends:
   when fla can be imported;
 * ``ours``: ``linearize.kernels.linear.chunk_linear_attention`` (``[B, H, T, D]``), one column
   per ``--chunk`` size;
+* ``ours_par``: ours, 64 tokens a chunk, with the two-pass forward (``parallel=True``: each
+  chunk's starting state, then all chunks' outputs at once; the backward is the same);
+  ``lp_x_floor`` its time over the floor, ``lp_vs_l`` ours' best sequential time over it,
+  ``lp_vs_sdpa`` and ``lp_vs_fla`` the softmax baseline's and fla's;
 * ``ours+hh``: the fused Hedgehog feature maps (``linearize.kernels.feature_map``, ``D/2`` per
   softmax, so ``D`` features) on raw q and k, then ours; ``torch_hh+ours``: the same maps in
   plain PyTorch (``HedgehogFeatureMap``) then ours. (Not with ``--quick``.)
@@ -134,12 +138,12 @@ def fla_backend():
     return make
 
 
-def ours_backend(chunk):
+def ours_backend(chunk, parallel=None):
     from linearize.kernels.linear import chunk_linear_attention
 
     def make(q, k, v):
         def run():
-            y, _ = chunk_linear_attention(q, k, v, chunk_size=chunk)
+            y, _ = chunk_linear_attention(q, k, v, chunk_size=chunk, parallel=parallel)
             return y
 
         return run, (q, k, v)
@@ -279,6 +283,10 @@ def available_backends(args):
             backends[f"ours_c{c}"] = ours_backend(c)
         except Exception as e:  # noqa: BLE001
             missing[f"ours_c{c}"] = repr(e)
+    try:  # the two-pass forward, 64 tokens a chunk
+        backends["ours_par"] = ours_backend(64, parallel=True)
+    except Exception as e:  # noqa: BLE001
+        missing["ours_par"] = repr(e)
     if not args.no_gated:
         for name, factory in (("ours_gated", ours_gated_backend),
                               ("ours_gated_par", lambda: ours_gated_backend(parallel=True)),
@@ -478,6 +486,15 @@ def _ratios(rec, chunks):
             rec["speedup_vs_sdpa"] = min(softmax) / best
         if fla is not None:
             rec["speedup_vs_fla"] = fla / best
+    par = _ms(ms.get("ours_par"))
+    if par is not None:
+        rec["par_vs_floor"] = par / rec["floor_ms"]
+        if ours:
+            rec["par_speedup_vs_seq"] = min(ours) / par
+        if softmax:
+            rec["par_speedup_vs_sdpa"] = min(softmax) / par
+        if fla is not None:
+            rec["par_speedup_vs_fla"] = fla / par
     gated, fla_gla = _ms(ms.get("ours_gated")), _ms(ms.get("fla_gla"))
     gated16 = _ms(ms.get("ours_gated_c16"))
     gated_par = _ms(ms.get("ours_gated_par"))
@@ -523,7 +540,8 @@ def _cell(x, width=10):
 
 
 COLUMNS = [("ours_TBps", "ours_TB/s"), ("ours_vs_floor", "x_floor"), ("speedup_vs_sdpa", "vs_sdpa"),
-           ("speedup_vs_fla", "vs_fla"), ("gated_vs_floor", "g_x_floor"), ("gated_speedup_vs_sdpa", "g_vs_sdpa"),
+           ("speedup_vs_fla", "vs_fla"), ("par_vs_floor", "lp_x_floor"), ("par_speedup_vs_seq", "lp_vs_l"),
+           ("par_speedup_vs_sdpa", "lp_vs_sdpa"), ("par_speedup_vs_fla", "lp_vs_fla"), ("gated_vs_floor", "g_x_floor"), ("gated_speedup_vs_sdpa", "g_vs_sdpa"),
            ("gated_speedup_vs_fla_gla", "g_vs_fla"), ("gated_c64_speedup_vs_c16", "g64_vs_16"),
            ("gated_par_vs_floor", "gp_x_floor"), ("gated_par_speedup_vs_seq", "gp_vs_g"),
            ("gated_par_speedup_vs_fla_gla", "gp_vs_fla"),

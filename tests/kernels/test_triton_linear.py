@@ -322,8 +322,9 @@ def _hedgehog_like(shape, device, dtype):
     return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).to(dtype)
 
 
-def check_bf16_against_reference(b, h, T, f, dv, device):
-    """bf16 kernel vs the fp32 reference, initial state in and final state out, every gradient."""
+def check_bf16_against_reference(b, h, T, f, dv, device, parallel=False):
+    """bf16 kernel vs the fp32 reference, initial state in and final state out, every gradient
+    (``parallel``: through the two-pass forward)."""
     torch.manual_seed(0)
     fq, fk = (_hedgehog_like((b, h, T, f), device, torch.bfloat16) for _ in range(2))
     v = torch.randn(b, h, T, dv, device=device).to(torch.bfloat16)
@@ -335,7 +336,7 @@ def check_bf16_against_reference(b, h, T, f, dv, device):
         leaves = [x.clone().requires_grad_() for x in (fq, fk, v, S0, z0)]
         a, k_, c, s, z = leaves
         if impl == "kernel":
-            y, (S, Z) = chunk_linear_attention(a, k_, c, (s, z), output_final_state=True)
+            y, (S, Z) = chunk_linear_attention(a, k_, c, (s, z), output_final_state=True, parallel=parallel)
         else:
             y, S, Z = reference(a, k_, c, s, z)
         ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
@@ -346,9 +347,19 @@ def check_bf16_against_reference(b, h, T, f, dv, device):
     return err
 
 
-def test_bf16_hedgehog_features_small():
+@pytest.mark.parametrize("parallel", [False, True])
+def test_bf16_hedgehog_features_small(parallel):
     """The GPU test's code at a small shape (two chunks of 64, F = 32)."""
-    check_bf16_against_reference(1, 2, 100, 32, 16, DEVICE)
+    check_bf16_against_reference(1, 2, 100, 32, 16, DEVICE, parallel=parallel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("b,h,T", [(1, 32, 8192), (16, 9, 1024)])
+def test_gpu_parallel_forward_real_shapes_bf16(b, h, T):
+    """The two-pass forward compiled: B=1 x 32 heads at 8K (the states pass's blocks shrunk to
+    fill the multiprocessors) and the converted SmolLM2's batch 16 x 9 heads."""
+    check_bf16_against_reference(b, h, T, 128, 64, "cuda", parallel=True)
 
 
 @pytest.mark.gpu
@@ -423,3 +434,112 @@ def test_auto_sends_cuda_tensors_to_the_kernels_and_everything_else_to_the_refer
     monkeypatch.delenv("LINEARIZE_KERNELS")
     monkeypatch.setattr(K, "triton_available", lambda: False)
     assert not K._use_triton(device=cuda)
+
+
+# ----------------------------------------------------------------------------- the two-pass forward
+def run_forwards(T, seed, dtype=torch.float32, init=False, chunk_size=16, offset=0.0, key_mask=None):
+    """Outputs and gradients through the sequential forward, the two-pass one and the reference."""
+    fq, fk, v, S0, z0 = make_inputs(T, seed, dtype, offset=offset)
+    dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed)
+    out = {}
+    for impl in ("sequential", "parallel", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, S0, z0)]
+        a, b_, c, s, z = leaves
+        if impl == "reference":
+            y, S, Z = reference(a, b_, c, s if init else None, z if init else None, key_mask)
+        else:
+            y, (S, Z) = chunk_linear_attention(a, b_, c, (s, z) if init else None, output_final_state=True,
+                                               chunk_size=chunk_size, key_mask=key_mask, parallel=impl == "parallel")
+        ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
+        out[impl] = [y, S, Z, *[l.grad for l in (leaves if init else leaves[:3])]]
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize(
+    "T,dtype,init", [(1, torch.float32, False), (15, torch.float32, True), (63, torch.bfloat16, False),
+                     (100, torch.float32, True), (130, torch.bfloat16, True)],
+)
+def test_parallel_forward_matches_sequential_and_reference(T, dtype, init, chunk_size):
+    """The two-pass forward (each chunk's starting state, then all chunks at once): lengths that
+    are not a multiple of the chunk, with and without an initial state, fp32 and bf16 (values
+    offset by 3). Outputs, final state and every gradient (the backward is shared, and reads the
+    forward's ``y`` and ``d``) equal the sequential forward's up to the order of a product's sum
+    (1e-6 in fp32, 1e-3 on bf16 tensors, where that can cross a rounding boundary), and the
+    reference within the file's tolerances."""
+    bf16 = dtype == torch.bfloat16
+    out = run_forwards(T, seed=40 + T, dtype=dtype, init=init, chunk_size=chunk_size, offset=3.0 if bf16 else 0.0)
+    par, seq, ref = out["parallel"], out["sequential"], out["reference"]
+    assert par[0].dtype == dtype and len(par) == (8 if init else 6)
+    for name, a, b in zip(NAMES, par, seq):
+        assert rel(a, b) <= (1e-3 if a.dtype == torch.bfloat16 else 1e-6), (name, rel(a, b))
+    err = {n: rel(a, b) for n, a, b in zip(NAMES, par, ref)}
+    if T == 1 and not init:  # y_0 = v_0 whatever fq: dfq is zero up to rounding
+        del err["dfq"]
+    if bf16:
+        assert err["y"] <= 1e-2 and err["S"] <= 1e-5 and err["z"] <= 1e-5, err
+        assert max(err[n] for n in NAMES[3:] if n in err) <= 2e-2, err
+    else:
+        assert max(err.values()) <= 1e-5, err
+
+
+def test_parallel_forward_padding_keys():
+    """Left and right padding keys through the two-pass forward: the reference's results."""
+    T = 40
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :7] = False
+    mask[-1, -5:] = False
+    out = run_forwards(T, seed=9, init=True, key_mask=mask.to(DEVICE))
+    for name, a, b in zip(NAMES, out["parallel"], out["reference"]):
+        assert rel(a, b) <= 1e-5, name
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_forward_reads_no_memory_it_did_not_write(monkeypatch, parallel):
+    """Every buffer the forward allocates (the chunk states ``h``, ``hz``, ``y``, ``d``, the final
+    state) starts as NaN, so a load of a slot nobody wrote shows in the results (on the CPU
+    ``torch.empty`` often hands out zeroed memory, which would hide it). Both forwards, T = 100
+    with 64-token chunks (a last chunk with tokens past the end)."""
+    import linearize.kernels.linear.chunk as lchunk
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    fq, fk, v, S0, z0 = make_inputs(100, seed=12, dtype=torch.bfloat16)
+    monkeypatch.setattr(lchunk.torch, "empty", nan_empty)
+    y, _, d, S, z = lchunk.linear_attention_fwd(fq, fk, v, S0, z0, True, 64, keep_fp32_output=True, parallel=parallel)
+    monkeypatch.undo()
+    for name, t in (("y", y), ("d", d), ("S", S), ("z", z)):
+        assert torch.isfinite(t).all(), name
+    y_ref, S_ref, _ = reference(fq, fk, v, S0, z0)
+    assert rel(y, y_ref) <= 1e-2 and rel(S, S_ref) <= 1e-5
+
+
+def test_parallel_forward_is_off_by_default(monkeypatch):
+    """The sequential forward stays the default until a GPU run measures the two-pass one; the
+    module switch picks the two-pass forward when ``parallel`` is not given."""
+    import linearize.kernels.linear.chunk as lchunk
+
+    class Launches:  # counts the launches (``kernel[grid](...)``) of a kernel
+        def __init__(self, name):
+            self.kernel, self.calls = getattr(lchunk, name), 0
+            monkeypatch.setattr(lchunk, name, self)
+
+        def __getitem__(self, grid):
+            self.calls += 1
+            return self.kernel[grid]
+
+    assert lchunk.PARALLEL_FORWARD is False
+    walk, states, output = Launches("_fwd_kernel"), Launches("_fwd_states_kernel"), Launches("_fwd_output_kernel")
+    fq, fk, v, _, _ = make_inputs(20, seed=7)
+    y, _ = chunk_linear_attention(fq, fk, v)
+    assert (walk.calls, states.calls, output.calls) == (1, 0, 0)
+    monkeypatch.setattr(lchunk, "PARALLEL_FORWARD", True)
+    y_par, _ = chunk_linear_attention(fq, fk, v)
+    assert (walk.calls, states.calls, output.calls) == (1, 1, 1)
+    assert rel(y_par, y) <= 1e-6
+    chunk_linear_attention(fq, fk, v, parallel=False)
+    assert (walk.calls, states.calls, output.calls) == (2, 1, 1)

@@ -13,7 +13,10 @@ running state in fp32 registers, so no per-chunk state goes through memory:
 
 * forward, grid ``(Dv / BV, B * H)``: per chunk ``A = fq fk^T`` (causal inside the chunk),
   ``y = (fq S + A v) / (fq z + rowsum A)``, then ``S += fk^T v, z += colsum fk``. It also writes
-  the denominators ``d`` (fp32, ``[B, H, T]``), which the backward needs.
+  the denominators ``d`` (fp32, ``[B, H, T]``), which the backward needs. Opt-in
+  (``parallel=True``, :data:`PARALLEL_FORWARD`): the same forward in two passes, the chunk
+  states first (grid ``(F / BK, Dv / BV, B * H)``, stored fp32), then every chunk's output at
+  once (grid ``(Dv / BV, T / C, B * H)``), for more programs than ``B * H`` at long T.
 * backward, one launch with three kinds of program. With ``dn_t = dy_t / d_t`` and
   ``dd_t = -(dy_t . y_t) / d_t`` the backward is that of two unnormalised linear attentions
   (values ``v`` and a column of ones):
@@ -166,6 +169,106 @@ def _fwd_kernel(
         if i_v == 0:
             tl.store(z_out + i_bh * F + o_f, tl.sum(Z, 1), mask=m_f)
 
+
+
+@triton.jit
+def _fwd_states_kernel(
+    fk, v, s0, z0, h, hz, s_out, z_out,
+    T, F, DV,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The two-pass forward's first pass: each chunk's starting state. Grid ``(F / BK, Dv / BV,
+    B * H)``: features ``[i_k * BK, ...)`` and value columns ``[i_v * BV, ...)`` of one head (a
+    feature's row of the state evolves on its own), the chunks in order. Before a chunk's keys
+    enter, ``S [BK, BV]`` is stored, fp32, as ``h[b, h, chunk]`` and ``z`` as ``hz[b, h, chunk]``
+    (by the ``i_v == 0`` programs); then ``S += fk^T v`` and ``z += colsum fk``, the products of
+    ``_fwd_kernel`` (``z`` as column 0 of a ``[BK, 16]`` matrix, as there): the states it reads out
+    against. Only keys and values are read, so this pass moves about half of what the output pass
+    does and has ``F / BK`` times as many programs as the sequential walk."""
+    i_k = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    o_c = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < F
+    m_v = o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    fk += i_bh * T * F
+    v += i_bh * T * DV
+    n_t = tl.cdiv(T, C)
+    p_s = i_bh * F * DV + o_k[:, None] * DV + o_v[None, :]  # [BK, BV]
+    first = tl.arange(0, 16)[None, :] == 0
+    if HAS_INIT:
+        S = tl.load(s0 + p_s, mask=m_kv, other=0.0).to(tl.float32)
+        z = tl.load(z0 + i_bh * F + o_k, mask=m_k, other=0.0).to(tl.float32)
+        Z = tl.where(first, z[:, None], 0.0)  # [BK, 16]
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        Z = tl.zeros([BK, 16], dtype=tl.float32)
+    ones = tl.where(first, 1.0, 0.0) + tl.zeros([C, 16], dtype=tl.float32)  # [C, 16]: column 0 is ones
+    for i_t in range(0, n_t):
+        p_h = (i_bh * n_t + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :]
+        tl.store(h + p_h, S, mask=m_kv)
+        if i_v == 0:
+            tl.store(hz + (i_bh * n_t + i_t) * F + o_k, tl.sum(Z, 1), mask=m_k)
+        t = i_t * C + o_c
+        m_t = t < T
+        # keys loaded transposed, [BK, C]: no tl.trans (see the module docstring)
+        b_fkT = tl.load(fk + t[None, :] * F + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
+        S += _dot(b_fkT, b_v, DT, PREC, EMULATE)
+        Z += _dot(b_fkT, ones, DT, PREC, EMULATE)
+    if STORE_FINAL:
+        tl.store(s_out + p_s, S, mask=m_kv)
+        if i_v == 0:
+            tl.store(z_out + i_bh * F + o_k, tl.sum(Z, 1), mask=m_k)
+
+
+@triton.jit
+def _fwd_output_kernel(
+    fq, fk, v, h, hz, y, y32, den,
+    T, F, DV,
+    C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, STORE_Y32: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The two-pass forward's second pass: grid ``(Dv / BV, T / C, B * H)``, a program per (block
+    of value columns, chunk, head), all independent. The read-out of ``_fwd_kernel`` against the
+    chunk's starting state from the first pass, the same operands, splits and order:
+    ``A = fq fk^T`` (causal), ``d = rowsum A + fq z``, ``y = (fq S + A v) / max(d, 1e-30)``."""
+    i_v = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    n_t = tl.cdiv(T, C)
+    o_c = tl.arange(0, C)
+    o_f = tl.arange(0, BF)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_f = o_f < F
+    m_v = o_v < DV
+    t = i_t * C + o_c
+    m_t = t < T
+    m_tv = m_t[:, None] & m_v[None, :]
+    first = tl.arange(0, 16)[None, :] == 0
+    p_h = (i_bh * n_t + i_t) * F * DV + o_f[:, None] * DV + o_v[None, :]
+    S = tl.load(h + p_h, mask=m_f[:, None] & m_v[None, :], other=0.0)  # [BF, BV] fp32
+    z = tl.load(hz + (i_bh * n_t + i_t) * F + o_f, mask=m_f, other=0.0)
+    Z = tl.where(first, z[:, None], 0.0)  # [BF, 16]
+    p = i_bh * T * F
+    b_fq = tl.load(fq + p + t[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)  # [C, BF]
+    b_fkT = tl.load(fk + p + t[None, :] * F + o_f[:, None], mask=m_f[:, None] & m_t[None, :], other=0.0)  # [BF, C]
+    b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)  # [C, BV]
+    A = tl.where(o_c[:, None] >= o_c[None, :], _dot(b_fq, b_fkT, DT, PREC, EMULATE), 0.0)  # [C, C]
+    d = tl.sum(A, 1) + tl.sum(_dot_split(b_fq, Z, DT, PREC, EMULATE, False, True), 1)  # [C]
+    o = _dot_split(b_fq, S, DT, PREC, EMULATE, False, True) + _dot_split(A, b_v, DT, PREC, EMULATE, True, False)
+    o = o / tl.maximum(d, _TINY)[:, None]
+    p_y = i_bh * T * DV + t[:, None] * DV + o_v[None, :]
+    tl.store(y + p_y, o.to(y.dtype.element_ty), mask=m_tv)
+    if STORE_Y32:
+        tl.store(y32 + p_y, o, mask=m_tv)
+    if i_v == 0:
+        tl.store(den + i_bh * T + t, d, mask=m_t)
 
 @triton.jit
 def _bwd_dq(
@@ -365,6 +468,32 @@ def _fwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
     return C, BF, BV, (8 if BF * BV >= 8192 else 4)
 
 
+# the forward in two passes (_fwd_states_kernel, then _fwd_output_kernel over every chunk at once)
+# rather than the sequential walk (_fwd_kernel); off until a GPU run measures its speed
+PARALLEL_FORWARD = False
+
+
+def _par_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat16):
+    """``(C, BK, BV_states, BF, BV_out, out_warps)`` of the two-pass forward. The output pass takes
+    the sequential kernel's chunk and tiles (its programs are many: ``T / C`` a head and block of
+    value columns, so its value blocks need no shrinking). The states pass (``[BK, BV]`` fp32
+    state, ``[BK, C]`` keys, ``[C, BV]`` values) starts at 64 x 64 (32 x 32 with fp32 products)
+    and halves ``BV``, then ``BK``, down to 16, while ``B * H`` heads times its blocks would
+    leave multiprocessors idle: it holds the only sequential work left. (Not yet compiled or
+    tuned on a GPU.)"""
+    C, BF, BV_out, out_warps = _fwd_config(F, DV, chunk_size, 1 << 30, dtype)
+    fp32 = dtype == torch.float32
+    BK = min(BF, 32 if fp32 else 64)
+    BV = min(_pow2(DV), 32 if fp32 else 64)
+    sms = _sms()
+    while sms and heads * triton.cdiv(F, BK) * triton.cdiv(DV, BV) < sms and max(BK, BV) > 16:
+        if BV >= BK and BV > 16:
+            BV //= 2
+        else:
+            BK //= 2
+    return C, BK, BV, BF, BV_out, out_warps
+
+
 def _bwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat16):
     """``(C, BF, BK, BV, BDV)`` of the backward kernel (8 warps): ``dfq``/``dfk`` programs take
     ``BK`` features and every value column, ``dv`` programs ``BV`` columns and every feature."""
@@ -389,7 +518,8 @@ def _check_chunk(chunk_size: int):
 
 
 def linear_attention_fwd(
-    fq, fk, v, S0=None, z0=None, output_final_state=False, chunk_size=64, output_dtype=None, keep_fp32_output=False
+    fq, fk, v, S0=None, z0=None, output_final_state=False, chunk_size=64, output_dtype=None, keep_fp32_output=False,
+    parallel=None,
 ):
     """Launch the forward kernel on contiguous ``fq, fk: [B, H, T, F]``, ``v: [B, H, T, Dv]``.
 
@@ -397,7 +527,10 @@ def linear_attention_fwd(
     fp32 or None)``. ``y32`` is ``y`` in fp32 when ``keep_fp32_output`` (the same tensor when
     ``y`` is fp32 already), else None. The backward needs ``y`` in fp32: ``dy . y`` cancels
     against ``dy . v`` wherever the values share a common offset, and ``y`` rounded to bf16
-    would carry that rounding, amplified, into ``dfq`` and ``dfk``."""
+    would carry that rounding, amplified, into ``dfq`` and ``dfk``. ``parallel``: the two-pass
+    forward (each chunk's starting state, then every chunk's output at once) instead of the
+    sequential walk; None takes :data:`PARALLEL_FORWARD`. Both give the same tensors (up to the
+    order in which a product's tiles are summed)."""
     _check_chunk(chunk_size)
     B, H, T, F = fq.shape
     DV = v.shape[-1]
@@ -409,12 +542,28 @@ def linear_attention_fwd(
     z = torch.empty(B, H, F, device=v.device, dtype=torch.float32) if output_final_state else None
     store_y32 = keep_fp32_output and y.dtype != torch.float32
     y32 = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32) if store_y32 else None
-    C, BF, BV, num_warps = _fwd_config(F, DV, chunk_size, B * H, dtype)
-    _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
-        fq, fk, v, y, y32, d, S0, z0, S, z, T, F, DV,
-        C=C, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
-    )
+    if PARALLEL_FORWARD if parallel is None else parallel:
+        C, BK, BVs, BF, BV, num_warps = _par_config(F, DV, chunk_size, B * H, dtype)
+        N = triton.cdiv(T, C)
+        h = torch.empty(B, H, N, F, DV, device=v.device, dtype=torch.float32)  # each chunk's starting state
+        hz = torch.empty(B, H, N, F, device=v.device, dtype=torch.float32)
+        _fwd_states_kernel[(triton.cdiv(F, BK), triton.cdiv(DV, BVs), B * H)](
+            fk, v, S0, z0, h, hz, S, z, T, F, DV,
+            C=C, BK=BK, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4, num_stages=2,
+        )
+        _fwd_output_kernel[(triton.cdiv(DV, BV), N, B * H)](
+            fq, fk, v, h, hz, y, y32, d, T, F, DV,
+            C=C, BF=BF, BV=BV, STORE_Y32=store_y32, DT=DT, PREC=PREC, EMULATE=EMULATE,
+            num_warps=num_warps, num_stages=2,
+        )
+    else:
+        C, BF, BV, num_warps = _fwd_config(F, DV, chunk_size, B * H, dtype)
+        _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
+            fq, fk, v, y, y32, d, S0, z0, S, z, T, F, DV,
+            C=C, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
+        )
     if keep_fp32_output and not store_y32:
         y32 = y
     return y, y32, d, S, z
@@ -453,13 +602,13 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: inputs ``fq, fk, v, S0, z0`` (the last two may be None)."""
 
     @staticmethod
-    def forward(ctx, fq, fk, v, S0, z0, output_final_state, chunk_size, output_dtype):
+    def forward(ctx, fq, fk, v, S0, z0, output_final_state, chunk_size, output_dtype, parallel=None):
         fq, fk, v = fq.contiguous(), fk.contiguous(), v.contiguous()
         if S0 is not None:
             S0, z0 = S0.float().contiguous(), z0.float().contiguous()
         keep = any(ctx.needs_input_grad[:5])
         y, y32, d, S, z = linear_attention_fwd(
-            fq, fk, v, S0, z0, output_final_state, chunk_size, output_dtype, keep_fp32_output=keep
+            fq, fk, v, S0, z0, output_final_state, chunk_size, output_dtype, keep_fp32_output=keep, parallel=parallel
         )
         ctx.save_for_backward(fq, fk, v, S0, z0, y32, d)
         ctx.chunk_size = chunk_size
@@ -475,7 +624,7 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
             fq, fk, v, y, d, dy.contiguous(), S0, z0, dS, dz, ctx.chunk_size,
             want_dinit=ctx.needs_input_grad[3] or ctx.needs_input_grad[4],
         )
-        return dfq, dfk, dv, dS0, dz0, None, None, None
+        return dfq, dfk, dv, dS0, dz0, None, None, None, None
 
 
 def chunk_linear_attention(
@@ -487,6 +636,7 @@ def chunk_linear_attention(
     chunk_size: int = 64,
     key_mask: torch.Tensor | None = None,
     output_dtype: torch.dtype | None = None,
+    parallel: bool | None = None,
 ):
     """Causal normalised linear attention, chunked, in Triton (forward and backward).
 
@@ -505,6 +655,10 @@ def chunk_linear_attention(
             zero (``masked_fill``, before the kernel), so they add nothing to either sum; a
             query that sees no valid key at all gets ``y = 0``.
         output_dtype: dtype of ``y``; default the promoted dtype of ``fq`` and ``v``.
+        parallel: the forward in two passes, each chunk's starting state (fp32, ``[B, H, T / C,
+            F, Dv]`` in memory), then every chunk's output at once, instead of one walk over the
+            chunks; None (default) takes :data:`PARALLEL_FORWARD`, off until measured on a GPU.
+            The same results; the backward is the same either way.
 
     Returns:
         ``(y [B, H, T, Dv], (S [B, H, F, Dv] fp32, z [B, H, F] fp32) or None)``.
@@ -556,5 +710,6 @@ def chunk_linear_attention(
         if S0 is None:
             S0, z0 = fq.new_zeros(B, H, F, v.shape[-1], dtype=torch.float32), fq.new_zeros(B, H, F, dtype=torch.float32)
         return y, (S0.float(), z0.float())
-    y, S, z = ChunkLinearAttentionFunction.apply(fq, fk, v, S0, z0, output_final_state, chunk_size, output_dtype)
+    y, S, z = ChunkLinearAttentionFunction.apply(fq, fk, v, S0, z0, output_final_state, chunk_size, output_dtype,
+                                                 parallel)
     return y, ((S, z) if output_final_state else None)
