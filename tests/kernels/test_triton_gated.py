@@ -29,7 +29,7 @@ operands (2^-16). Seen in the interpreter, the same for both chunk sizes: 3e-3 o
 import pytest
 import torch
 
-from triton_env import DEVICE, Spy, interpreting, rel, through_kernels, triton  # noqa: F401  (sets TRITON_INTERPRET first)
+from triton_env import DEVICE, Launches, Spy, interpreting, rel, through_kernels, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from linearize.kernels import GatedState, chunk_gated_attention, gated_attention, gated_step
 from linearize.kernels.gated.chunk import CHUNK, CHUNK_SIZES, SUB_CHUNK, triton_chunk_gated_attention
@@ -396,17 +396,8 @@ def test_parallel_forward_is_off_by_default(monkeypatch):
     speed; the module switch picks the two-pass forward when ``parallel`` is not given."""
     import linearize.kernels.gated.chunk as gchunk
 
-    class Launches:  # counts the launches (``kernel[grid](...)``) of a kernel
-        def __init__(self, name):
-            self.kernel, self.calls = getattr(gchunk, name), 0
-            monkeypatch.setattr(gchunk, name, self)
-
-        def __getitem__(self, grid):
-            self.calls += 1
-            return self.kernel[grid]
-
     assert gchunk.PARALLEL_FORWARD is False
-    walk, states, output = Launches("_fwd_kernel"), Launches("_fwd_states_kernel"), Launches("_fwd_output_kernel")
+    walk, states, output = (Launches(monkeypatch, gchunk, n) for n in ("_fwd_kernel", "_fwd_states_kernel", "_fwd_output_kernel"))
     fq, fk, v, g, _, _ = make_inputs(20, seed=7, b=1)
     y, _ = triton_chunk_gated_attention(fq, fk, v, g)
     assert (walk.calls, states.calls, output.calls) == (1, 0, 0)

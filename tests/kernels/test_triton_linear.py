@@ -17,7 +17,7 @@ on the Hedgehog map's bf16 ``dx``; 1e-2 and 2e-2 are asserted.
 import pytest
 import torch
 
-from triton_env import DEVICE, Spy, interpreting, rel, through_kernels, triton  # noqa: F401  (sets TRITON_INTERPRET first)
+from triton_env import DEVICE, Launches, Spy, interpreting, rel, through_kernels, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from linearize.feature_maps import HedgehogFeatureMap
 from linearize.kernels import (
@@ -523,17 +523,8 @@ def test_parallel_forward_is_off_by_default(monkeypatch):
     module switch picks the two-pass forward when ``parallel`` is not given."""
     import linearize.kernels.linear.chunk as lchunk
 
-    class Launches:  # counts the launches (``kernel[grid](...)``) of a kernel
-        def __init__(self, name):
-            self.kernel, self.calls = getattr(lchunk, name), 0
-            monkeypatch.setattr(lchunk, name, self)
-
-        def __getitem__(self, grid):
-            self.calls += 1
-            return self.kernel[grid]
-
     assert lchunk.PARALLEL_FORWARD is False
-    walk, states, output = Launches("_fwd_kernel"), Launches("_fwd_states_kernel"), Launches("_fwd_output_kernel")
+    walk, states, output = (Launches(monkeypatch, lchunk, n) for n in ("_fwd_kernel", "_fwd_states_kernel", "_fwd_output_kernel"))
     fq, fk, v, _, _ = make_inputs(20, seed=7)
     y, _ = chunk_linear_attention(fq, fk, v)
     assert (walk.calls, states.calls, output.calls) == (1, 0, 0)

@@ -68,3 +68,16 @@ def through_kernels(monkeypatch, model, x, mask, params, max_new_tokens, choices
         results[choice] = (logits[real].detach(), [p.grad.clone() for p in params], out.sequences,
                            torch.stack(out.scores))
     return results
+
+
+class Launches:
+    """Counts the launches (``kernel[grid](...)``) of the kernel ``name`` of ``module``, which it
+    replaces (through ``monkeypatch``) while still launching it."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.kernel, self.calls = getattr(module, name), 0
+        monkeypatch.setattr(module, name, self)
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]

@@ -115,6 +115,17 @@ def _inverse_den(den, i_bh, t, m_t, T):
 
 
 @triton.jit
+def _chunk_readout(b_fq, b_fkT, b_v, S, Z, causal, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+    """One chunk's output against the state at its start, for both forwards: ``A = fq fk^T``
+    (causal), ``d = rowsum A + fq z`` (``z`` as column 0 of ``Z [BF, 16]``), ``o = (fq S + A v) /
+    max(d, 1e-30)``. Returns ``(o [C, BV], d [C])``, fp32."""
+    A = tl.where(causal, _dot(b_fq, b_fkT, DT, PREC, EMULATE), 0.0)  # [C, C]
+    d = tl.sum(A, 1) + tl.sum(_dot_split(b_fq, Z, DT, PREC, EMULATE, False, True), 1)  # [C]
+    o = _dot_split(b_fq, S, DT, PREC, EMULATE, False, True) + _dot_split(A, b_v, DT, PREC, EMULATE, True, False)
+    return o / tl.maximum(d, _TINY)[:, None], d
+
+
+@triton.jit
 def _fwd_kernel(
     fq, fk, v, y, y32, den, s0, z0, s_out, z_out,
     T, F, DV,
@@ -153,10 +164,7 @@ def _fwd_kernel(
         b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)  # [C, BF]
         b_fkT = tl.load(fk + t[None, :] * F + o_f[:, None], mask=m_f[:, None] & m_t[None, :], other=0.0)  # [BF, C]
         b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
-        A = tl.where(causal, _dot(b_fq, b_fkT, DT, PREC, EMULATE), 0.0)  # [C, C]
-        d = tl.sum(A, 1) + tl.sum(_dot_split(b_fq, Z, DT, PREC, EMULATE, False, True), 1)  # [C]
-        o = _dot_split(b_fq, S, DT, PREC, EMULATE, False, True) + _dot_split(A, b_v, DT, PREC, EMULATE, True, False)
-        o = o / tl.maximum(d, _TINY)[:, None]
+        o, d = _chunk_readout(b_fq, b_fkT, b_v, S, Z, causal, DT, PREC, EMULATE)
         tl.store(y + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         if STORE_Y32:  # the backward's copy of y, in fp32 (see linear_attention_fwd)
             tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
@@ -168,7 +176,6 @@ def _fwd_kernel(
         tl.store(s_out + p_s, S, mask=m_fv)
         if i_v == 0:
             tl.store(z_out + i_bh * F + o_f, tl.sum(Z, 1), mask=m_f)
-
 
 
 @triton.jit
@@ -236,8 +243,7 @@ def _fwd_output_kernel(
 ):
     """The two-pass forward's second pass: grid ``(Dv / BV, T / C, B * H)``, a program per (block
     of value columns, chunk, head), all independent. The read-out of ``_fwd_kernel`` against the
-    chunk's starting state from the first pass, the same operands, splits and order:
-    ``A = fq fk^T`` (causal), ``d = rowsum A + fq z``, ``y = (fq S + A v) / max(d, 1e-30)``."""
+    chunk's starting state from the first pass (:func:`_chunk_readout`, as there)."""
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -259,10 +265,7 @@ def _fwd_output_kernel(
     b_fq = tl.load(fq + p + t[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)  # [C, BF]
     b_fkT = tl.load(fk + p + t[None, :] * F + o_f[:, None], mask=m_f[:, None] & m_t[None, :], other=0.0)  # [BF, C]
     b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)  # [C, BV]
-    A = tl.where(o_c[:, None] >= o_c[None, :], _dot(b_fq, b_fkT, DT, PREC, EMULATE), 0.0)  # [C, C]
-    d = tl.sum(A, 1) + tl.sum(_dot_split(b_fq, Z, DT, PREC, EMULATE, False, True), 1)  # [C]
-    o = _dot_split(b_fq, S, DT, PREC, EMULATE, False, True) + _dot_split(A, b_v, DT, PREC, EMULATE, True, False)
-    o = o / tl.maximum(d, _TINY)[:, None]
+    o, d = _chunk_readout(b_fq, b_fkT, b_v, S, Z, o_c[:, None] >= o_c[None, :], DT, PREC, EMULATE)
     p_y = i_bh * T * DV + t[:, None] * DV + o_v[None, :]
     tl.store(y + p_y, o.to(y.dtype.element_ty), mask=m_tv)
     if STORE_Y32:
