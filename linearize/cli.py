@@ -176,7 +176,7 @@ def _eval(args) -> int:
         if getattr(args, key) is not None:
             setattr(opts, key, getattr(args, key))
     out = args.out or f"eval-{args.suite}"
-    report = run_eval(args.models, args.suite, out, opts)
+    report = run_eval(args.models, args.suite, out, opts, resume=args.resume)
     print(f"report: {out}/report.json, {out}/report.md")
     return 0 if all(e["status"] == "ok" for e in report["models"].values()) else 1
 
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "task-file), left-padded")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the models the report in --out already finished with the same options; run the rest")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("recipes", help="list the built-in recipes, or show one")

@@ -239,8 +239,10 @@ def _report(args) -> int:
     out = Path(args.out)
     result = {"budgets": {}}
     lines = ["# The plan against every k-th layer and random layers, at equal budgets", "",
-             f"`{PLAN}`: the plan `linearize plan` makes (its default signal, the attention-transfer error); `kl`: the same "
-             "measurements, the KL signal; `every`: the softmax layers evenly spread; `randomN`: a random choice "
+             f"`{PLAN}`: the plan `linearize plan` makes (its default signal, the attention-transfer error); "
+             + ("`kl`: the same measurements, the KL signal; " if any((budget_dir(out, b) / "plan-kl").is_dir()
+                                                                      for b in args.budgets) else "")
+             + "`every`: the softmax layers evenly spread; `randomN`: a random choice "
              "from seed N. Each baseline keeps as many layers softmax as the budget allows at the recipe's settings.", ""]
     wins_lines = ["## Does the plan win?", "", "| budget | measure | plan | best baseline | plan wins |", "|---|---|---|---|---|"]
     for budget in args.budgets:

@@ -233,6 +233,40 @@ def test_a_failing_model_is_reported_and_the_others_keep_their_results(base, tmp
     assert report["models"]["last"]["status"] == "ok"
 
 
+def test_resume_keeps_finished_models_and_runs_failed_and_new_ones(base, tmp_path):
+    out, loaded = tmp_path / "out", []
+
+    def loader(name):
+        loaded.append(name)
+        if name == "broken" and loaded.count("broken") == 1:  # fails in the first run only
+            raise RuntimeError("boom")
+        return load_any(str(base))
+
+    run_eval(["first", "broken"], "passkey", out, EvalOptions(**OPTS), loader=loader, progress=False, echo=False)
+    first = json.loads((out / "report.json").read_text())["models"]["first"]
+    report = run_eval(["first", "broken", "third"], "passkey", out, EvalOptions(**OPTS), loader=loader,
+                      progress=False, echo=False, resume=True)
+    assert loaded == ["first", "broken", "broken", "third"]  # the finished one not loaded again
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["models"]["first"] == first
+    assert [saved["models"][m]["status"] for m in ("first", "broken", "third")] == ["ok", "ok", "ok"]
+    assert report["models"]["first"] == first and len(report["models"]["third"]["tasks"]["passkey"]["results"]) == 4
+    # without resume everything runs again
+    run_eval(["first"], "passkey", out, EvalOptions(**OPTS), loader=loader, progress=False, echo=False)
+    assert loaded[-1] == "first"
+
+
+def test_resume_refuses_a_report_of_other_options_or_another_suite(base, tmp_path):
+    out = tmp_path / "out"
+    run_eval(["m"], "passkey", out, EvalOptions(**OPTS), loader=lambda n: load_any(str(base)), progress=False, echo=False)
+    with pytest.raises(EvalError, match=r"other options \(samples\)"):
+        run_eval(["m"], "passkey", out, EvalOptions(**{**OPTS, "samples": 2}), loader=lambda n: load_any(str(base)),
+                 progress=False, echo=False, resume=True)
+    with pytest.raises(EvalError, match="'passkey' report, not 'niah'"):
+        run_eval(["m"], "niah", out, EvalOptions(**OPTS), loader=lambda n: load_any(str(base)),
+                 progress=False, echo=False, resume=True)
+
+
 def _direct_ppl(model, tokens, length, chunks):
     nll, nll_last, n, n_last = 0.0, 0.0, 0, 0
     with torch.no_grad():

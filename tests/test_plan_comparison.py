@@ -22,13 +22,14 @@ def test_plan_comparison_converts_every_method_and_reports_who_wins(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MODEL": str(tmp_path / "base"),
            "RECIPE": str(tmp_path / "r.yaml"), "OUT": str(out), "DEVICE": "cpu", "DTYPE": "float32", "BATCH": "2",
-           "BUDGETS": "softmax-layers=1", "SEEDS": "0 1", "JOBS": "2", "LENGTHS": "96",
+           "BUDGETS": "softmax-layers=1", "SEEDS": "0 1", "PLANS": "transfer kl", "JOBS": "2", "LENGTHS": "96",
            "SETS": "stages.0.lr=2.0e-2", "STEPS": "plan convert heldout retrieval report"}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "plan_comparison.sh")], capture_output=True, text=True,
                          env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = out / "softmax-layers-1"
-    plan = json.loads((folder / "plan-kl" / "plan.json").read_text())
+    plan = json.loads((folder / "plan-kl" / "plan.json").read_text())  # KL's plan measured, listed second or not
+    assert json.loads((folder / "plan-transfer" / "plan.json").read_text())["signal"] == "transfer"
     methods = ["kl", "transfer", "every", "random0", "random1"]
     for m in methods:  # every method has a model (a link where it chose what an earlier one did)
         assert (folder / m / "linearize.json").is_file(), m

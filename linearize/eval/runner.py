@@ -153,10 +153,33 @@ def _labels(models: list[str]) -> list[str]:
     return out
 
 
+def _finished(out: Path, suite: str, opts: EvalOptions) -> dict:
+    """``--resume``: the models the report in ``out`` finished (status ok), by label. A report of
+    another suite or other options is not resumed from: mixing them would compare unlike runs."""
+    import json
+
+    path = out / "report.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise EvalError(f"--resume: cannot read {path} ({err}); move it away to start afresh") from err
+    if old.get("suite") != suite:
+        raise EvalError(f"--resume: {path} is a {old.get('suite')!r} report, not {suite!r}; use another --out")
+    mine = jsonable(asdict(opts))
+    differ = sorted(k for k in set(mine) | set(old.get("options", {})) if mine.get(k) != old.get("options", {}).get(k))
+    if differ:
+        raise EvalError(f"--resume: {path} was run with other options ({', '.join(differ)}); "
+                        "use the same options or another --out")
+    return {label: entry for label, entry in old.get("models", {}).items() if entry.get("status") == "ok"}
+
+
 def run_eval(models: list[str], suite: str, out, opts: EvalOptions | None = None, loader=None,
-             progress: bool = True, echo: bool = True) -> dict:
+             progress: bool = True, echo: bool = True, resume: bool = False) -> dict:
     """Evaluate every model on ``suite``; write the report into ``out`` after each model.
-    ``loader(name) -> (model, tokenizer)`` defaults to :func:`load_any`."""
+    ``loader(name) -> (model, tokenizer)`` defaults to :func:`load_any`. ``resume``: a model the
+    report already in ``out`` finished with the same suite and options is kept, not run again."""
     from .report import write_report
 
     opts = opts or EvalOptions()
@@ -168,7 +191,12 @@ def run_eval(models: list[str], suite: str, out, opts: EvalOptions | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"suite": suite, "options": asdict(opts), "models": {}}
+    done = _finished(out, suite, opts) if resume else {}
     for label, name in zip(_labels(models), models):
+        if label in done and done[label].get("model") == name:
+            print(f"linearize eval: {name}: kept from {out / 'report.json'} (--resume)", file=sys.stderr)
+            report["models"][label] = done[label]
+            continue
         try:
             model, tokenizer = loader(name)
             tasks = run_suite(suite, model, tokenizer, opts, progress=progress)
