@@ -17,7 +17,8 @@
 # among, "window_size=16,64,256"; softmax-layers budgets plan with the recipe's own), SEEDS ("0 1 2"), DEVICE
 # (cuda), DTYPE (bfloat16), LENGTHS (passkey, "4096,8192,16384,32768"), LIMIT (lm-eval items a task; empty:
 # all), BATCH (16), RETRIEVAL_BATCH (4: passkey prompts a batch), EVAL_KERNELS (LINEARIZE_KERNELS for the
-# evaluations only, e.g. "auto" after conversions on the references), STEPS ("plan convert heldout retrieval
+# evaluations only, e.g. "auto" after conversions on the references), EVAL_JOBS (JOBS for the evaluations,
+# which need less memory than a conversion), STEPS ("plan convert heldout retrieval
 # fewshot report"), SIGNAL_BLOCKS (the plans' --signal-blocks; default: the planner's), SETS (overrides of the
 # recipe for the plans and every conversion, e.g. a token budget: "stages.0.tokens=1000000
 # stages.1.tokens=500000"), JOBS (1: conversions, then evaluations, that run at a time on the one device; the
@@ -113,6 +114,7 @@ fi
 
 # 3. the evaluations, JOBS at a time
 [ -n "${EVAL_KERNELS:-}" ] && export LINEARIZE_KERNELS=$EVAL_KERNELS
+[ -n "${EVAL_JOBS:-}" ] && JOBS=$EVAL_JOBS
 teacher_scored=
 for budget in $BUDGETS; do
   dir=$(budget_dir "$budget")
