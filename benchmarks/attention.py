@@ -283,13 +283,15 @@ def available_backends(args):
             backends[f"ours_c{c}"] = ours_backend(c)
         except Exception as e:  # noqa: BLE001
             missing[f"ours_c{c}"] = repr(e)
-    try:  # the two-pass forward, 64 tokens a chunk
-        backends["ours_par"] = ours_backend(64, parallel=True)
-    except Exception as e:  # noqa: BLE001
-        missing["ours_par"] = repr(e)
+    if not args.no_two_pass:
+        try:  # the two-pass forward, 64 tokens a chunk
+            backends["ours_par"] = ours_backend(64, parallel=True)
+        except Exception as e:  # noqa: BLE001
+            missing["ours_par"] = repr(e)
     if not args.no_gated:
         for name, factory in (("ours_gated", ours_gated_backend),
-                              ("ours_gated_par", lambda: ours_gated_backend(parallel=True)),
+                              *((("ours_gated_par", lambda: ours_gated_backend(parallel=True)),)
+                                if not args.no_two_pass else ()),
                               ("ours_gated_c16", lambda: ours_gated_backend(16)),
                               ("fla_gla", fla_gla_backend)):
             if name == "fla_gla" and args.no_fla:
@@ -377,6 +379,8 @@ def main(argv=None):
     parser.add_argument("--no-gated", action="store_true",
                         help="leave the gated kernels (ours and fla's chunk_gla) out")
     parser.add_argument("--no-hybrid", action="store_true", help="leave the sliding-window + linear hybrid out")
+    parser.add_argument("--no-two-pass", action="store_true",
+                        help="leave the two-pass forwards out (ours_par, ours_gated_par: opt-in, not yet right on sm_90)")
     parser.add_argument("--no-fused", action="store_true",
                         help="leave the fused feature-map attention (fused_hh, fused_np) out")
     parser.add_argument("--hbm-tbps", type=float, help="peak HBM bandwidth in TB/s (default: from the GPU's name)")
