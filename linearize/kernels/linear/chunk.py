@@ -16,7 +16,11 @@ running state in fp32 registers, so no per-chunk state goes through memory:
   the denominators ``d`` (fp32, ``[B, H, T]``), which the backward needs. Opt-in
   (``parallel=True``, :data:`PARALLEL_FORWARD`): the same forward in two passes, the chunk
   states first (grid ``(F / BK, Dv / BV, B * H)``, stored fp32), then every chunk's output at
-  once (grid ``(Dv / BV, T / C, B * H)``), for more programs than ``B * H`` at long T.
+  once: the forward kernel itself, launched on the ``B * H * T / C`` one-chunk sequences, each
+  from its chunk's starting state (grid ``(Dv / BV, B * H * T / C)``), for more programs than
+  ``B * H`` at long T. (A kernel of its own for the output pass computed wrong values when
+  compiled for sm_90 with Triton 3.6, though right in the interpreter; the forward kernel with
+  an initial state is right there.)
 * backward, one launch with three kinds of program. With ``dn_t = dy_t / d_t`` and
   ``dd_t = -(dy_t . y_t) / d_t`` the backward is that of two unnormalised linear attentions
   (values ``v`` and a column of ones):
@@ -235,45 +239,6 @@ def _fwd_states_kernel(
 
 
 @triton.jit
-def _fwd_output_kernel(
-    fq, fk, v, h, hz, y, y32, den,
-    T, F, DV,
-    C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, STORE_Y32: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
-):
-    """The two-pass forward's second pass: grid ``(Dv / BV, T / C, B * H)``, a program per (block
-    of value columns, chunk, head), all independent. The read-out of ``_fwd_kernel`` against the
-    chunk's starting state from the first pass (:func:`_chunk_readout`, as there)."""
-    i_v = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    n_t = tl.cdiv(T, C)
-    o_c = tl.arange(0, C)
-    o_f = tl.arange(0, BF)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_f = o_f < F
-    m_v = o_v < DV
-    t = i_t * C + o_c
-    m_t = t < T
-    m_tv = m_t[:, None] & m_v[None, :]
-    first = tl.arange(0, 16)[None, :] == 0
-    p_h = (i_bh * n_t + i_t) * F * DV + o_f[:, None] * DV + o_v[None, :]
-    S = tl.load(h + p_h, mask=m_f[:, None] & m_v[None, :], other=0.0)  # [BF, BV] fp32
-    z = tl.load(hz + (i_bh * n_t + i_t) * F + o_f, mask=m_f, other=0.0)
-    Z = tl.where(first, z[:, None], 0.0)  # [BF, 16]
-    p = i_bh * T * F
-    b_fq = tl.load(fq + p + t[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)  # [C, BF]
-    b_fkT = tl.load(fk + p + t[None, :] * F + o_f[:, None], mask=m_f[:, None] & m_t[None, :], other=0.0)  # [BF, C]
-    b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)  # [C, BV]
-    o, d = _chunk_readout(b_fq, b_fkT, b_v, S, Z, o_c[:, None] >= o_c[None, :], DT, PREC, EMULATE)
-    p_y = i_bh * T * DV + t[:, None] * DV + o_v[None, :]
-    tl.store(y + p_y, o.to(y.dtype.element_ty), mask=m_tv)
-    if STORE_Y32:
-        tl.store(y32 + p_y, o, mask=m_tv)
-    if i_v == 0:
-        tl.store(den + i_bh * T + t, d, mask=m_t)
-
-@triton.jit
 def _bwd_dq(
     i_k, i_bh, fk, v, y, den, dy, s0, z0, dfq, T, F, DV,
     C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -471,7 +436,7 @@ def _fwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
     return C, BF, BV, (8 if BF * BV >= 8192 else 4)
 
 
-# the forward in two passes (_fwd_states_kernel, then _fwd_output_kernel over every chunk at once)
+# the forward in two passes (_fwd_states_kernel, then _fwd_kernel over every chunk at once)
 # rather than the sequential walk (_fwd_kernel); off until a GPU run measures its speed
 PARALLEL_FORWARD = False
 
@@ -482,8 +447,8 @@ def _par_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
     value columns, so its value blocks need no shrinking). The states pass (``[BK, BV]`` fp32
     state, ``[BK, C]`` keys, ``[C, BV]`` values) starts at 64 x 64 (32 x 32 with fp32 products)
     and halves ``BV``, then ``BK``, down to 16, while ``B * H`` heads times its blocks would
-    leave multiprocessors idle: it holds the only sequential work left. (Not yet compiled or
-    tuned on a GPU.)"""
+    leave multiprocessors idle: it holds the only sequential work left. (The states pass was
+    right on an H200; the output pass through the forward kernel is not yet measured there.)"""
     C, BF, BV_out, out_warps = _fwd_config(F, DV, chunk_size, 1 << 30, dtype)
     fp32 = dtype == torch.float32
     BK = min(BF, 32 if fp32 else 64)
@@ -555,11 +520,23 @@ def linear_attention_fwd(
             C=C, BK=BK, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
             DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4, num_stages=2,
         )
-        _fwd_output_kernel[(triton.cdiv(DV, BV), N, B * H)](
-            fq, fk, v, h, hz, y, y32, d, T, F, DV,
-            C=C, BF=BF, BV=BV, STORE_Y32=store_y32, DT=DT, PREC=PREC, EMULATE=EMULATE,
-            num_warps=num_warps, num_stages=2,
+        # the output pass: the forward kernel on B * H * N sequences of one chunk, each from its
+        # starting state (T padded with zeros to N * C: a padded key is after every real query)
+        pad = N * C - T
+        grow = (lambda x: torch.nn.functional.pad(x, (0, 0, 0, pad))) if pad else (lambda x: x)
+        yp = torch.empty(B, H, N * C, DV, device=v.device, dtype=y.dtype) if pad else y
+        dp = torch.empty(B, H, N * C, device=v.device, dtype=torch.float32) if pad else d
+        y32p = (torch.empty(B, H, N * C, DV, device=v.device, dtype=torch.float32) if pad else y32) if store_y32 else None
+        _fwd_kernel[(triton.cdiv(DV, BV), B * H * N)](
+            grow(fq), grow(fk), grow(v), yp, y32p, dp, h, hz, None, None, C, F, DV,
+            C=C, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
         )
+        if pad:
+            y.copy_(yp[:, :, :T])
+            d.copy_(dp[:, :, :T])
+            if store_y32:
+                y32.copy_(y32p[:, :, :T])
     else:
         C, BF, BV, num_warps = _fwd_config(F, DV, chunk_size, B * H, dtype)
         _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
