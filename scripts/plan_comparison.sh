@@ -11,9 +11,9 @@
 #   RECIPE=smoke DEVICE=cpu DTYPE=float32 STEPS="plan convert heldout report" SEEDS=0 OUT=runs/plans-cpu \
 #     bash scripts/plan_comparison.sh                                                          # the CPU check
 #
-# Settings (environment): MODEL (smollm2-135m-instruct), RECIPE (lolcats), PLANS (the plans' signals: "transfer",
-# the planner's default; "transfer kl" adds the plan by KL to the teacher, which measures more), BUDGETS ("softmax-layers=2
-# softmax-layers=4 kv-memory=100MiB@32768"), CANDIDATES (the settings a memory or prefill budget chooses
+# Settings (environment): MODEL (smollm2-135m-instruct), RECIPE (lolcats), PLANS (the plans' signals:
+# "transfer", the planner's default; "transfer kl" adds the plan by KL to the teacher, which measures more),
+# BUDGETS ("softmax-layers=2 softmax-layers=4 kv-memory=100MiB@32768"), CANDIDATES (the settings a memory or prefill budget chooses
 # among, "window_size=16,64,256"; softmax-layers budgets plan with the recipe's own), SEEDS ("0 1 2"), DEVICE
 # (cuda), DTYPE (bfloat16), LENGTHS (passkey, "4096,8192,16384,32768"), LIMIT (lm-eval items a task; empty:
 # all), BATCH (16), RETRIEVAL_BATCH (4: passkey prompts a batch), EVAL_KERNELS (LINEARIZE_KERNELS for the
@@ -25,8 +25,8 @@
 # shared data are built once first, with --data-only), DEADLINE (seconds since the epoch: each command gets
 # SIGINT then; a conversion checkpoints, and a rerun resumes it), LINEARIZE_DATA (the data folder: the
 # recipe's mix, lm-eval's local tasks). A plan or conversion whose folder exists is not made again; an
-# interrupted conversion resumes from its checkpoint, an interrupted evaluation from the models it finished. $OUT/<budget>/seconds.txt records how long the plan and
-# each conversion took.
+# interrupted conversion resumes from its checkpoint, an interrupted evaluation from the models it finished.
+# $OUT/<budget>/seconds.txt records how long the plan and each conversion took.
 set -euo pipefail
 : "${MODEL:=smollm2-135m-instruct}" "${RECIPE:=lolcats}" "${OUT:=runs/plans}" "${SEEDS:=0 1 2}" "${PLANS:=transfer}"
 : "${BUDGETS:=softmax-layers=2 softmax-layers=4 kv-memory=100MiB@32768}" "${CANDIDATES:=window_size=16,64,256}"

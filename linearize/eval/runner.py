@@ -167,8 +167,8 @@ def _finished(out: Path, suite: str, opts: EvalOptions) -> dict:
         raise EvalError(f"--resume: cannot read {path} ({err}); move it away to start afresh") from err
     if old.get("suite") != suite:
         raise EvalError(f"--resume: {path} is a {old.get('suite')!r} report, not {suite!r}; use another --out")
-    mine = jsonable(asdict(opts))
-    differ = sorted(k for k in set(mine) | set(old.get("options", {})) if mine.get(k) != old.get("options", {}).get(k))
+    mine, theirs = jsonable(asdict(opts)), old.get("options", {})
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if differ:
         raise EvalError(f"--resume: {path} was run with other options ({', '.join(differ)}); "
                         "use the same options or another --out")
