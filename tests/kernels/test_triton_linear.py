@@ -424,6 +424,10 @@ def test_auto_sends_cuda_tensors_to_the_kernels_and_everything_else_to_the_refer
     monkeypatch.setattr(K, "triton_available", lambda: True)
     assert K._use_triton(device=cuda) and not K._use_triton(device=cpu) and not K._use_triton()
     assert not K._use_triton("window=256", device=cuda)  # no kernel for it: the reference, no error
+    assert K._beyond_hybrid_kernels(256, 4) is not None
+    # a window the hybrid kernels take: left out of auto while AUTO_HYBRID is off (see test_triton_hybrid)
+    assert K._beyond_hybrid_kernels(64, 4) is not None
+    monkeypatch.setattr(K, "AUTO_HYBRID", True)
     assert K._beyond_hybrid_kernels(256, 4) is not None and K._beyond_hybrid_kernels(64, 4) is None
     monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
     assert not K._use_triton(device=cuda)
@@ -534,3 +538,29 @@ def test_parallel_forward_is_off_by_default(monkeypatch):
     assert rel(y_par, y) <= 1e-6
     chunk_linear_attention(fq, fk, v, parallel=False)
     assert (walk.calls, states.calls) == (3, 1)
+
+
+def test_parallel_forward_in_several_launches(monkeypatch):
+    """The two-pass forward's output pass launches at most ``MAX_GRID_Y`` one-chunk sequences at a
+    time (CUDA's limit on the grid's second axis); with the limit at 3, the B x H x chunks
+    sequences go in launches of 3 and a last one of the rest, and y, d and the final state are
+    those of one launch."""
+    import linearize.kernels.linear.chunk as lchunk
+
+    fq, fk, v, S0, z0 = make_inputs(100, seed=21)
+    one = lchunk.linear_attention_fwd(fq, fk, v, S0, z0, True, 64, parallel=True)
+    launches = []
+    kernel = lchunk._fwd_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(lchunk, "MAX_GRID_Y", 3)
+    monkeypatch.setattr(lchunk, "_fwd_kernel", Counting())
+    many = lchunk.linear_attention_fwd(fq, fk, v, S0, z0, True, 64, parallel=True)
+    n = B * H * triton.cdiv(100, lchunk._par_config(F, DV, 64, B * H, torch.float32)[0])
+    assert n > 3 and [g[1] for g in launches] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+    for name, a, b in zip(("y", "d", "S", "z"), (one[0], one[2], one[3], one[4]), (many[0], many[2], many[3], many[4])):
+        assert torch.equal(a, b), name

@@ -7,6 +7,7 @@ sets it for the suite, and importing this module sets it for a run of one file a
 the kernels compile. A test module imports this before anything from ``linearize.kernels``.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -81,3 +82,55 @@ class Launches:
     def __getitem__(self, grid):
         self.calls += 1
         return self.kernel[grid]
+
+
+@contextlib.contextmanager
+def memory_checked():
+    """Under Triton's interpreter: every element a kernel loads or stores (where its mask is true)
+    must lie inside one of the tensors passed to that launch. Yields a list that fills with
+    ``(kernel, "load" | "store", elements out of range)``, one entry an offending access. (A
+    compiled kernel that touches memory outside its tensors may fault on a GPU, or read another
+    tensor's bytes, whatever the interpreter's results say.)"""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+
+    ranges, bad, current = [], [], [""]
+    init, builder = interp.GridExecutor._init_args_hst, interp.interpreter_builder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def record(self, args_dev, kwargs):
+        args, kw = init(self, args_dev, kwargs)
+        ranges.clear()
+        current[0] = self.fn.__name__
+        for t in list(args) + list(kw.values()):
+            if isinstance(t, torch.Tensor) and t.numel():
+                extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+                ranges.append((t.data_ptr(), t.data_ptr() + extent * t.element_size()))
+        return args, kw
+
+    def check(kind, ptrs, mask):
+        on = np.broadcast_to(mask.data, ptrs.data.shape).astype(bool)
+        p = ptrs.data[on]
+        if p.size:
+            size = np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize
+            inside = np.zeros(p.shape, bool)
+            for lo, hi in ranges:
+                inside |= (p >= lo) & (p + size <= hi)
+            if not inside.all():
+                bad.append((current[0], kind, int((~inside).sum())))
+
+    def checked_load(ptrs, mask, other, *rest):
+        check("load", ptrs, mask)
+        return load(ptrs, mask, other, *rest)
+
+    def checked_store(ptrs, value, mask, *rest):
+        check("store", ptrs, mask)
+        return store(ptrs, value, mask, *rest)
+
+    interp.GridExecutor._init_args_hst = record
+    builder.create_masked_load, builder.create_masked_store = checked_load, checked_store
+    try:
+        yield bad
+    finally:
+        interp.GridExecutor._init_args_hst = init
+        builder.create_masked_load, builder.create_masked_store = load, store

@@ -439,6 +439,7 @@ def _fwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
 # the forward in two passes (_fwd_states_kernel, then _fwd_kernel over every chunk at once)
 # rather than the sequential walk (_fwd_kernel); off until a GPU run measures its speed
 PARALLEL_FORWARD = False
+MAX_GRID_Y = 65535  # programs on a launch grid's second axis (CUDA)
 
 
 def _par_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat16):
@@ -527,11 +528,18 @@ def linear_attention_fwd(
         yp = torch.empty(B, H, N * C, DV, device=v.device, dtype=y.dtype) if pad else y
         dp = torch.empty(B, H, N * C, device=v.device, dtype=torch.float32) if pad else d
         y32p = (torch.empty(B, H, N * C, DV, device=v.device, dtype=torch.float32) if pad else y32) if store_y32 else None
-        _fwd_kernel[(triton.cdiv(DV, BV), B * H * N)](
-            grow(fq), grow(fk), grow(v), yp, y32p, dp, h, hz, None, None, C, F, DV,
-            C=C, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
-            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
-        )
+        # in launches of at most MAX_GRID_Y sequences (CUDA's limit on the grid's second axis:
+        # B=8 x 32 heads x 512 chunks at T=32K would be "invalid argument")
+        n = B * H * N
+        whole = (grow(fq).reshape(n, C, F), grow(fk).reshape(n, C, F), grow(v).reshape(n, C, DV), yp.view(n, C, DV),
+                 y32p.view(n, C, DV) if store_y32 else None, dp.view(n, C), h.view(n, F, DV), hz.view(n, F))
+        for start in range(0, n, MAX_GRID_Y):
+            part = [None if x is None else x[start : start + MAX_GRID_Y] for x in whole]
+            _fwd_kernel[(triton.cdiv(DV, BV), part[0].shape[0])](
+                *part, None, None, C, F, DV,
+                C=C, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
+                DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
+            )
         if pad:
             y.copy_(yp[:, :, :T])
             d.copy_(dp[:, :, :T])
