@@ -125,6 +125,7 @@ MEASURES = [  # (key, title, higher is better)
     ("perplexity", "held-out perplexity", False),
     ("kl", "KL to the teacher", False),
 ]
+ITEM_SCORES = {"few_shot_average": "few_shot_items", "passkey_average": "passkey_items"}  # a measure's per-item scores
 
 
 def budget_dir(out: Path, budget: str) -> Path:
@@ -154,10 +155,42 @@ def _scores(folder: Path) -> dict[str, dict]:
             s = scores.setdefault(_method_of(entry["model"], folder), {})
             metric = primary_metric(entry["tasks"][task]["metrics"], task) if entry.get("status") == "ok" and task in entry["tasks"] else None
             s.setdefault("few_shot", {})[f"{task} {shots}-shot"] = metric[1] if metric else None
+            if metric:  # each item's score, for the paired comparison of two methods on the same items
+                s.setdefault("few_shot_items", {})[f"{task} {shots}-shot"] = {
+                    str(x["doc_id"]): float(x[metric[0]]) for x in entry["tasks"][task].get("samples", []) if metric[0] in x}
     for entry in _suite(folder, "eval-passkey")["models"].values():
-        by = entry["tasks"].get("passkey", {}).get("metrics", {}).get("by", {}).get("length", {}) if entry.get("status") == "ok" else {}
-        scores.setdefault(_method_of(entry["model"], folder), {})["passkey"] = {int(n): v for n, v in by.items()}
+        ok = entry.get("status") == "ok"
+        by = entry["tasks"].get("passkey", {}).get("metrics", {}).get("by", {}).get("length", {}) if ok else {}
+        s = scores.setdefault(_method_of(entry["model"], folder), {})
+        s["passkey"] = {int(n): v for n, v in by.items()}
+        items: dict[str, dict] = {}
+        for x in entry["tasks"].get("passkey", {}).get("results", []) if ok else []:
+            items.setdefault(str(x["length"]), {})[f"{x['depth']}/{x['index']}"] = float(x["correct"])
+        if items:
+            s["passkey_items"] = items
     return scores
+
+
+def paired_difference(mine: dict, theirs: dict) -> tuple[float, float, int] | None:
+    """``(difference, standard error, items)`` of an average over groups (tasks, or passkey
+    lengths) of per-item scores, method ``mine`` minus ``theirs``, on the items both scored:
+    ``mine, theirs: {group: {item: score}}``. The mean of the groups' mean differences; its error
+    from each group's paired differences (``var / n``, summed over the groups, over groups^2).
+    None when a group has fewer than two shared items."""
+    groups = sorted(set(mine) & set(theirs))
+    if not groups or set(mine) != set(theirs):
+        return None
+    means, variances, n_items = [], [], 0
+    for g in groups:
+        shared = sorted(set(mine[g]) & set(theirs[g]))
+        if len(shared) < 2:
+            return None
+        d = [mine[g][i] - theirs[g][i] for i in shared]
+        mean = sum(d) / len(d)
+        means.append(mean)
+        variances.append(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+        n_items += len(d)
+    return sum(means) / len(groups), math.sqrt(sum(variances)) / len(groups), n_items
 
 
 def budget_rows(out: Path, budget: str) -> list[dict]:
@@ -218,8 +251,17 @@ def verdicts(rows: list[dict]) -> list[dict]:
         wins = None if mine is None else all((mine > v) if higher else (mine < v) for _, v in theirs)
         if wins and len(theirs) < len(baselines):
             wins = None
-        out.append({"measure": title, "plan": mine, "best_baseline": best[0], "best_baseline_value": best[1],
-                    "baselines_measured": len(theirs), "baselines": len(baselines), "plan_wins": wins})
+        verdict = {"measure": title, "plan": mine, "best_baseline": best[0], "best_baseline_value": best[1],
+                   "baselines_measured": len(theirs), "baselines": len(baselines), "plan_wins": wins,
+                   "difference": None, "standard_error": None, "clear": None}
+        items = ITEM_SCORES.get(key)
+        if items and plan and best[0] is not None and plan.get(items) and by[best[0]].get(items):
+            paired = paired_difference(plan[items], by[best[0]][items])
+            if paired:
+                # plan minus the best baseline on the same items; "clear": beyond two standard errors
+                verdict.update(difference=paired[0], standard_error=paired[1],
+                               clear=abs(paired[0]) > 2 * paired[1] if paired[1] > 0 else paired[0] != 0)
+        out.append(verdict)
     return out
 
 
@@ -228,7 +270,16 @@ def _verdict(v: dict) -> str:
         return "not known: the plan not measured"
     if v["plan_wins"] is None:
         return f"not known: {v['baselines_measured']} of {v['baselines']} baselines measured"
-    return "yes" if v["plan_wins"] else "**no**"
+    text = "yes" if v["plan_wins"] else "**no**"
+    if v.get("difference") is not None and not v["clear"]:
+        text += " (within noise)"
+    return text
+
+
+def _difference(v: dict) -> str:
+    if v.get("difference") is None:
+        return ""
+    return f"{v['difference']:+.3f} ± {v['standard_error']:.3f}"
 
 
 def _fmt(x, digits=3):
@@ -244,7 +295,12 @@ def _report(args) -> int:
                                                                       for b in args.budgets) else "")
              + "`every`: the softmax layers evenly spread; `randomN`: a random choice "
              "from seed N. Each baseline keeps as many layers softmax as the budget allows at the recipe's settings.", ""]
-    wins_lines = ["## Does the plan win?", "", "| budget | measure | plan | best baseline | plan wins |", "|---|---|---|---|---|"]
+    wins_lines = ["## Does the plan win?", "",
+                  "`plan - best`: the plan's score minus the best baseline's on the same items, ± its standard "
+                  "error (from the paired per-item differences); a win or loss within two standard errors is "
+                  "marked *within noise*. Held-out perplexity and KL are over the same held-out tokens for every method "
+                  "and carry no per-item error here.", "",
+                  "| budget | measure | plan | best baseline | plan - best | plan wins |", "|---|---|---|---|---|---|"]
     for budget in args.budgets:
         rows = budget_rows(out, budget)
         if not rows:
@@ -267,7 +323,7 @@ def _report(args) -> int:
         lines.append("")
         for v in result["budgets"][budget]["verdicts"]:
             wins_lines.append(f"| {budget} | {v['measure']} | {_fmt(v['plan'], 4)} | {v['best_baseline'] or ''} "
-                              f"{_fmt(v['best_baseline_value'], 4)} | {_verdict(v)} |")
+                              f"{_fmt(v['best_baseline_value'], 4)} | {_difference(v)} | {_verdict(v)} |")
     text = "\n".join(lines + wins_lines) + "\n"
     (out / "comparison.md").write_text(text)
     (out / "comparison.json").write_text(json.dumps(result, indent=1) + "\n")

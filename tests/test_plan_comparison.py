@@ -61,7 +61,7 @@ def test_plan_comparison_converts_every_method_and_reports_who_wins(tmp_path):
         assert v["plan_wins"] == all((mine > o) if higher else (mine < o) for o in others)
     assert {v["measure"] for v in result["verdicts"]} == {"held-out perplexity", "KL to the teacher", "passkey average"}
     table = (out / "comparison.md").read_text()
-    assert "## softmax-layers=1" in table and "| budget | measure | plan | best baseline | plan wins |" in table
+    assert "## softmax-layers=1" in table and "| budget | measure | plan | best baseline | plan - best | plan wins |" in table
     assert (out / "comparison.png").is_file()
 
 
@@ -130,6 +130,41 @@ def test_an_average_over_fewer_tasks_than_the_budget_measured_is_not_given(tmp_p
     rows = {r["method"]: r for r in pc.budget_rows(tmp_path, "softmax-layers=2")}
     assert rows["transfer"]["few_shot_average"] == 0.5
     assert rows["every"]["few_shot_average"] is None  # winogrande missing: no average over arc alone
+
+
+def test_the_plan_against_the_best_baseline_on_the_same_items(tmp_path):
+    """The few-shot and passkey verdicts carry the plan's score minus the best baseline's on the
+    items both scored, with the standard error of the paired differences: a loss by one item in
+    ten is within noise, a loss on every item of a hundred is not; the table says which."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plan_comparison as pc
+
+    # by hand: groups a (differences 1, 0, 0, 0) and b (differences -1, -1); mean of the means
+    # (0.25 - 1) / 2, error sqrt(var_a / 4 + var_b / 2) / 2 with var_a = 0.25, var_b = 0
+    diff, se, n = pc.paired_difference({"a": {"1": 1, "2": 1, "3": 0, "4": 0}, "b": {"1": 0, "2": 0}},
+                                       {"a": {"1": 0, "2": 1, "3": 0, "4": 0, "9": 1}, "b": {"1": 1, "2": 1}})
+    assert (diff, n) == (-0.375, 6) and abs(se - (0.25 / 4) ** 0.5 / 2) < 1e-12
+    assert pc.paired_difference({"a": {"1": 1}}, {"a": {"1": 0}}) is None  # one shared item: no error
+    assert pc.paired_difference({"a": {"1": 1, "2": 0}}, {"b": {"1": 0, "2": 1}}) is None  # other groups
+
+    folder = tmp_path / "softmax-layers-2"
+
+    def scores(plan_right, baseline_right, items):
+        (folder / "eval-winogrande-5shot").mkdir(parents=True, exist_ok=True)
+        models = {}
+        for m, right in (("transfer", plan_right), ("every", baseline_right)):
+            samples = [{"doc_id": i, "acc": float(i < right)} for i in range(items)]
+            models[m] = {"model": str(folder / m), "status": "ok",
+                         "tasks": {"winogrande": {"metrics": {"acc": right / items}, "samples": samples}}}
+        (folder / "eval-winogrande-5shot" / "report.json").write_text(json.dumps({"models": models}))
+        return {v["measure"]: v for v in pc.verdicts(pc.budget_rows(tmp_path, "softmax-layers=2"))}["few-shot average"]
+
+    close = scores(5, 6, 10)  # the baseline right on one more item of ten
+    assert close["plan_wins"] is False and abs(close["difference"] + 0.1) < 1e-12 and close["clear"] is False
+    assert pc._verdict(close) == "**no** (within noise)" and pc._difference(close) == "-0.100 ± 0.100"
+    far = scores(0, 100, 100)  # wrong on every item the baseline got right
+    assert far["difference"] == -1.0 and far["standard_error"] == 0.0 and far["clear"] is True
+    assert pc._verdict(far) == "**no**"
 
 
 def test_two_plans_that_chose_the_same_have_one_key(tmp_path):
