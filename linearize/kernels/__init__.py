@@ -17,9 +17,9 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
   chunked form and the one-token decode step), the PyTorch reference for anything else (CPU
   tensors, STILL, and for now any window or sinks: the hybrid kernels are left out of ``auto``
   until the fault a converted LoLCATs model met in them on an H200 is found, see
-  :data:`AUTO_HYBRID`; ``triton`` still takes windows up to 128 and up to 64 sinks). Compiled on an H200 (Triton
-  3.6), every GPU test of the kernels and of the CUDA-graph decoder passes, batch 16 x 9 heads
-  included, but one known limit: the gated kernels' ``dg`` with strong decays is 1.1e-4 from
+  :data:`AUTO_HYBRID`; ``triton`` still takes windows up to 128 and up to 64 sinks).
+  Compiled on an H200 (Triton 3.6), every GPU test of the kernels and of the CUDA-graph decoder
+  passes, batch 16 x 9 heads included, but one known limit: the gated kernels' ``dg`` with strong decays is 1.1e-4 from
   float64 where the fp32 reference is 2.5e-6 (an ``xfail``). The opt-in two-pass gated forward
   (``parallel=True``) is not used here: it fails its GPU tests (see ``gated/chunk.py``);
 * ``reference``: the PyTorch reference everywhere;
