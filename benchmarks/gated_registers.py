@@ -98,7 +98,7 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     rows = []
     intra = dict(C=C, SC=SC, BK=min(BF, 32), BF=BF, **DT)
     rows.append(("intra", f"BK={intra['BK']}", compile_report(mod._intra_kernel, intra, dtype, num_warps=4)))
-    fwd = dict(C=C, SC=SC, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=True, STORE_Y32=True, **DT)
+    fwd = dict(C=C, SC=SC, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=True, STORE_Y32=True, READ_OUT_ONLY=False, **DT)
     rows.append(("fwd", f"BV={BV} w={fwd_warps}", compile_report(mod._fwd_kernel, fwd, dtype, num_warps=fwd_warps)))
     NK = triton.cdiv(F, BK)
     bwd = dict(C=C, SC=SC, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK, HAS_INIT=True, HAS_DFINAL=True, STORE_DINIT=True,

@@ -19,9 +19,11 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
   until the fault a converted LoLCATs model met in them on an H200 is found, see
   :data:`AUTO_HYBRID`; ``triton`` still takes windows up to 128 and up to 64 sinks).
   Compiled on an H200 (Triton 3.6), every GPU test of the kernels and of the CUDA-graph decoder
-  passes, batch 16 x 9 heads included, but one known limit: the gated kernels' ``dg`` with strong decays is 1.1e-4 from
-  float64 where the fp32 reference is 2.5e-6 (an ``xfail``). The opt-in two-pass gated forward
-  (``parallel=True``) is not used here: it fails its GPU tests (see ``gated/chunk.py``);
+  passes, batch 16 x 9 heads included, but one known limit: the gated kernels' ``dg`` with
+  strong decays is 1.1e-4 from float64 where the fp32 reference is 2.5e-6 (an ``xfail``). The
+  opt-in two-pass forwards (``parallel=True``) are not used here: the linear one is right on
+  the H200 but slower than the walk at 256 heads, the gated one's output pass (now the walk's
+  read-out) is not yet compiled there (see ``gated/chunk.py``);
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
   need ``TRITON_INTERPRET=1``): :func:`hybrid_attention` sends plain linear attention (window 0,

@@ -302,8 +302,8 @@ def test_split_sequence_with_carried_state_equals_whole(chunk, T, cuts):
 
 def assert_same_as_sequential(out, f=F, bf16=False):
     """The two-pass forward's outputs and the gradients through it against the sequential
-    forward's. Both take the same operands, splits and order; the output pass sums the features
-    64 at a time. Under the interpreter, with ``f <= 64``, they differ only where numpy's BLAS
+    forward's. Both take the same operands, splits and order, and the output pass is the walk's
+    own read-out from the stored starting states. Under the interpreter, with ``f <= 64``, they differ only where numpy's BLAS
     tiles a product of tiles laid out differently in another order (which depends on the CPU it
     picks kernels for: bit for bit on some machines, ~1e-7 on others): 1e-6, a few fp32 ulps.
     Otherwise (more feature blocks, or compiled products tiled another way) the same up to fp32
@@ -397,16 +397,17 @@ def test_parallel_forward_is_off_by_default(monkeypatch):
     import linearize.kernels.gated.chunk as gchunk
 
     assert gchunk.PARALLEL_FORWARD is False
-    walk, states, output = (Launches(monkeypatch, gchunk, n) for n in ("_fwd_kernel", "_fwd_states_kernel", "_fwd_output_kernel"))
+    # the two-pass forward's output pass is the walk's kernel too (read-out only)
+    walk, states = (Launches(monkeypatch, gchunk, n) for n in ("_fwd_kernel", "_fwd_states_kernel"))
     fq, fk, v, g, _, _ = make_inputs(20, seed=7, b=1)
     y, _ = triton_chunk_gated_attention(fq, fk, v, g)
-    assert (walk.calls, states.calls, output.calls) == (1, 0, 0)
+    assert (walk.calls, states.calls) == (1, 0)
     monkeypatch.setattr(gchunk, "PARALLEL_FORWARD", True)
     y_par, _ = triton_chunk_gated_attention(fq, fk, v, g)
-    assert (walk.calls, states.calls, output.calls) == (1, 1, 1)
+    assert (walk.calls, states.calls) == (2, 1)
     assert rel(y_par, y) <= 1e-6
     triton_chunk_gated_attention(fq, fk, v, g, parallel=False)
-    assert (walk.calls, states.calls, output.calls) == (2, 1, 1)
+    assert (walk.calls, states.calls) == (3, 1)
 
 
 
@@ -725,3 +726,27 @@ def test_the_forward_reads_no_memory_it_did_not_write(monkeypatch, parallel):
     ref = chunk_gated_attention(fq, fk, v, g)
     ref_y = ref[0] if isinstance(ref, tuple) else ref
     assert rel(y, ref_y) <= 1e-5
+
+
+def test_parallel_forward_in_several_launches(monkeypatch):
+    """The two-pass forward's output pass launches at most ``MAX_GRID_Y`` one-chunk sequences at a
+    time (CUDA's limit on the grid's second axis); with the limit at 3, the B x H x chunks
+    sequences go in launches of 3 and a last one of the rest, with the outputs of one launch."""
+    import linearize.kernels.gated.chunk as gchunk
+
+    fq, fk, v, g, S0, z0 = make_inputs(100, seed=23)
+    one = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=True)
+    grids, kernel = [], gchunk._fwd_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(gchunk, "MAX_GRID_Y", 3)
+    monkeypatch.setattr(gchunk, "_fwd_kernel", Recording())
+    many = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=True)
+    n = B * H * triton.cdiv(100, gchunk.CHUNK)
+    assert n > 3 and [grid[1] for grid in grids] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+    for name, a, b in zip(("y", "d", "S", "z"), (one[0], one[2], one[4], one[5]), (many[0], many[2], many[4], many[5])):
+        assert torch.equal(a, b), name

@@ -62,13 +62,15 @@ two-pass forward below, which stores each chunk's starting state.
      exactly the walk's (a sub-chunk at a time, the same operands and splits), and stores each
      chunk's starting state ``h_c = S [F, Dv]`` and ``z_c`` in fp32, ``[B, H, T / C, F, Dv]``
      and ``[B, H, T / C, F]``, and the final state;
-  2. ``_fwd_output_kernel``, grid ``(Dv / BV, T / C, B * H)``, every chunk at once: the walk's
-     read-out against ``h_c``, ``o = (fq exp(b)) h_c + A v1`` (features 64 at a time), the
-     normaliser division, ``y`` (and its fp32 copy) and ``d``.
+  2. the output pass: ``_fwd_kernel`` itself with ``READ_OUT_ONLY``, on the ``B * H * T / C``
+     one-chunk sequences (``T`` zero-padded to a multiple of ``C``), each from its ``h_c, z_c``:
+     the walk's read-out ``o = (fq exp(b)) h_c + A v1``, the normaliser division, ``y`` (and its
+     fp32 copy) and ``d``, and no update; at most ``MAX_GRID_Y`` sequences a launch. (An output
+     kernel of its own, with 64-feature blocks, gave ``inf`` compiled on an H200 with Triton 3.6,
+     as the linear kernel's did; the walk's read-out is the code compiled and tested there.)
 
-  The outputs, ``A``, ``d``, the fp32 ``y`` and the final state are those of the walk (bit for bit
-  in the interpreter with ``F <= 64``; otherwise up to the order of the sum over features), so
-  the backward is unchanged. No operand is transposed in either pass (the states pass loads
+  The outputs, ``A``, ``d``, the fp32 ``y`` and the final state are those of the walk (the same
+  read-out code from the same states), so the backward is unchanged. No operand is transposed in either pass (the states pass loads
   ``fk^T`` and ``g^T`` transposed, as the walk does). Expected bound (not yet measured: the
   benchmark's ``ours_gated_par``): at B = 1, 32 heads, T = 32K, F = Dv = 64, bf16, 64-token
   chunks, the three launches move about 2.3 KB a (token, head) (inputs read by each pass that
@@ -166,6 +168,7 @@ import triton.language as tl
 from ..linear.chunk import (
     _DOT_DTYPES,
     MAX_FEATURES,
+    MAX_GRID_Y,
     MAX_VALUE_DIM,
     TINY,
     _dot,
@@ -182,7 +185,7 @@ SUB_CHUNK = 16  # tokens of a sub-chunk: exact pairwise decays inside
 CHUNK_SIZES = (16, 64)  # tokens a sequential step takes: one sub-chunk, or four
 CHUNK = 64  # the default
 DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
-# the forward in two passes parallel over chunks (_fwd_states_kernel, _fwd_output_kernel) rather
+# the forward in two passes parallel over chunks (_fwd_states_kernel, then _fwd_kernel read-out only) rather
 # than the sequential walk (_fwd_kernel); off until a GPU run confirms its speed
 PARALLEL_FORWARD = False
 
@@ -249,12 +252,14 @@ def _fwd_kernel(
     T, F, DV,
     C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Y32: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr, READ_OUT_ONLY: tl.constexpr,
 ):
     """Grid ``(Dv / BV, B * H)``: value columns ``[i_v * BV, (i_v + 1) * BV)`` of one head,
     chunks of ``C`` in order, ``S [BF, BV]`` and ``z`` in registers. A chunk's queries are read
     out at once against the state at the chunk start (``[C, BF]`` tiles); then the state takes
-    the chunk's keys, a sub-chunk at a time."""
+    the chunk's keys, a sub-chunk at a time. ``READ_OUT_ONLY``: no state update (the two-pass
+    forward's output pass, one chunk a sequence from its stored starting state; not with
+    ``STORE_FINAL``)."""
     NS: tl.constexpr = C // SC
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -310,9 +315,10 @@ def _fwd_kernel(
                 tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
             if i_v == 0:
                 tl.store(den + i_bh * T + t, d, mask=m_t)
-            decay = tl.exp(b_last)[:, None]  # [BF, 1]
-            S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
-            Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+            if not READ_OUT_ONLY:
+                decay = tl.exp(b_last)[:, None]  # [BF, 1]
+                S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
+                Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
         else:
             m_tv = m_t[:, None] & m_v[None, :]
             # read-out: queries decayed from the chunk start (a running sum of g <= 0: no difference
@@ -333,19 +339,20 @@ def _fwd_kernel(
                 tl.store(den + i_bh * T + t, d, mask=m_t)
             # update, a sub-chunk J at a time as the 16-token scheme does it (S <- exp(G_J) S +
             # (fk_j exp(G_J - c_j))^T v1_j, with c the running sum of g inside J and G_J its total)
-            for J in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
-                t_J = i_t * C + J * SC + o_c
-                m_J = t_J < T
-                m_fJ = m_f[:, None] & m_J[None, :]
-                # keys and decays loaded transposed, [BF, SC] (no tl.trans)
-                b_fkT = tl.load(fk + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32)
-                cT = tl.cumsum(tl.load(g + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32), 1)
-                G_J = tl.sum(tl.where(last_col, cT, 0.0), 1)  # [BF]
-                k_outT = b_fkT * tl.exp(G_J[:, None] - cT)  # keys as they stand at the sub-chunk end
-                b_v_J = tl.load(v + t_J[:, None] * DV + o_v[None, :], mask=m_J[:, None] & m_v[None, :], other=0.0)
-                decay = tl.exp(G_J)[:, None]  # [BF, 1]
-                S = S * decay + _dot_split(k_outT, b_v_J, DT, PREC, EMULATE, True, False)
-                Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+            if not READ_OUT_ONLY:
+                for J in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
+                    t_J = i_t * C + J * SC + o_c
+                    m_J = t_J < T
+                    m_fJ = m_f[:, None] & m_J[None, :]
+                    # keys and decays loaded transposed, [BF, SC] (no tl.trans)
+                    b_fkT = tl.load(fk + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32)
+                    cT = tl.cumsum(tl.load(g + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32), 1)
+                    G_J = tl.sum(tl.where(last_col, cT, 0.0), 1)  # [BF]
+                    k_outT = b_fkT * tl.exp(G_J[:, None] - cT)  # keys as they stand at the sub-chunk end
+                    b_v_J = tl.load(v + t_J[:, None] * DV + o_v[None, :], mask=m_J[:, None] & m_v[None, :], other=0.0)
+                    decay = tl.exp(G_J)[:, None]  # [BF, 1]
+                    S = S * decay + _dot_split(k_outT, b_v_J, DT, PREC, EMULATE, True, False)
+                    Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
     if STORE_FINAL:
         tl.store(s_out + p_s, S, mask=m_fv)
         if i_v == 0:
@@ -415,68 +422,6 @@ def _fwd_states_kernel(
         tl.store(s_out + p_s, S, mask=m_kv)
         if i_v == 0:
             tl.store(z_out + i_bh * F + o_k, z, mask=m_k)
-
-
-@triton.jit
-def _fwd_output_kernel(
-    fq, v, g, A, h, hz, y, y32, den,
-    T, F, DV,
-    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_Y32: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
-):
-    """The parallel forward's second pass: grid ``(Dv / BV, T / C, B * H)``, a program per
-    (block of value columns, chunk, head), all independent. The read-out of ``_fwd_kernel``
-    against the chunk's starting state from the first pass: ``o = (fq exp(b)) h_c + A v``,
-    ``d = (fq exp(b)) z_c + sum_j A_ij``, ``y = o / max(d, 1e-30)``, the same operands and splits
-    (``fq exp(b)`` rounded once for numerator and normaliser, ``h_c`` and ``A`` split), with the
-    features taken ``BK`` at a time (the sum over features in blocks: the same up to fp32
-    rounding). No operand is transposed (no ``tl.trans``, which Triton 3.4-3.7 miscompiles on
-    Hopper when it transposes a dot result cast to bf16 for another dot): ``[C, BK] x [BK, BV]``,
-    ``[C, BK] x [BK, SC]`` and ``[C, C] x [C, BV]`` products of tiles loaded as they lie in
-    memory."""
-    i_v = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    n_t = tl.cdiv(T, C)
-    o_c = tl.arange(0, SC)
-    o_C = tl.arange(0, C)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
-    t = i_t * C + o_C
-    m_t = t < T
-    m_tv = m_t[:, None] & m_v[None, :]
-    first = o_c[None, :] == 0
-    o = tl.zeros([C, BV], dtype=tl.float32)
-    dz = tl.zeros([C, SC], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(F, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < F
-        m_tk = m_t[:, None] & m_k[None, :]
-        p = i_bh * T * F + t[:, None] * F + o_k[None, :]
-        b_fq = tl.load(fq + p, mask=m_tk, other=0.0).to(tl.float32)  # [C, BK]
-        b = tl.cumsum(tl.load(g + p, mask=m_tk, other=0.0).to(tl.float32), 0)  # from the chunk start, <= 0
-        q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
-        p_h = (i_bh * n_t + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :]
-        S = tl.load(h + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV] fp32
-        z = tl.load(hz + (i_bh * n_t + i_t) * F + o_k, mask=m_k, other=0.0)
-        Z = tl.where(first, z[:, None], 0.0)  # [BK, SC]: z as column 0, as in _fwd_kernel
-        o += _dot_split(q_in, S, DT, PREC, EMULATE, False, True)
-        dz += _dot_split(q_in, Z, DT, PREC, EMULATE, False, True)
-    b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)  # [C, BV]
-    blocks = (o_C[:, None] // SC) >= (o_C[None, :] // SC)  # [C, C]: A's blocks that are written
-    b_A = tl.load(A + (i_bh * T + t[:, None]) * C + o_C[None, :], mask=m_t[:, None] & blocks, other=0.0)
-    o += _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
-    if C == SC:
-        d = tl.sum(dz + b_A, 1)  # [C]
-    else:
-        d = tl.sum(dz, 1) + tl.sum(b_A, 1)
-    o = o / tl.maximum(d, _TINY)[:, None]
-    p_y = i_bh * T * DV + t[:, None] * DV + o_v[None, :]
-    tl.store(y + p_y, o.to(y.dtype.element_ty), mask=m_tv)
-    if STORE_Y32:  # the backward's copy of y, in fp32
-        tl.store(y32 + p_y, o, mask=m_tv)
-    if i_v == 0:
-        tl.store(den + i_bh * T + t, d, mask=m_t)
 
 
 @triton.jit
@@ -842,14 +787,10 @@ def _bwd_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUN
 
 
 def _par_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUNK):
-    """``(BK_states, BV_states, BK_out, BV_out, out_warps)`` of the parallel forward. The states pass
-    (``[BK, BV]`` fp32 state, ``[BK, 16]`` keys) starts at 64 x 64 blocks and halves ``BV``, then
-    ``BK`` (to 32 and 16), while ``B * H`` heads times its blocks would leave multiprocessors idle:
-    its programs are the only sequential work left, so it wants many of them. The output pass
-    (``[C, BK]`` queries and exponentials, ``[BK, BV]`` state, ``[C, BV]`` output, ``[C, C]``
-    weights) takes 64 features at a time and up to 64 value columns (32 with fp32 products); it
-    has ``T / C`` times as many programs as the states pass, so it needs no shrinking. (Not yet
-    compiled or tuned on a GPU.)"""
+    """``(BK, BV)`` of the two-pass forward's states pass (``[BK, BV]`` fp32 state, ``[BK, 16]``
+    keys): 64 x 64 blocks, halving ``BV``, then ``BK`` (to 32 and 16), while ``B * H`` heads times
+    its blocks would leave multiprocessors idle: its programs are the only sequential work left,
+    so it wants many of them. (The output pass takes the walk's blocks, :func:`_fwd_config`.)"""
     BF = _pow2(F)
     fp32 = dtype == torch.float32
     BK = min(BF, 32 if fp32 else 64)
@@ -860,9 +801,7 @@ def _par_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUN
             BV //= 2
         else:
             BK //= 2
-    BK_out = min(BF, 64)
-    BV_out = min(_pow2(DV), 32 if fp32 else 64)
-    return BK, BV, BK_out, BV_out, (8 if C > SUB_CHUNK else 4)
+    return BK, BV
 
 
 def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False, output_dtype=None,
@@ -873,7 +812,7 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
     Returns ``(y [B, H, T, Dv], y32, d [B, H, T] fp32, A [B, H, T, C] fp32, S [B, H, F, Dv] fp32
     or None, z [B, H, F] fp32 or None)``; ``y32`` is ``y`` in fp32 when ``keep_fp32_output`` (the
     same tensor when ``y`` is fp32), else None. ``parallel``: the two-pass forward
-    (``_fwd_states_kernel`` then ``_fwd_output_kernel``) instead of the sequential walk
+    (``_fwd_states_kernel``, then ``_fwd_kernel`` reading out one-chunk sequences) instead of the sequential walk
     (``_fwd_kernel``); None takes :data:`PARALLEL_FORWARD`. Both give the same tensors (up to
     the order of an fp32 sum over features)."""
     B, H, T, F = fq.shape
@@ -895,7 +834,7 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
     )
     if PARALLEL_FORWARD if parallel is None else parallel:
         N = triton.cdiv(T, C)
-        BKs, BVs, BKo, BVo, out_warps = _par_config(F, DV, B * H, dtype, C)
+        BKs, BVs = _par_config(F, DV, B * H, dtype, C)
         h = torch.empty(B, H, N, F, DV, device=dev, dtype=torch.float32)  # each chunk's starting state
         hz = torch.empty(B, H, N, F, device=dev, dtype=torch.float32)
         _fwd_states_kernel[(triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)](
@@ -903,17 +842,38 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
             C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
             DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4, num_stages=2,
         )
-        _fwd_output_kernel[(triton.cdiv(DV, BVo), N, B * H)](
-            fq, v, g, A, h, hz, y, y32, d, T, F, DV,
-            C=C, SC=SUB_CHUNK, BK=BKo, BV=BVo, STORE_Y32=store_y32,
-            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=out_warps, num_stages=2,
-        )
+        # the output pass: the walk's kernel, read-out only, on B * H * N sequences of one chunk,
+        # each from its starting state (T padded with zeros to N * C: a padded key is after every
+        # real query), at most MAX_GRID_Y sequences a launch (CUDA's limit on the grid's second axis)
+        pad = N * C - T
+        grow = (lambda x: torch.nn.functional.pad(x, (0, 0, 0, pad))) if pad else (lambda x: x)
+        n = B * H * N
+        yp = torch.empty(B, H, N * C, DV, device=dev, dtype=y.dtype) if pad else y
+        dp = torch.empty(B, H, N * C, device=dev, dtype=torch.float32) if pad else d
+        y32p = (torch.empty(B, H, N * C, DV, device=dev, dtype=torch.float32) if pad else y32) if store_y32 else None
+        whole = (grow(fq).reshape(n, C, F), grow(fk).reshape(n, C, F), grow(v).reshape(n, C, DV),
+                 grow(g).reshape(n, C, F), grow(A).reshape(n, C, C), yp.view(n, C, DV),
+                 y32p.view(n, C, DV) if store_y32 else None, dp.view(n, C), h.view(n, F, DV), hz.view(n, F))
+        BF, BV, num_warps = _fwd_config(F, DV, n, dtype, C)
+        for start in range(0, n, MAX_GRID_Y):
+            part = [None if x is None else x[start : start + MAX_GRID_Y] for x in whole]
+            _fwd_kernel[(triton.cdiv(DV, BV), part[0].shape[0])](
+                *part, None, None, C, F, DV,
+                C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
+                DT=DT, PREC=PREC, EMULATE=EMULATE, READ_OUT_ONLY=True, num_warps=num_warps, num_stages=2,
+            )
+        if pad:
+            y.copy_(yp[:, :, :T])
+            d.copy_(dp[:, :, :T])
+            if store_y32:
+                y32.copy_(y32p[:, :, :T])
     else:
         BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype, C)
         _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
             fq, fk, v, g, A, y, y32, d, S0, z0, S, z, T, F, DV,
             C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
-            STORE_Y32=store_y32, DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
+            STORE_Y32=store_y32, DT=DT, PREC=PREC, EMULATE=EMULATE, READ_OUT_ONLY=False, num_warps=num_warps,
+            num_stages=2,
         )
     if keep_fp32_output and not store_y32:
         y32 = y
