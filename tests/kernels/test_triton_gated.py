@@ -736,17 +736,10 @@ def test_parallel_forward_in_several_launches(monkeypatch):
 
     fq, fk, v, g, S0, z0 = make_inputs(100, seed=23)
     one = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=True)
-    grids, kernel = [], gchunk._fwd_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
     monkeypatch.setattr(gchunk, "MAX_GRID_Y", 3)
-    monkeypatch.setattr(gchunk, "_fwd_kernel", Recording())
+    launches = Launches(monkeypatch, gchunk, "_fwd_kernel")
     many = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=True)
     n = B * H * triton.cdiv(100, gchunk.CHUNK)
-    assert n > 3 and [grid[1] for grid in grids] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+    assert n > 3 and [grid[1] for grid in launches.grids] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
     for name, a, b in zip(("y", "d", "S", "z"), (one[0], one[2], one[4], one[5]), (many[0], many[2], many[4], many[5])):
         assert torch.equal(a, b), name

@@ -557,14 +557,13 @@ def test_auto_leaves_the_hybrid_kernels_out_until_they_are_cleared(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
-def test_gpu_converted_smollm2_through_the_kernels(teacher):
+def test_gpu_converted_smollm2_through_the_kernels(teacher, monkeypatch):
     """The embedded SmolLM2 with every layer a LoLCATs student (window 64, 4 sinks, Hedgehog maps
     of 64, the lolcats recipe's settings), bf16 on the GPU, a left-padded batch of 4 x 1,000
     tokens as an evaluation hands it: the logits at the real positions through the Triton kernels
     (``LINEARIZE_KERNELS=triton``) are the reference's, with and without the cache's new state.
     (An evaluation of such students through ``auto`` faulted on an H200.)"""
     import copy
-    import os
 
     from linearize import ConversionSpec, convert_model
 
@@ -578,16 +577,12 @@ def test_gpu_converted_smollm2_through_the_kernels(teacher):
     mask[1, :30] = 0
     mask[3, :517] = 0
     logits = {}
-    old = os.environ.get("LINEARIZE_KERNELS")
-    try:
-        for choice in ("reference", "triton"):
-            os.environ["LINEARIZE_KERNELS"] = choice
-            for cache in (False, True):
-                with torch.no_grad():
-                    out = model(input_ids=ids, attention_mask=mask, use_cache=cache).logits.float()
-                torch.cuda.synchronize()
-                logits[choice, cache] = out[mask.bool()]
-    finally:
-        os.environ.pop("LINEARIZE_KERNELS") if old is None else os.environ.__setitem__("LINEARIZE_KERNELS", old)
+    for choice in ("reference", "triton"):
+        monkeypatch.setenv("LINEARIZE_KERNELS", choice)
+        for cache in (False, True):
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask, use_cache=cache).logits.float()
+            torch.cuda.synchronize()
+            logits[choice, cache] = out[mask.bool()]
     for cache in (False, True):
         assert rel(logits["triton", cache], logits["reference", cache]) <= 2e-2, cache

@@ -549,18 +549,10 @@ def test_parallel_forward_in_several_launches(monkeypatch):
 
     fq, fk, v, S0, z0 = make_inputs(100, seed=21)
     one = lchunk.linear_attention_fwd(fq, fk, v, S0, z0, True, 64, parallel=True)
-    launches = []
-    kernel = lchunk._fwd_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
     monkeypatch.setattr(lchunk, "MAX_GRID_Y", 3)
-    monkeypatch.setattr(lchunk, "_fwd_kernel", Counting())
+    launches = Launches(monkeypatch, lchunk, "_fwd_kernel")
     many = lchunk.linear_attention_fwd(fq, fk, v, S0, z0, True, 64, parallel=True)
     n = B * H * triton.cdiv(100, lchunk._par_config(F, DV, 64, B * H, torch.float32)[0])
-    assert n > 3 and [g[1] for g in launches] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+    assert n > 3 and [g[1] for g in launches.grids] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
     for name, a, b in zip(("y", "d", "S", "z"), (one[0], one[2], one[3], one[4]), (many[0], many[2], many[3], many[4])):
         assert torch.equal(a, b), name

@@ -72,15 +72,16 @@ def through_kernels(monkeypatch, model, x, mask, params, max_new_tokens, choices
 
 
 class Launches:
-    """Counts the launches (``kernel[grid](...)``) of the kernel ``name`` of ``module``, which it
-    replaces (through ``monkeypatch``) while still launching it."""
+    """Counts the launches (``kernel[grid](...)``) of the kernel ``name`` of ``module``, and keeps
+    their grids, replacing it (through ``monkeypatch``) while still launching it."""
 
     def __init__(self, monkeypatch, module, name):
-        self.kernel, self.calls = getattr(module, name), 0
+        self.kernel, self.calls, self.grids = getattr(module, name), 0, []
         monkeypatch.setattr(module, name, self)
 
     def __getitem__(self, grid):
         self.calls += 1
+        self.grids.append(grid)
         return self.kernel[grid]
 
 

@@ -178,6 +178,7 @@ from ..linear.chunk import (
     _pow2,
     _sms,
     compute_dtype,
+    launch_in_slices,
 )
 
 _TINY = tl.constexpr(TINY)
@@ -855,13 +856,11 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
                  grow(g).reshape(n, C, F), grow(A).reshape(n, C, C), yp.view(n, C, DV),
                  y32p.view(n, C, DV) if store_y32 else None, dp.view(n, C), h.view(n, F, DV), hz.view(n, F))
         BF, BV, num_warps = _fwd_config(F, DV, n, dtype, C)
-        for start in range(0, n, MAX_GRID_Y):
-            part = [None if x is None else x[start : start + MAX_GRID_Y] for x in whole]
-            _fwd_kernel[(triton.cdiv(DV, BV), part[0].shape[0])](
-                *part, None, None, C, F, DV,
-                C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
-                DT=DT, PREC=PREC, EMULATE=EMULATE, READ_OUT_ONLY=True, num_warps=num_warps, num_stages=2,
-            )
+        launch_in_slices(
+            _fwd_kernel, triton.cdiv(DV, BV), whole, None, None, C, F, DV, limit=MAX_GRID_Y,
+            C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, READ_OUT_ONLY=True, num_warps=num_warps, num_stages=2,
+        )
         if pad:
             y.copy_(yp[:, :, :T])
             d.copy_(dp[:, :, :T])

@@ -463,6 +463,16 @@ def _par_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
     return C, BK, BV, BF, BV_out, out_warps
 
 
+def launch_in_slices(kernel, columns, seqs, *args, limit, **meta):
+    """``kernel[(columns, n)](*seqs, *args, **meta)`` for tensors ``seqs`` (or None) whose first
+    dimension is the ``n`` sequences of the grid's second axis, in launches of at most ``limit``
+    sequences each (CUDA's limit on that axis, :data:`MAX_GRID_Y`)."""
+    n = next(x for x in seqs if x is not None).shape[0]
+    for start in range(0, n, limit):
+        part = [None if x is None else x[start : start + limit] for x in seqs]
+        kernel[(columns, min(limit, n - start))](*part, *args, **meta)
+
+
 def _bwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat16):
     """``(C, BF, BK, BV, BDV)`` of the backward kernel (8 warps): ``dfq``/``dfk`` programs take
     ``BK`` features and every value column, ``dv`` programs ``BV`` columns and every feature."""
@@ -533,13 +543,11 @@ def linear_attention_fwd(
         n = B * H * N
         whole = (grow(fq).reshape(n, C, F), grow(fk).reshape(n, C, F), grow(v).reshape(n, C, DV), yp.view(n, C, DV),
                  y32p.view(n, C, DV) if store_y32 else None, dp.view(n, C), h.view(n, F, DV), hz.view(n, F))
-        for start in range(0, n, MAX_GRID_Y):
-            part = [None if x is None else x[start : start + MAX_GRID_Y] for x in whole]
-            _fwd_kernel[(triton.cdiv(DV, BV), part[0].shape[0])](
-                *part, None, None, C, F, DV,
-                C=C, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
-                DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
-            )
+        launch_in_slices(
+            _fwd_kernel, triton.cdiv(DV, BV), whole, None, None, C, F, DV, limit=MAX_GRID_Y,
+            C=C, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
+        )
         if pad:
             y.copy_(yp[:, :, :T])
             d.copy_(dp[:, :, :T])
