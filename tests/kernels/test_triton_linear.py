@@ -425,10 +425,7 @@ def test_auto_sends_cuda_tensors_to_the_kernels_and_everything_else_to_the_refer
     assert K._use_triton(device=cuda) and not K._use_triton(device=cpu) and not K._use_triton()
     assert not K._use_triton("window=256", device=cuda)  # no kernel for it: the reference, no error
     assert K._beyond_hybrid_kernels(256, 4) is not None
-    # a window the hybrid kernels take: left out of auto while AUTO_HYBRID is off (see test_triton_hybrid)
-    assert K._beyond_hybrid_kernels(64, 4) is not None
-    monkeypatch.setattr(K, "AUTO_HYBRID", True)
-    assert K._beyond_hybrid_kernels(256, 4) is not None and K._beyond_hybrid_kernels(64, 4) is None
+    assert K._beyond_hybrid_kernels(64, 4) is None and K._beyond_hybrid_kernels(64, 65) is not None
     monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
     assert not K._use_triton(device=cuda)
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")

@@ -71,8 +71,9 @@ two-pass forward below, which stores each chunk's starting state.
 
   The outputs, ``A``, ``d``, the fp32 ``y`` and the final state are those of the walk (the same
   read-out code from the same states), so the backward is unchanged. No operand is transposed in either pass (the states pass loads
-  ``fk^T`` and ``g^T`` transposed, as the walk does). Expected bound (not yet measured: the
-  benchmark's ``ours_gated_par``): at B = 1, 32 heads, T = 32K, F = Dv = 64, bf16, 64-token
+  ``fk^T`` and ``g^T`` transposed, as the walk does). Compiled on an H200 (Triton 3.6) it took
+  4.33 ms against the walk's 7.39 ms at B = 1, 32 heads, F = Dv = 128, T = 8K, and at B = 16, 9 heads, F = 128 its ``y`` and ``dfq`` were 1.3e-5 and 2.3e-5 from
+  the walk's, over its GPU test's 1e-5 (cause not found). Expected bound: at B = 1, 32 heads, T = 32K, F = Dv = 64, bf16, 64-token
   chunks, the three launches move about 2.3 KB a (token, head) (inputs read by each pass that
   needs them, ``A`` written and read in fp32, 256 B, and ``h_c`` written and read in fp32,
   ``4 F Dv / C`` = 256 B each way), some 2.4 GB, 0.5 ms at an H200's 4.8 TB/s, 3.6 times the

@@ -775,9 +775,11 @@ def hybrid_attention_fwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
 
 
 def hybrid_attention_bwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_from, S0, z0, P, window, scale,
-                         y32, den, mx, amx, dy, dS=None, dz=None, chunk_size=64, want_dinit=True):
+                         y32, den, mx, amx, dy, dS=None, dz=None, chunk_size=64, want_dinit=True,
+                         feature_grad_dtypes=None):
     """Launch the backward (arguments as :func:`hybrid_attention_fwd`, plus its saved ``y32,
-    den, m, amax``, ``dy [B, H, T, Dv]`` and the final state's gradients ``dS, dz`` or None).
+    den, m, amax``, ``dy [B, H, T, Dv]`` and the final state's gradients ``dS, dz`` or None;
+    ``feature_grad_dtypes``: the dtypes of ``dfq, dfk``, default those of ``fq, fk``).
 
     Returns ``(dq, dk, dv, dfq, dfk, dgamma [B, H] fp32 or None, dsink_k, dsink_v (fp32 or None),
     dS0, dz0 (fp32 or None))``."""
@@ -795,7 +797,9 @@ def hybrid_attention_bwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
         dz = torch.zeros(B, H, F, device=dev, dtype=torch.float32) if dz is None else dz.float().contiguous()
     dq = torch.empty_like(q) if softmax else torch.zeros_like(q)
     dk = torch.empty_like(k) if softmax else torch.zeros_like(k)
-    dv, dfq, dfk = torch.empty_like(v), torch.empty_like(fq), torch.empty_like(fk)
+    dfq_dtype, dfk_dtype = feature_grad_dtypes or (fq.dtype, fk.dtype)
+    dv = torch.empty_like(v)
+    dfq, dfk = torch.empty_like(fq, dtype=dfq_dtype), torch.empty_like(fk, dtype=dfk_dtype)
     dgamma = torch.empty(B, H, device=dev, dtype=torch.float32) if softmax else None
     dsk = torch.empty(B, H, NS, DK, device=dev, dtype=torch.float32) if NS else None
     dsv = torch.empty(B, H, NS, DV, device=dev, dtype=torch.float32) if NS else None
@@ -819,6 +823,20 @@ def hybrid_attention_bwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
     return dq, dk, dv, dfq, dfk, dgamma, dsk, dsv, dS0, dz0
 
 
+def features_as_read(fq, fk, dtype):
+    """The features as the kernels take them: in ``dtype`` when that is 16-bit. Every product
+    the kernels compute on them then rounds them to ``dtype`` anyway, so this changes no result
+    of the forward, and the backward's sums of raw features (``z``, ``dz``) then use the same
+    rounded values as its products. fp32 feature tiles beside bf16 queries, keys and values
+    (what a student with an fp32 feature map hands over) doubled the forward's tiles of features
+    in registers, and the forward, already at 255 registers and spilling, faulted on an H200 with
+    Triton 3.6 (compute-sanitizer: out-of-range local address in ``_fwd_kernel``; cast first, it
+    ran, forward and backward: results/h200-kernels/, "The hybrid fault")."""
+    if dtype == torch.float32:
+        return fq, fk
+    return fq.to(dtype), fk.to(dtype)
+
+
 class ChunkHybridAttentionFunction(torch.autograd.Function):
     """Autograd wrapper. Inputs: ``q, fq`` (the new queries), ``k, v, fk`` (carried window keys
     then new keys), ``gamma [H]`` or None, ``S0, z0`` or None, the state's sink slots
@@ -832,6 +850,8 @@ class ChunkHybridAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, gamma, S0, z0, sink_k, sink_v, key_mask, sink_pos, sink_from, P, window,
                 scale, output_final_state, chunk_size, output_dtype):
+        ctx.feature_dtypes = (fq.dtype, fk.dtype)
+        fq, fk = features_as_read(fq, fk, compute_dtype(q, k, v, fq, fk))
         q, k, v, fq, fk = (x.contiguous() for x in (q, k, v, fq, fk))
         if S0 is not None:
             S0, z0 = S0.float().contiguous(), z0.float().contiguous()
@@ -861,6 +881,7 @@ class ChunkHybridAttentionFunction(torch.autograd.Function):
         dq, dk, dv, dfq, dfk, dg, dsk, dsv, dS0, dz0 = hybrid_attention_bwd(
             q, k, v, fq, fk, key_mask, g, sk, sv, sink_from, S0, z0, P, window, scale, y32, den, mx, amx, dy,
             dS, dz, chunk_size, want_dinit=ctx.needs_input_grad[6] or ctx.needs_input_grad[7],
+            feature_grad_dtypes=ctx.feature_dtypes,
         )
         dgamma = dg.sum(0).to(gamma_dtype) if dg is not None else None
         d_sink_k = d_sink_v = None
