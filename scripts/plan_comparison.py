@@ -271,6 +271,8 @@ def _verdict(v: dict) -> str:
     if v["plan_wins"] is None:
         return f"not known: {v['baselines_measured']} of {v['baselines']} baselines measured"
     text = "yes" if v["plan_wins"] else "**no**"
+    if not v["plan_wins"] and v["plan"] == v["best_baseline_value"]:
+        return text + " (a tie)"  # e.g. every model scoring 0: no difference to be within noise of
     if v.get("difference") is not None and not v["clear"]:
         text += " (within noise)"
     return text

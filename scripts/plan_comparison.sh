@@ -14,7 +14,7 @@
 # Settings (environment): MODEL (smollm2-135m-instruct), RECIPE (lolcats), PLANS (the plans' signals:
 # "transfer", the planner's default; "transfer kl" adds the plan by KL to the teacher, which measures more),
 # BUDGETS ("softmax-layers=2 softmax-layers=4 kv-memory=100MiB@32768"), CANDIDATES (the settings a memory or prefill budget chooses
-# among, "window_size=16,64,256"; softmax-layers budgets plan with the recipe's own), SEEDS ("0 1 2"), DEVICE
+# among, "window_size=16,64": windows the Triton kernels take; softmax-layers budgets plan with the recipe's own), SEEDS ("0 1 2"), DEVICE
 # (cuda), DTYPE (bfloat16), LENGTHS (passkey, "4096,8192,16384,32768"), LIMIT (lm-eval items a task; empty:
 # all), BATCH (16), RETRIEVAL_BATCH (4: passkey prompts a batch), EVAL_KERNELS (LINEARIZE_KERNELS for the
 # evaluations only, e.g. "auto" after conversions on the references), EVAL_JOBS (JOBS for the evaluations,
@@ -29,7 +29,7 @@
 # $OUT/<budget>/seconds.txt records how long the plan and each conversion took.
 set -euo pipefail
 : "${MODEL:=smollm2-135m-instruct}" "${RECIPE:=lolcats}" "${OUT:=runs/plans}" "${SEEDS:=0 1 2}" "${PLANS:=transfer}"
-: "${BUDGETS:=softmax-layers=2 softmax-layers=4 kv-memory=100MiB@32768}" "${CANDIDATES:=window_size=16,64,256}"
+: "${BUDGETS:=softmax-layers=2 softmax-layers=4 kv-memory=100MiB@32768}" "${CANDIDATES:=window_size=16,64}"
 : "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${BATCH:=16}" "${LIMIT:=}" "${LENGTHS:=4096,8192,16384,32768}"
 : "${STEPS:=plan convert heldout retrieval fewshot report}" "${JOBS:=1}" "${RETRIEVAL_BATCH:=4}"
 [ -n "${LINEARIZE_DATA:-}" ] && export LINEARIZE_DATA

@@ -165,6 +165,8 @@ def test_the_plan_against_the_best_baseline_on_the_same_items(tmp_path):
     far = scores(0, 100, 100)  # wrong on every item the baseline got right
     assert far["difference"] == -1.0 and far["standard_error"] == 0.0 and far["clear"] is True
     assert pc._verdict(far) == "**no**"
+    tie = scores(0, 0, 100)  # both wrong everywhere (as every student at passkey): a tie, not noise
+    assert tie["plan_wins"] is False and tie["difference"] == 0.0 and pc._verdict(tie) == "**no** (a tie)"
 
 
 def test_two_plans_that_chose_the_same_have_one_key(tmp_path):
