@@ -15,7 +15,7 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
 
 * ``auto`` (default): the Triton kernels for CUDA tensors where a kernel takes the call (the
   chunked form and the one-token decode step), the PyTorch reference for anything else (CPU
-  tensors, STILL, windows over 128 or more than 64 sinks).
+  tensors, STILL, windows over 128, or over 64 with fp32 inputs, or more than 64 sinks).
   Compiled on an H200 (Triton 3.6), every GPU test of the kernels and of the CUDA-graph decoder
   passes, batch 16 x 9 heads included, but one known limit: the gated kernels' ``dg`` with
   strong decays is 1.1e-4 from float64 where the fp32 reference is 2.5e-6 (an ``xfail``). The
@@ -27,7 +27,8 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
   need ``TRITON_INTERPRET=1``): :func:`hybrid_attention` sends plain linear attention (window 0,
-  no sinks) to the linear kernels and any other window (up to 128) and sinks (up to 64) to the
+  no sinks) to the linear kernels and any other window (up to 128; 64 with fp32 inputs, see
+  ``hybrid.chunk.max_window``) and sinks (up to 64) to the
   hybrid kernels; an error if ``triton`` cannot be imported or the window or the sinks are
   larger. :func:`feature_map_attention` computes the maps in PyTorch, then calls
   :func:`hybrid_attention`;
@@ -248,7 +249,9 @@ def hybrid_attention(
     form = _pick_form(form, q.shape[2], state)
     if _triton_form(form, q.shape[2], state):
         plain = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
-        if _use_triton(None if plain else _beyond_hybrid_kernels(window, sinks), v.device):
+        # the chunked kernels' window limit depends on the products' dtype; the decode step's does not
+        dtype = None if (q.shape[2] == 1 and state is not None) else (q, k, v, fq, fk)
+        if _use_triton(None if plain else _beyond_hybrid_kernels(window, sinks, dtype), v.device):
             if plain:
                 return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
             return _triton_hybrid(
@@ -268,17 +271,20 @@ def hybrid_attention(
     )
 
 
-def _beyond_hybrid_kernels(window, sinks) -> str | None:
-    """Why the hybrid Triton kernels cannot take this window and these sinks (None: they can).
-    Imports the kernels only when ``LINEARIZE_KERNELS`` may send the call to them."""
+def _beyond_hybrid_kernels(window, sinks, inputs=None) -> str | None:
+    """Why the hybrid Triton kernels cannot take this window and these sinks (None: they can);
+    ``inputs``: the chunked call's ``q, k, v, fq, fk`` (their dtypes bound the window), None for
+    the decode step. Imports the kernels only when ``LINEARIZE_KERNELS`` may send the call to them."""
     choice = kernel_choice()
     if choice == "reference" or not triton_available():
         return None
-    from .hybrid.chunk import MAX_SINKS, MAX_WINDOW
+    from .hybrid.chunk import MAX_SINKS, MAX_WINDOW, compute_dtype, max_window
 
-    if window <= MAX_WINDOW and sinks <= MAX_SINKS:
+    limit = MAX_WINDOW if inputs is None else max_window(compute_dtype(*inputs))
+    if window <= limit and sinks <= MAX_SINKS:
         return None
-    return (f"window={window}, sinks={sinks} (the hybrid kernels take windows up to {MAX_WINDOW} and up to "
+    fp32 = " with fp32 inputs" if limit < MAX_WINDOW else ""
+    return (f"window={window}, sinks={sinks} (the hybrid kernels take windows up to {limit}{fp32} and up to "
             f"{MAX_SINKS} sinks)")
 
 

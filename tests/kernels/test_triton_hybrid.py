@@ -348,6 +348,13 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
     with pytest.raises(ValueError, match="no Triton kernel for window=200"):
         hybrid_attention(q, k, v, fq, fk, gamma, 200, DK**-0.5)
+    # fp32 inputs: chunked windows up to 64 (chunk.max_window); bf16 ones, and the decode step, up to 128
+    with pytest.raises(ValueError, match="no Triton kernel for window=100.*up to 64 with fp32 inputs"):
+        hybrid_attention(q, k, v, fq, fk, gamma, 100, DK**-0.5)
+    spy_chunk.calls = 0
+    bf = [x.to(torch.bfloat16) for x in (q, k, v, fq, fk)]
+    hybrid_attention(*bf, gamma, 100, DK**-0.5, key_mask=mask)
+    assert spy_chunk.calls == 1
 
 
 def test_lolcats_student_through_the_kernels(monkeypatch):
@@ -381,8 +388,11 @@ def test_lolcats_student_through_the_kernels(monkeypatch):
 def test_bad_arguments_say_what_to_fix():
     q, k, v, fq, fk, gamma, mask = make_inputs(8, seed=1)
     s = DK**-0.5
+    bf = [x.to(torch.bfloat16) for x in (q, k, v, fq, fk)]
     with pytest.raises(ValueError, match="window must be in 0 ... 128"):
-        triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 129, s)
+        triton_chunk_hybrid_attention(*bf, gamma, 129, s)
+    with pytest.raises(ValueError, match="window must be in 0 ... 64 .*fp32 inputs take windows up to 64"):
+        triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 65, s)  # fp32: see chunk.max_window
     with pytest.raises(ValueError, match="sinks must be in 0 ... 64"):
         triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 4, s, sinks=65)
     with pytest.raises(ValueError, match="needs gamma"):
@@ -509,6 +519,22 @@ def test_gpu_chunk_as_a_converted_model_calls_it(T):
     check_bf16_against_reference(4, 9, T, 64, 128, 64, 4, "cuda", features=torch.float32, pad=30)
     with torch.no_grad():  # the evaluation's call: no gradients, the new state kept
         check_forward_only(4, 9, T, 64, 128, 64, 4, "cuda", pad=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("window", [16, 128])
+def test_gpu_chunk_windows_a_plan_chooses(window):
+    """Windows besides the recipe's 64 that a plan may choose (``--candidates window_size=...``),
+    as a converted SmolLM2 hands them over in a passkey batch (Hedgehog features of 64, fp32,
+    beside bf16 queries): the kernels' chunk is a power of two >= the window, so a 128-token
+    window compiles chunks of 128, which no 64-token test reaches (their backward, launched with
+    two pipelining stages, was refused on an H200 for its shared memory; see ``chunk._stages``).
+    Forward and backward, the no-gradient forward, and the decode step from a full window."""
+    check_bf16_against_reference(4, 9, 4094, 64, 64, window, 4, "cuda", features=torch.float32, pad=30)
+    with torch.no_grad():
+        check_forward_only(4, 9, 4094, 64, 64, window, 4, "cuda", pad=30)
+    check_step_against_reference(16, 9, 300, 64, 64, window, 4, "cuda")
 
 
 def check_forward_only(b, h, T, d, f, window, sinks, device, pad):

@@ -729,6 +729,29 @@ def _fwd_blocks(F: int, DV: int, C: int, heads: int, dtype) -> tuple[int, int]:
     return BV, (8 if C >= 64 or BF * BV >= 8192 else 4)
 
 
+def _stages(C: int, BF: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Software-pipelining stages of a launch: 2, or 1 where two would ask for more shared memory
+    than an sm_90 block may have (227 KiB). Compiled for sm_90 by Triton 3.6 with aligned inputs
+    (``python -m linearize.kernels.resources``, ``tests/kernels/test_kernel_resources.py``; head
+    size 64): with bf16 products, 128-token chunks need 303,104 bytes in the backward (F = 64; an
+    H200 refused the launch) and 252,416 in the forward at F = 128, with one stage 135,168 and
+    84,480; with fp32 products, 256 features need 259,072 bytes in the forward of 64-token
+    chunks. Everything else fits with two."""
+    if C >= 128 and (backward or BF >= 128):
+        return 1
+    if dtype == torch.float32 and BF >= 256:
+        return 1
+    return 2
+
+
+def max_window(dtype: torch.dtype) -> int:
+    """The longest window the kernels take with products of ``dtype``: ``MAX_WINDOW`` with 16-bit
+    products; with fp32 ones 64, since their 128-token chunks ask for more shared memory than an
+    sm_90 block has even with one pipelining stage (the backward 278,528 bytes at F = 128, 212,992
+    at F = 64 and the forward 316,416 with two stages there)."""
+    return MAX_WINDOW if dtype != torch.float32 else 64
+
+
 def _flags(window, sinks, C, key_mask):
     return dict(
         HAS_WIN=window > 0, PREV_WIN=window > 1, CUR_LIN=C > window, HAS_SINKS=sinks > 0,
@@ -767,7 +790,7 @@ def hybrid_attention_fwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
         T, P, L, H, DK, F, DV, NS, window, max(L - window, 0), scale,
         C=C, BK=_pow2(DK), BF=_pow2(F), BV=BV, NSP=_pow2(NS), **_flags(window, NS, C, key_mask),
         HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=2,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=_stages(C, _pow2(F), False, dtype),
     )
     if keep_fp32_output and not store_y32:
         y32 = y
@@ -818,7 +841,7 @@ def hybrid_attention_bwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
         T, P, L, H, DK, F, DV, NS, window, max(L - window, 0), scale,
         C=C, BK=_pow2(DK), BF=BF, BKF=BKF, BV=BV, BDV=BDV, NSP=_pow2(NS), NK=NK, **_flags(window, NS, C, key_mask),
         HAS_INIT=S0 is not None, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=_stages(C, BF, True, dtype),
     )
     return dq, dk, dv, dfq, dfk, dgamma, dsk, dsv, dS0, dz0
 
@@ -1004,10 +1027,12 @@ def _check_arguments(q, k, v, fq, fk, gamma, window, key_mask, sinks, state, chu
     for name, x in (("q", q), ("k", k), ("v", v), ("fq", fq), ("fk", fk)):
         if x.dtype not in _DOT_DTYPES:
             raise ValueError(f"{name} must be fp32, bf16 or fp16; got {x.dtype}")
-    if not 0 <= window <= MAX_WINDOW:
+    limit = max_window(compute_dtype(q, k, v, fq, fk))
+    if not 0 <= window <= limit:
         raise ValueError(
-            f"window must be in 0 ... {MAX_WINDOW} for the Triton kernel (a query's window lies in its own chunk "
-            f"and the previous one); got {window}. Use the reference (LINEARIZE_KERNELS=reference) for longer windows"
+            f"window must be in 0 ... {limit} for the Triton kernel with these input dtypes (a query's window lies "
+            f"in its own chunk and the previous one; fp32 inputs take windows up to 64, bf16 ones up to {MAX_WINDOW}); "
+            f"got {window}. Use the reference (LINEARIZE_KERNELS=reference) for longer windows"
         )
     if not 0 <= sinks <= MAX_SINKS:
         raise ValueError(f"sinks must be in 0 ... {MAX_SINKS} for the Triton kernel; got {sinks}")
