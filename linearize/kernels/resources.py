@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     if args.force_stages is not None:
         from .hybrid import chunk
 
-        chunk._stages = lambda C, BF, backward: args.force_stages
+        chunk._stages = lambda *_: args.force_stages
     for r in hybrid_cases(args.features, args.window, args.head_dim, registers=args.registers,
                           dtype=getattr(torch, args.dtype)):
         row = asdict(r)
