@@ -1,6 +1,6 @@
 """What the Triton kernels need of a GPU, found without one: every kernel a launcher starts is
 compiled ahead of time for a chosen target (sm_90 by default: the H100 and H200), and the
-compiled kernel's shared memory, registers and spills are read off.
+compiled kernel's shared memory, registers and stack (spills) are read off.
 
 A launch that asks for more shared memory than a block may have fails only when it starts
 (``OutOfResources: out of resource: shared memory``), so on a machine without the GPU nothing
@@ -13,7 +13,8 @@ would be asked for (checked against an H200: 303,104 bytes predicted and refused
     from linearize.kernels.hybrid import chunk
     for r in launches(chunk.hybrid_attention_fwd, *args): print(r)
 
-Registers and spills come from ``ptxas -v`` (the one Triton ships) on the kernel's PTX.
+Registers and the stack frame a thread (where spilled registers go) come from ``cuobjdump
+-res-usage`` (the one Triton ships) on the compiled binary.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ class KernelResources:
     shared: int  # bytes of shared memory a block asks for
     num_warps: int
     num_stages: int
-    registers: int | None = None  # per thread, from ptxas -v (None: not read)
-    spill_bytes: int | None = None  # spill stores per thread
+    registers: int | None = None  # a thread's (None: not read)
+    stack_bytes: int | None = None  # a thread's stack frame, where spilled registers go
 
     def __str__(self) -> str:
-        regs = "" if self.registers is None else f", {self.registers} registers, {self.spill_bytes} bytes spilled"
+        regs = "" if self.registers is None else f", {self.registers} registers, {self.stack_bytes} bytes of stack"
         return f"{self.name}: {self.shared} bytes shared, {self.num_warps} warps, {self.num_stages} stages{regs}"
 
 
@@ -100,7 +101,7 @@ def compile_launch(fn, args, kwargs, capability: int = 90, registers: bool = Fal
     meta = compiled.metadata
     res = KernelResources(fn.__name__, int(meta.shared), int(meta.num_warps), int(meta.num_stages))
     if registers:
-        res.registers, res.spill_bytes = _ptxas_usage(compiled.asm["ptx"], capability)
+        res.registers, res.stack_bytes = _cubin_usage(compiled.asm["cubin"])
     return compiled, res
 
 
@@ -110,20 +111,19 @@ def launches(launcher, *args, capability: int = 90, registers: bool = False, **k
     return [compile_launch(fn, a, kw, capability, registers)[1] for fn, a, kw in record_launches(launcher, *args, **kwargs)]
 
 
-def _ptxas_usage(ptx: str, capability: int) -> tuple[int | None, int | None]:
+def _cubin_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """Registers and stack-frame bytes (spills included) a thread, as ``cuobjdump -res-usage``
+    (the one Triton ships) reads them off the compiled binary."""
     import triton
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as fh:
-            fh.write(ptx)
-        out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull], capture_output=True, text=True)
-    text = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores", text)
-    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", text), re.search(r"STACK:(\d+)", text)
+    return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
 
 
 def hybrid_cases(features: int, window: int, head_dim: int = 64, T: int = 4094, batch: int = 4, heads: int = 9,
