@@ -7,13 +7,12 @@ thread, static counts in the code as compiled, not how often they run). Used by
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import re
 
 import triton
 from triton.backends.compiler import GPUTarget
+
+from linearize.kernels.resources import parse_ptxas_log, ptxas_log
 
 
 def compile_sm90(src, num_warps: int, num_stages: int = 2) -> tuple[dict, dict]:
@@ -24,20 +23,7 @@ def compile_sm90(src, num_warps: int, num_stages: int = 2) -> tuple[dict, dict]:
     ``ttgir``, ``ptx``, ...)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
-    triton.knobs.nvidia.dump_ptxas_log = True
-    triton.knobs.compilation.always_compile = True  # a cached cubin would skip ptxas
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
+    with ptxas_log() as log:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": num_warps, "num_stages": num_stages})
     return parse_ptxas_log(log.getvalue()), compiled.asm
-
-
-def parse_ptxas_log(out: str) -> dict:
-    """Registers, stack frame and spills from a ``ptxas -v`` log (bytes a thread)."""
-    report = {"regs": int(re.search(r"Used (\d+) registers", out).group(1))}
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    report["spill_st"], report["spill_ld"] = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    m = re.search(r"(\d+) bytes stack frame", out)
-    report["stack"] = int(m.group(1)) if m else 0
-    return report

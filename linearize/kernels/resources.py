@@ -13,16 +13,16 @@ would be asked for (checked against an H200: 303,104 bytes predicted and refused
     from linearize.kernels.hybrid import chunk
     for r in launches(chunk.hybrid_attention_fwd, *args): print(r)
 
-Registers and the stack frame a thread (where spilled registers go) come from ``cuobjdump
--res-usage`` (the one Triton ships) on the compiled binary.
+Registers, stack frame and spills a thread come from the ``ptxas -v`` log Triton writes when it
+assembles the kernel (``benchmarks/sm90.py`` reads hand-built kernels' the same way).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
-import subprocess
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +41,10 @@ class KernelResources:
     num_stages: int
     registers: int | None = None  # a thread's (None: not read)
     stack_bytes: int | None = None  # a thread's stack frame, where spilled registers go
+    spill_bytes: int | None = None  # spill stores a thread (static, in the code as compiled)
 
     def __str__(self) -> str:
-        regs = "" if self.registers is None else f", {self.registers} registers, {self.stack_bytes} bytes of stack"
+        regs = "" if self.registers is None else f", {self.registers} registers, {self.stack_bytes} bytes of stack, {self.spill_bytes} of spill stores"
         return f"{self.name}: {self.shared} bytes shared, {self.num_warps} warps, {self.num_stages} stages{regs}"
 
 
@@ -96,12 +97,18 @@ def compile_launch(fn, args, kwargs, capability: int = 90, registers: bool = Fal
             constants[name] = hint
         elif isinstance(hint, str) and hint:
             attrs[(i,)] = BaseBackend.parse_attr(hint)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
-                              target=GPUTarget("cuda", capability, 32), options=options)
+    src, target = ASTSource(fn, signature, constexprs=constants, attrs=attrs), GPUTarget("cuda", capability, 32)
+    log = None
+    if registers:
+        with ptxas_log() as buf:
+            compiled = triton.compile(src, target=target, options=options)
+        log = parse_ptxas_log(buf.getvalue())
+    else:
+        compiled = triton.compile(src, target=target, options=options)
     meta = compiled.metadata
     res = KernelResources(fn.__name__, int(meta.shared), int(meta.num_warps), int(meta.num_stages))
-    if registers:
-        res.registers, res.stack_bytes = _cubin_usage(compiled.asm["cubin"])
+    if log:
+        res.registers, res.stack_bytes, res.spill_bytes = log["regs"], log["stack"], log["spill_st"]
     return compiled, res
 
 
@@ -111,20 +118,33 @@ def launches(launcher, *args, capability: int = 90, registers: bool = False, **k
     return [compile_launch(fn, a, kw, capability, registers)[1] for fn, a, kw in record_launches(launcher, *args, **kwargs)]
 
 
-def _cubin_usage(cubin: bytes) -> tuple[int | None, int | None]:
-    """Registers and stack-frame bytes (spills included) a thread, as ``cuobjdump -res-usage``
-    (the one Triton ships) reads them off the compiled binary."""
+def parse_ptxas_log(out: str) -> dict:
+    """Registers, stack frame and spill stores and loads (bytes a thread; static counts in the
+    code as compiled) from a ``ptxas -v`` log."""
+    report = {"regs": int(re.search(r"Used (\d+) registers", out).group(1))}
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    report["spill_st"], report["spill_ld"] = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    m = re.search(r"(\d+) bytes stack frame", out)
+    report["stack"] = int(m.group(1)) if m else 0
+    return report
+
+
+@contextlib.contextmanager
+def ptxas_log():
+    """Compile inside this to have Triton write its own ``ptxas -v`` log (its ptxas, its options:
+    the figures of the binary a launch would use) into the yielded buffer; nothing cached is
+    taken, since a cached binary would skip ptxas."""
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as fh:
-            fh.write(cubin)
-        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    regs, stack = re.search(r"REG:(\d+)", text), re.search(r"STACK:(\d+)", text)
-    return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
-
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield buf
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
 
 def hybrid_cases(features: int, window: int, head_dim: int = 64, T: int = 4094, batch: int = 4, heads: int = 9,
                  sinks: int = 4, registers: bool = False, dtype: torch.dtype = torch.bfloat16) -> list[KernelResources]:
