@@ -250,8 +250,8 @@ def hybrid_attention(
     if _triton_form(form, q.shape[2], state):
         plain = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
         # the chunked kernels' window limit depends on the products' dtype; the decode step's does not
-        dtype = None if (q.shape[2] == 1 and state is not None) else (q, k, v, fq, fk)
-        if _use_triton(None if plain else _beyond_hybrid_kernels(window, sinks, dtype), v.device):
+        chunked = None if (q.shape[2] == 1 and state is not None) else (q, k, v, fq, fk)
+        if _use_triton(None if plain else _beyond_hybrid_kernels(window, sinks, chunked), v.device):
             if plain:
                 return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
             return _triton_hybrid(

@@ -98,16 +98,12 @@ def compile_launch(fn, args, kwargs, capability: int = 90, registers: bool = Fal
         elif isinstance(hint, str) and hint:
             attrs[(i,)] = BaseBackend.parse_attr(hint)
     src, target = ASTSource(fn, signature, constexprs=constants, attrs=attrs), GPUTarget("cuda", capability, 32)
-    log = None
-    if registers:
-        with ptxas_log() as buf:
-            compiled = triton.compile(src, target=target, options=options)
-        log = parse_ptxas_log(buf.getvalue())
-    else:
+    with ptxas_log() if registers else contextlib.nullcontext() as buf:
         compiled = triton.compile(src, target=target, options=options)
     meta = compiled.metadata
     res = KernelResources(fn.__name__, int(meta.shared), int(meta.num_warps), int(meta.num_stages))
-    if log:
+    if registers:
+        log = parse_ptxas_log(buf.getvalue())
         res.registers, res.stack_bytes, res.spill_bytes = log["regs"], log["stack"], log["spill_st"]
     return compiled, res
 
@@ -146,18 +142,19 @@ def ptxas_log():
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
 
+
 def hybrid_cases(features: int, window: int, head_dim: int = 64, T: int = 4094, batch: int = 4, heads: int = 9,
                  sinks: int = 4, registers: bool = False, dtype: torch.dtype = torch.bfloat16) -> list[KernelResources]:
     """Every kernel of the hybrid forward (new state and fp32 output kept, as training calls it)
     and backward at a converted SmolLM2's shapes by default: ``dtype`` inputs, a key mask, sink slots."""
     from .hybrid import chunk
 
-    d, b, h, bf = head_dim, batch, heads, dtype
-    q, k, v = (torch.zeros(b, h, T, d, dtype=bf) for _ in range(3))
-    fq, fk = (torch.zeros(b, h, T, features, dtype=bf) for _ in range(2))
+    d, b, h = head_dim, batch, heads
+    q, k, v = (torch.zeros(b, h, T, d, dtype=dtype) for _ in range(3))
+    fq, fk = (torch.zeros(b, h, T, features, dtype=dtype) for _ in range(2))
     mask = torch.ones(b, T, dtype=torch.int8)
     gamma = torch.full((h,), 0.5)
-    sk, sv = torch.zeros(b, h, sinks, d, dtype=bf), torch.zeros(b, h, sinks, d, dtype=bf)
+    sk, sv = torch.zeros(b, h, sinks, d, dtype=dtype), torch.zeros(b, h, sinks, d, dtype=dtype)
     sink_from = torch.zeros(b, sinks, dtype=torch.int32)
     common = (q, k, v, fq, fk, mask, gamma, sk, sv, sink_from, None, None, 0, window, d**-0.5)
     out = launches(chunk.hybrid_attention_fwd, *common, output_final_state=True, keep_fp32_output=True,
@@ -182,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--registers", action="store_true", help="also registers and spills a thread (ptxas -v)")
+    p.add_argument("--registers", action="store_true", help="also registers, stack and spill bytes a thread (Triton's ptxas -v log)")
     p.add_argument("--force-stages", type=int, default=None,
                    help="launch every kernel with this many pipelining stages instead of the launchers' choice")
     args = p.parse_args(argv)

@@ -729,7 +729,7 @@ def _fwd_blocks(F: int, DV: int, C: int, heads: int, dtype) -> tuple[int, int]:
     return BV, (8 if C >= 64 or BF * BV >= 8192 else 4)
 
 
-def _stages(C: int, BF: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> int:
+def _stages(C: int, BF: int, backward: bool, dtype: torch.dtype) -> int:
     """Software-pipelining stages of a launch: 2, or 1 where two would ask for more shared memory
     than an sm_90 block may have (227 KiB). Compiled for sm_90 by Triton 3.6 with aligned inputs
     (``python -m linearize.kernels.resources``, ``tests/kernels/test_kernel_resources.py``; head
@@ -1031,7 +1031,8 @@ def _check_arguments(q, k, v, fq, fk, gamma, window, key_mask, sinks, state, chu
     if not 0 <= window <= limit:
         raise ValueError(
             f"window must be in 0 ... {limit} for the Triton kernel with these input dtypes (a query's window lies "
-            f"in its own chunk and the previous one; fp32 inputs take windows up to 64, bf16 ones up to {MAX_WINDOW}); "
+            f"in its own chunk and the previous one; fp32 inputs take windows up to {max_window(torch.float32)}, "
+            f"bf16 ones up to {MAX_WINDOW}); "
             f"got {window}. Use the reference (LINEARIZE_KERNELS=reference) for longer windows"
         )
     if not 0 <= sinks <= MAX_SINKS:
