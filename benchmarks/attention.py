@@ -248,9 +248,12 @@ def fla_gla_backend():
 
 
 def hybrid_backend(window, sinks):
-    from linearize.kernels.hybrid.chunk import triton_chunk_hybrid_attention
+    from linearize.kernels.hybrid.chunk import MAX_COMPILED_HEAD, triton_chunk_hybrid_attention
 
     def make(q, k, v):
+        if q.shape[-1] > MAX_COMPILED_HEAD:  # an illegal memory access here would end the whole run
+            raise RuntimeError(f"heads of {q.shape[-1]}: the compiled hybrid kernels take heads up to "
+                               f"{MAX_COMPILED_HEAD} (larger ones fault on sm_90 with Triton 3.6)")
         fq, fk = (torch.rand_like(q).requires_grad_(q.requires_grad) for _ in range(2))
         gamma = torch.full((q.shape[1],), 0.1, device=q.device, requires_grad=q.requires_grad)
         scale = q.shape[-1] ** -0.5

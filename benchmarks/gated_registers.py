@@ -31,9 +31,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sm90 import compile_sm90  # noqa: E402  (benchmarks/sm90.py)
 
-FP32_POINTERS = {"A", "den", "y32", "s0", "z0", "s_out", "z_out", "dgq", "dgk", "ds0", "dz0", "ds_final",
+FP32_POINTERS = {"A", "c", "h", "hz", "den", "y32", "s0", "z0", "s_out", "z_out", "dgq", "dgk", "ds0", "dz0", "ds_final",
                  "dz_final", "dg_last"}
-INTS = {"T", "F", "DV", "i_k", "i_v", "i_bh"}
+INTS = {"T", "TP", "F", "DV", "i_k", "i_v", "i_bh"}
 
 
 def _signature(fn, consts, dtype, y_fp32=False):
@@ -96,10 +96,19 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     _, BK, _, BDV = mod._bwd_config(F, DV, heads, torch_dtype, C=C)
     SC = mod.SUB_CHUNK
     rows = []
-    intra = dict(C=C, SC=SC, BK=min(BF, 32), BF=BF, **DT)
-    rows.append(("intra", f"BK={intra['BK']}", compile_report(mod._intra_kernel, intra, dtype, num_warps=4)))
-    fwd = dict(C=C, SC=SC, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=True, STORE_Y32=True, READ_OUT_ONLY=False, **DT)
+    rows.append(("cumsum", f"BF={BF}", compile_report(mod._cumsum_kernel, dict(SC=SC, NS=C // SC, BF=BF), dtype)))
+    intra = dict(C=C, SC=SC, BF=BF, **DT)
+    rows.append(("intra", f"BF={BF}", compile_report(mod._intra_kernel, intra, dtype, num_warps=8 if F > 64 else 4)))
+    fwd = dict(C=C, SC=SC, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=True, STORE_Y32=True, **DT)
     rows.append(("fwd", f"BV={BV} w={fwd_warps}", compile_report(mod._fwd_kernel, fwd, dtype, num_warps=fwd_warps)))
+    BKs, BVs = mod._par_config(F, DV, heads, torch_dtype, C=C)
+    states = dict(C=C, SC=SC, BK=BKs, BV=BVs, HAS_INIT=True, STORE_FINAL=True, **DT)
+    rows.append(("par states", f"BK={BKs} BV={BVs}", compile_report(mod._par_states_kernel, states, dtype,
+                                                                    num_warps=8 if BKs * BVs >= 4096 else 4)))
+    BKo, BVo, out_warps = mod._out_config(F, DV, torch_dtype, C=C)
+    out = dict(C=C, SC=SC, BK=BKo, BV=BVo, NK=triton.cdiv(F, BKo), STORE_Y32=True, **DT)
+    rows.append(("par output", f"BK={BKo} BV={BVo}", compile_report(mod._par_output_kernel, out, dtype,
+                                                                    num_warps=out_warps)))
     NK = triton.cdiv(F, BK)
     bwd = dict(C=C, SC=SC, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK, HAS_INIT=True, HAS_DFINAL=True, STORE_DINIT=True,
                STORE_DG=True, **DT)

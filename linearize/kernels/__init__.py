@@ -15,15 +15,15 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
 
 * ``auto`` (default): the Triton kernels for CUDA tensors where a kernel takes the call (the
   chunked form and the one-token decode step), the PyTorch reference for anything else (CPU
-  tensors, STILL, windows over 128, or over 64 with fp32 inputs, or more than 64 sinks).
-  Compiled on an H200 (Triton 3.6), every GPU test of the kernels and of the CUDA-graph decoder
-  passes, batch 16 x 9 heads included, but one known limit: the gated kernels' ``dg`` with
-  strong decays is 1.1e-4 from float64 where the fp32 reference is 2.5e-6 (an ``xfail``). The
-  opt-in two-pass forwards (``parallel=True``) are not used here: the linear one is right on
-  the H200 but slower than the walk at 256 heads; the gated one is faster than its walk
-  (4.3 ms against 7.4 ms at B=1, 32 heads, head 128, 8K) but at batch 16 x 9 heads, 128
-  features, its outputs sit 1.3e-5 from the walk's, over the 1e-5 its GPU test asks (see
-  ``gated/chunk.py``);
+  tensors, STILL, windows over 128, or over 64 with fp32 inputs or heads over 64, more than 64
+  sinks, and hybrid calls with heads over 64, which fault compiled on sm_90 with Triton 3.6:
+  ``hybrid/chunk.py``, ``MAX_COMPILED_HEAD``). Compiled on an H200 (Triton 3.6), every GPU test
+  of the kernels and of the CUDA-graph decoder passes, batch 16 x 9 heads included, but two
+  known limits (both ``xfail``): the gated kernels' ``dg`` with strong decays is 1.1e-4 from
+  float64 where the fp32 reference is 2.5e-6, and the hybrid kernels with heads of 128. The gated forward is chunk-parallel
+  (``gated/chunk.py``, ``PARALLEL_FORWARD``: 4.1x its sequential walk's speed at B=1, 32 heads,
+  head 128, 8K); the linear kernels' opt-in two-pass forward (``parallel=True``) is not used
+  here: it is right on the H200 but slower than the walk (0.49x at 256 heads);
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors
   need ``TRITON_INTERPRET=1``): :func:`hybrid_attention` sends plain linear attention (window 0,
@@ -250,8 +250,8 @@ def hybrid_attention(
     if _triton_form(form, q.shape[2], state):
         plain = window == 0 and sinks == 0 and (state is None or (state.k.shape[2] == 0 and state.sinks == 0))
         # the chunked kernels' window limit depends on the products' dtype; the decode step's does not
-        chunked = None if (q.shape[2] == 1 and state is not None) else (q, k, v, fq, fk)
-        if _use_triton(None if plain else _beyond_hybrid_kernels(window, sinks, chunked), v.device):
+        chunked = not (q.shape[2] == 1 and state is not None)
+        if _use_triton(None if plain else _beyond_hybrid_kernels(window, sinks, (q, k, v, fq, fk), chunked), v.device):
             if plain:
                 return _triton_linear(q, fq, fk, v, key_mask, state, output_state, chunk_size)
             return _triton_hybrid(
@@ -271,20 +271,29 @@ def hybrid_attention(
     )
 
 
-def _beyond_hybrid_kernels(window, sinks, inputs=None) -> str | None:
-    """Why the hybrid Triton kernels cannot take this window and these sinks (None: they can);
-    ``inputs``: the chunked call's ``q, k, v, fq, fk`` (their dtypes bound the window), None for
-    the decode step. Imports the kernels only when ``LINEARIZE_KERNELS`` may send the call to them."""
+def _beyond_hybrid_kernels(window, sinks, inputs, chunked=True) -> str | None:
+    """Why the hybrid Triton kernels cannot take this window, these sinks or these heads (None:
+    they can); ``inputs``: the call's ``q, k, v, fq, fk``; ``chunked``: the chunked kernels
+    (their window limit depends on the products' dtype and the head size; the decode step's does
+    not). Imports the kernels only when ``LINEARIZE_KERNELS`` may send the call to them."""
     choice = kernel_choice()
     if choice == "reference" or not triton_available():
         return None
-    from .hybrid.chunk import MAX_SINKS, MAX_WINDOW, compute_dtype, max_window
+    from .hybrid.chunk import MAX_COMPILED_HEAD, MAX_SINKS, MAX_WINDOW, compute_dtype, max_window
 
-    limit = MAX_WINDOW if inputs is None else max_window(compute_dtype(*inputs))
+    head = max(inputs[0].shape[-1], inputs[2].shape[-1])
+    if head > MAX_COMPILED_HEAD and inputs[0].is_cuda:
+        return (f"heads of {head} (the compiled hybrid kernels take heads up to {MAX_COMPILED_HEAD}: larger ones "
+                f"fault on sm_90 with Triton 3.6, see linearize/kernels/hybrid/chunk.py)")
+    if not chunked:
+        limit, why = MAX_WINDOW, ""
+    else:
+        dtype = compute_dtype(*inputs)
+        limit = max_window(dtype, head)
+        why = "" if limit == MAX_WINDOW else " with fp32 inputs" if dtype == torch.float32 else f" with heads of {head}"
     if window <= limit and sinks <= MAX_SINKS:
         return None
-    fp32 = " with fp32 inputs" if limit < MAX_WINDOW else ""
-    return (f"window={window}, sinks={sinks} (the hybrid kernels take windows up to {limit}{fp32} and up to "
+    return (f"window={window}, sinks={sinks} (the hybrid kernels take windows up to {limit}{why} and up to "
             f"{MAX_SINKS} sinks)")
 
 

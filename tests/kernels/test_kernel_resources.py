@@ -40,6 +40,25 @@ def test_hybrid_kernels_with_128_token_windows_fit_sm90(features):
         assert 0 < r["registers"] <= 255 and r["stack_bytes"] >= 0 and r["spill_bytes"] >= 0, r
 
 
+def test_hybrid_kernels_with_heads_of_128_fit_sm90():
+    """Heads of 128, 128 features, window 64: the backward an H200 refused with two pipelining
+    stages (308,224 bytes asked)."""
+    for r in compiled(128, 64, "--head-dim", "128"):
+        assert r["shared"] <= SM90_SHARED_LIMIT, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("features", [32, 64, 128, 256])
+@pytest.mark.parametrize("window", [0, 16, 64])
+def test_hybrid_kernels_with_heads_of_128_fit_sm90_all(features, window):
+    """Heads of 128 take windows up to 64 (``chunk.max_window``)."""
+    from linearize.kernels.hybrid.chunk import max_window
+
+    assert window <= max_window(torch.bfloat16, 128)
+    for r in compiled(features, window, "--head-dim", "128"):
+        assert r["shared"] <= SM90_SHARED_LIMIT, r
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("features", [32, 64, 128, 256])
 @pytest.mark.parametrize("window", [0, 16, 64, 128])

@@ -301,19 +301,24 @@ def test_split_sequence_with_carried_state_equals_whole(chunk, T, cuts):
 
 
 def assert_same_as_sequential(out, f=F, bf16=False):
-    """The two-pass forward's outputs and the gradients through it against the sequential
-    forward's. Both take the same operands, splits and order, and the output pass is the walk's
-    own read-out from the stored starting states. Under the interpreter, with ``f <= 64``, they differ only where numpy's BLAS
-    tiles a product of tiles laid out differently in another order (which depends on the CPU it
-    picks kernels for: bit for bit on some machines, ~1e-7 on others): 1e-6, a few fp32 ulps.
-    Otherwise (more feature blocks, or compiled products tiled another way) the same up to fp32
-    rounding: 1e-5 (1e-3 on bf16 tensors, where such a difference can move a value across a
-    rounding boundary)."""
+    """The chunk-parallel forward's outputs and the gradients through it against the sequential
+    forward's. They share the intra-chunk weights ``A`` and the backward, but round the decays
+    in other orders: the parallel states pass takes a chunk's keys in one product, each decayed
+    by ``exp((G_J - c_j) + sum of later sub-chunk totals)``, where the walk multiplies the state
+    by each sub-chunk's ``exp(G_J)`` in turn, and its queries' decay from the chunk start is
+    ``c_i`` plus the earlier sub-chunks' totals where the walk takes a 64-token running sum. So
+    they agree to fp32 rounding, 1e-5. With bf16 inputs (``bf16``), 1e-3 for every tensor: such a
+    difference can move a bf16 output across a rounding boundary, and the backward rounds what it
+    derives from ``y`` and ``d`` (``dn = dy / d`` among them) to bf16 for its products, which
+    carries one-ulp differences (2^-8) into the fp32 gradients of the initial state too. ``dg`` is
+    a suffix sum of terms that cancel (see the kernel's module docstring), which turns those
+    roundings into about 1e-5 relative; it is held to the reference's tolerance by the callers
+    instead."""
     par, seq = out["parallel"], out["sequential"]
     assert len(par) == len(seq)
     err = errors(out, "parallel", "sequential")
-    fp32_tol = 1e-6 if interpreting() and f <= 64 else 1e-5
-    tol = {n: (1e-3 if bf16 and a.dtype == torch.bfloat16 else fp32_tol) for n, a in zip(NAMES, par)}
+    err.pop("dg", None)
+    tol = {n: (1e-3 if bf16 else 1e-5) for n in NAMES}
     assert all(err[n] <= tol[n] for n in err), err
 
 
@@ -370,7 +375,8 @@ def test_parallel_forward_saves_what_the_backward_reads(chunk, dtype):
         assert a.dtype == b_.dtype and a.shape == b_.shape, name
         if name == "A":
             a, b_ = a[..., written], b_[..., written]
-        assert rel(a, b_) <= (1e-3 if a.dtype == torch.bfloat16 else 1e-6), name
+        # fp32 rounding apart: the decays are rounded in other orders (see assert_same_as_sequential)
+        assert rel(a, b_) <= (1e-3 if a.dtype == torch.bfloat16 else 1e-5), name
     assert torch.equal(par[3][..., written], seq[3][..., written])  # the same intra kernel
     y_ref, S_ref, z_ref = reference(fq, fk, v, g, S0, z0)
     assert rel(par[0], y_ref) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
@@ -391,23 +397,23 @@ def test_parallel_forward_padding_keys(chunk):
     assert max(err.values()) <= 1e-5, err
 
 
-def test_parallel_forward_is_off_by_default(monkeypatch):
-    """The sequential forward stays the default until a GPU run confirms the two-pass one's
-    speed; the module switch picks the two-pass forward when ``parallel`` is not given."""
+def test_parallel_forward_is_the_default(monkeypatch):
+    """The chunk-parallel forward is the default (``PARALLEL_FORWARD``, 4.1x the walk's speed on
+    an H200); ``parallel=False`` takes the walk, and the module switch decides when ``parallel``
+    is not given."""
     import linearize.kernels.gated.chunk as gchunk
 
-    assert gchunk.PARALLEL_FORWARD is False
-    # the two-pass forward's output pass is the walk's kernel too (read-out only)
-    walk, states = (Launches(monkeypatch, gchunk, n) for n in ("_fwd_kernel", "_fwd_states_kernel"))
+    assert gchunk.PARALLEL_FORWARD is True
+    walk, states = (Launches(monkeypatch, gchunk, n) for n in ("_fwd_kernel", "_par_states_kernel"))
     fq, fk, v, g, _, _ = make_inputs(20, seed=7, b=1)
     y, _ = triton_chunk_gated_attention(fq, fk, v, g)
-    assert (walk.calls, states.calls) == (1, 0)
-    monkeypatch.setattr(gchunk, "PARALLEL_FORWARD", True)
-    y_par, _ = triton_chunk_gated_attention(fq, fk, v, g)
+    assert (walk.calls, states.calls) == (0, 1)
+    y_walk, _ = triton_chunk_gated_attention(fq, fk, v, g, parallel=False)
+    assert (walk.calls, states.calls) == (1, 1)
+    assert rel(y, y_walk) <= 1e-5
+    monkeypatch.setattr(gchunk, "PARALLEL_FORWARD", False)
+    triton_chunk_gated_attention(fq, fk, v, g)
     assert (walk.calls, states.calls) == (2, 1)
-    assert rel(y_par, y) <= 1e-6
-    triton_chunk_gated_attention(fq, fk, v, g, parallel=False)
-    assert (walk.calls, states.calls) == (3, 1)
 
 
 
@@ -690,10 +696,10 @@ def test_gpu_chunk_many_programs_bf16(f, chunk):
 @pytest.mark.parametrize("f", [64, 128])
 @pytest.mark.parametrize("b,h,T", [(16, 9, 1024), (2, 8, 4096)])
 def test_gpu_parallel_forward_real_shapes_bf16(b, h, T, f, chunk):
-    """The two-pass forward compiled, at batch 16 x 9 heads (many programs: the launchers' widest
-    blocks) and at batch 2 x 8 heads, T = 4096 (blocks shrunk to fill the multiprocessors):
+    """The chunk-parallel forward compiled, at batch 16 x 9 heads (many programs: the launchers'
+    widest blocks) and at batch 2 x 8 heads, T = 4096 (blocks shrunk to fill the multiprocessors):
     within the bf16 tolerances of the reference, and the sequential forward's outputs and
-    gradients up to fp32 rounding (products tiled differently once compiled)."""
+    gradients up to fp32 rounding (:func:`assert_same_as_sequential`)."""
     out = check_bf16_against_reference(b, h, T, f, 64, "cuda", chunk, impls=("parallel", "sequential"))
     assert_same_as_sequential(out, f=f, bf16=True)
 
@@ -728,18 +734,21 @@ def test_the_forward_reads_no_memory_it_did_not_write(monkeypatch, parallel):
     assert rel(y, ref_y) <= 1e-5
 
 
-def test_parallel_forward_in_several_launches(monkeypatch):
-    """The two-pass forward's output pass launches at most ``MAX_GRID_Y`` one-chunk sequences at a
-    time (CUDA's limit on the grid's second axis); with the limit at 3, the B x H x chunks
-    sequences go in launches of 3 and a last one of the rest, with the outputs of one launch."""
+def test_parallel_forward_past_the_grid_limit_takes_the_walk(monkeypatch):
+    """The chunk-parallel output pass puts a head's chunks on the grid's second axis, at most
+    ``MAX_GRID_Y`` (CUDA's limit, 65,535: 4M tokens in 64-token chunks); a longer sequence takes
+    the sequential walk, whose results it then gives exactly (with the limit at 1, T = 100 has 2
+    chunks)."""
     import linearize.kernels.gated.chunk as gchunk
 
     fq, fk, v, g, S0, z0 = make_inputs(100, seed=23)
-    one = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=True)
-    monkeypatch.setattr(gchunk, "MAX_GRID_Y", 3)
-    launches = Launches(monkeypatch, gchunk, "_fwd_kernel")
-    many = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=True)
-    n = B * H * triton.cdiv(100, gchunk.CHUNK)
-    assert n > 3 and [grid[1] for grid in launches.grids] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
-    for name, a, b in zip(("y", "d", "S", "z"), (one[0], one[2], one[4], one[5]), (many[0], many[2], many[4], many[5])):
+    walk = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=False)
+    par = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=True)
+    monkeypatch.setattr(gchunk, "MAX_GRID_Y", 1)
+    states = Launches(monkeypatch, gchunk, "_par_states_kernel")
+    capped = gchunk.gated_attention_fwd(fq, fk, v, g, S0, z0, True, parallel=True)
+    assert states.calls == 0
+    for name, a, b, p_ in zip(("y", "d", "S", "z"), (capped[0], capped[2], capped[4], capped[5]),
+                              (walk[0], walk[2], walk[4], walk[5]), (par[0], par[2], par[4], par[5])):
         assert torch.equal(a, b), name
+        assert not torch.equal(a, p_) and rel(a, p_) <= 1e-5, name  # the two forwards round apart

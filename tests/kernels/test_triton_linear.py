@@ -13,6 +13,7 @@ inputs are bf16, 2^-9 relative each), plus the 16-bit operands ``A = fq fk^T``, 
 on the Hedgehog map's bf16 ``dx``; 1e-2 and 2e-2 are asserted.
 """
 
+import types
 
 import pytest
 import torch
@@ -424,8 +425,14 @@ def test_auto_sends_cuda_tensors_to_the_kernels_and_everything_else_to_the_refer
     monkeypatch.setattr(K, "triton_available", lambda: True)
     assert K._use_triton(device=cuda) and not K._use_triton(device=cpu) and not K._use_triton()
     assert not K._use_triton("window=256", device=cuda)  # no kernel for it: the reference, no error
-    assert K._beyond_hybrid_kernels(256, 4) is not None
-    assert K._beyond_hybrid_kernels(64, 4) is None and K._beyond_hybrid_kernels(64, 65) is not None
+    x = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    step, chunked = dict(inputs=(x,) * 5, chunked=False), dict(inputs=(x,) * 5)
+    assert K._beyond_hybrid_kernels(256, 4, **step) is not None
+    assert K._beyond_hybrid_kernels(64, 4, **step) is None and K._beyond_hybrid_kernels(64, 65, **step) is not None
+    assert K._beyond_hybrid_kernels(128, 4, **chunked) is None and K._beyond_hybrid_kernels(129, 4, **chunked)
+    # heads of 128 on CUDA: no compiled hybrid kernel (they fault on sm_90), whatever the window
+    wide = types.SimpleNamespace(shape=(1, 1, 4, 128), dtype=torch.bfloat16, is_cuda=True)
+    assert "heads of 128" in K._beyond_hybrid_kernels(16, 4, inputs=(wide,) * 5)
     monkeypatch.setenv("LINEARIZE_KERNELS", "reference")
     assert not K._use_triton(device=cuda)
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")

@@ -40,51 +40,41 @@ steps existed (the forward's loop body verbatim).
 
 How the work is split. Every walk takes the chunks of one (batch, head) in order (or in reverse)
 with the running state in fp32 registers; no per-chunk state goes through memory, except in the
-two-pass forward below, which stores each chunk's starting state.
+chunk-parallel forward below, which stores each chunk's starting state.
 
-* forward: ``_intra_kernel``, grid ``(T / 16, B * H)``, one program per query sub-chunk, forms
-  its row block of ``A`` (the pairwise diagonal block and its off-diagonal products; the
-  exponentials are the bulk of the forward's arithmetic, so they get the whole GPU) and writes it,
-  fp32 ``[B, H, T, C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk; the blocks
-  after ``t``'s sub-chunk are never written, and readers mask them); then ``_fwd_kernel``, grid
-  ``(Dv / BV, B * H)``, walks the chunks: per chunk one read-out of all ``C`` queries at once
-  (``[C, F]`` tiles against the chunk-start ``S, z``, plus ``A v1``), which writes ``y`` and the
-  denominators ``d``, then the state takes the chunk's keys a sub-chunk ``J`` at a time,
-  ``S <- diag(exp(G_J)) S + (fk_j exp(G_J - c_j))^T v1_j``. ``A`` is kept for the backward.
-* forward in two passes (``parallel=True``, or :data:`PARALLEL_FORWARD`; off by default until a
-  GPU run confirms its speed), the structure of flash-linear-attention's ``chunk_gla``: the walk
-  above does a chunk's read-out and its update in one program per (head, block of value
-  columns), so the read-outs (the bulk of its products) run on ``B * H * Dv / BV`` programs, one
-  chunk after another. Instead, after ``_intra_kernel`` (the same ``A``):
+* forward, first: ``_cumsum_kernel`` writes ``c``, the running sums of ``g`` inside each 16-token
+  sub-chunk, fp32 ``[B, H, T', F]`` (``T`` rounded up to whole chunks; a sub-chunk's total
+  ``G_M`` is its last row), and ``_intra_kernel``, grid ``(T / 16, B * H)``, one program per
+  query sub-chunk, forms its row block of ``A`` from them (the diagonal block a key at a time,
+  ``[16, F]`` elementwise work a key, and its off-diagonal products; the exponentials are the
+  bulk of the forward's arithmetic, so they get the whole GPU) and writes it, fp32 ``[B, H, T,
+  C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk; the blocks after ``t``'s
+  sub-chunk are never written, and readers mask them). ``A`` is kept for the backward. Then one
+  of two forwards:
+* the walk (``parallel=False``): ``_fwd_kernel``, grid ``(Dv / BV, B * H)``, walks the chunks:
+  per chunk one read-out of all ``C`` queries at once (``[C, F]`` tiles against the chunk-start
+  ``S, z``, plus ``A v1``), which writes ``y`` and the denominators ``d``, then the state takes
+  the chunk's keys a sub-chunk ``J`` at a time, ``S <- diag(exp(G_J)) S + (fk_j exp(G_J -
+  c_j))^T v1_j``. Its read-outs, the bulk of its products, run on ``B * H * Dv / BV`` programs,
+  one chunk after another;
+* chunk-parallel (``parallel=True``, or :data:`PARALLEL_FORWARD`), the structure of
+  flash-linear-attention's ``chunk_gla`` (Yang et al. 2024, arXiv 2312.06635): ``_par_states_kernel``,
+  grid ``(F / BK, Dv / BV, B * H)`` (a feature's row of the state evolves on its own, so the
+  features split too), walks the chunks doing only the update, a whole chunk in one ``[BK, C] x
+  [C, BV]`` product of keys decayed to the chunk end by ``exp((G_J - c_j) + sum_{M > J} G_M)``,
+  and stores each chunk's starting state ``h_c`` and ``z_c`` in fp32 (``[B, H, T / C, F, Dv]``,
+  ``[B, H, T / C, F]``) and the final state; then ``_par_output_kernel``, grid ``(Dv / BV, T / C,
+  B * H)``, reads every chunk out at once against its ``h_c``: ``o = (fq exp(b)) h_c + A v1`` with
+  ``b_i = c_i + sum_{M < I} G_M``, the normaliser division, ``y`` (and its fp32 copy) and ``d``.
+  The same read-out as the walk's (``fq exp(b)`` rounded once for numerator and normaliser, ``h``
+  and ``A`` split), the same ``A``; only the decays are rounded in another order (a sum of
+  sub-chunk totals in one exponential where the walk multiplies by each in turn), so its outputs
+  are the walk's to fp32 rounding and the backward is shared. A sequence of more than
+  ``MAX_GRID_Y`` chunks (CUDA's limit on the grid's second axis) takes the walk.
 
-  1. ``_fwd_states_kernel``, grid ``(F / BK, Dv / BV, B * H)`` (a feature's row of the state
-     evolves on its own, so the features split too): walks the chunks doing only the update,
-     exactly the walk's (a sub-chunk at a time, the same operands and splits), and stores each
-     chunk's starting state ``h_c = S [F, Dv]`` and ``z_c`` in fp32, ``[B, H, T / C, F, Dv]``
-     and ``[B, H, T / C, F]``, and the final state;
-  2. the output pass: ``_fwd_kernel`` itself with ``READ_OUT_ONLY``, on the ``B * H * T / C``
-     one-chunk sequences (``T`` zero-padded to a multiple of ``C``), each from its ``h_c, z_c``:
-     the walk's read-out ``o = (fq exp(b)) h_c + A v1``, the normaliser division, ``y`` (and its
-     fp32 copy) and ``d``, and no update; at most ``MAX_GRID_Y`` sequences a launch. (An output
-     kernel of its own, with 64-feature blocks, gave ``inf`` compiled on an H200 with Triton 3.6,
-     as the linear kernel's did; the walk's read-out is the code compiled and tested there.)
+  Every exponent is still ``<= 0`` and the only differences taken are inside one sub-chunk:
+  ``G_J - c_j`` and ``c_i - c_j``; everything spanning sub-chunks is a sum of terms ``<= 0``.
 
-  The outputs, ``A``, ``d``, the fp32 ``y`` and the final state are those of the walk (the same
-  read-out code from the same states), so the backward is unchanged. No operand is transposed in either pass (the states pass loads
-  ``fk^T`` and ``g^T`` transposed, as the walk does). Compiled on an H200 (Triton 3.6) it took
-  4.33 ms against the walk's 7.39 ms at B = 1, 32 heads, F = Dv = 128, T = 8K, and at B = 16, 9 heads, F = 128 its ``y`` and ``dfq`` were 1.3e-5 and 2.3e-5 from
-  the walk's, over its GPU test's 1e-5 (cause not found). Expected bound: at B = 1, 32 heads, T = 32K, F = Dv = 64, bf16, 64-token
-  chunks, the three launches move about 2.3 KB a (token, head) (inputs read by each pass that
-  needs them, ``A`` written and read in fp32, 256 B, and ``h_c`` written and read in fp32,
-  ``4 F Dv / C`` = 256 B each way), some 2.4 GB, 0.5 ms at an H200's 4.8 TB/s, 3.6 times the
-  benchmark's floor (q, k, v, g, y once: 0.14 ms), against 7.9 ms (56 times) for the walk and
-  2.8 ms for ``chunk_gla``; the intra kernel's exponentials (``16 F`` a token) add about 0.26 ms
-  of special-function throughput if they do not overlap. What may keep it above that: the states
-  pass still takes ``T / 16`` dependent sub-chunk updates per program (2048 at T = 32K; its blocks
-  shrink to 16-32 so that ``B * H`` heads fill the multiprocessors), each a ``[BK, 16] x [16,
-  BV]`` product whose operands do not depend on the state (only ``S <- S exp(G) + ...`` does), so
-  it is latency-bound if the loads are not overlapped; one ``[BK, C] x [C, BV]`` update per chunk
-  (fla's) would take a quarter of the steps but round unlike the backward's sub-chunk sums.
 * backward, with ``dn_t = dy_t / d_t``, ``dd_t = -(dy_t . y_t) / d_t`` (the gradient of
   ``o_t = [n_t, d_t]``) and ``P_ij = dn_i . v_j + dd_i`` (``= do_i . v1_j``), one launch with three
   kinds of program, all at once:
@@ -112,20 +102,17 @@ two-pass forward below, which stores each chunk's starting state.
   strong decays, where little else remains, ``dg`` would be the rounding left over from that
   cancellation.
 
-Speed (expected; not yet measured on a GPU: ``benchmarks/attention.py`` times both chunk sizes,
-``g64_vs_16``). The walks take ``T / C`` sequential steps: at T = 64K, 1024 instead of 4096. A
-64-token forward step reads the 64 queries out in one ``[64, F] x [F, BV]`` and one
-``[64, 64] x [64, BV]`` product against the chunk-start state (the 16-token scheme does four
-smaller read-outs, each waiting for the previous update); the state's own chain is still four
-sub-chunk updates. The backward's programs loop over their four sub-chunks within a step (as an
-unrolled loop they spilled 0.5-0.9 KB a thread at Dv = 128); what 64-token steps save there is
-the carried state's read-out and update every 16 tokens, and they add the 6 off-diagonal
-products of a chunk (two or three small products each, about twice the small products a token
-of the 16-token scheme), so the backward may gain less, or lose. Either way the pairwise decays
-cost ``16 F`` exponentials a token (2048 at ``F = 128``) in the intra kernel and again in each of
-the ``dfq``/``dfk`` programs, whatever ``C``: at B = 1, 32 heads, F = 128, T = 64K that is
-about 4.3e9 exponentials in the forward and 8.6e9 in the backward, some 1.2 ms and 2.3 ms of an
-H100's special-function units (16 a clock per multiprocessor), the floor of this form.
+Speed, measured on an H200 (Triton 3.6; ``benchmarks/kernel_breakdown.py``, kernel time, B = 1,
+32 heads, F = Dv = 128, bf16, ``results/h200-kernels/README.md``). At T = 32K the chunk-parallel
+forward takes 7.0 ms: the intra kernel 3.57 (51%), the states pass 1.83, the output pass 1.39,
+the sums 0.20; fla's ``chunk_gla`` on the same math 4.8 ms (its intra-chunk kernels 1.49, its
+states 1.19, its output 1.10). The sequential walk took 15.5 ms with 16-token steps (12.9 of them
+the walk) and 29.5 with 64-token ones. So the intra kernel bounds the forward now: its
+pairwise decays cost ``16 F`` exponentials a token (2048 at ``F = 128``), about 2.1e9 at that
+shape, some 0.6 ms of an H100's special-function units (16 a clock per multiprocessor), and the
+rest of its time is the per-key loop's ``[16, F]`` elementwise work and reductions. The
+backward (unchanged: programs walking the chunks) takes 73.4 ms at that shape, 81% of a forward +
+backward.
 
 Registers, compiled for sm_90a (Triton 3.9, ptxas 13.4; ``benchmarks/gated_registers.py``), bf16
 inputs, F = 128, the launchers' tiles: every kernel runs at 166-255 registers; spills in bytes a
@@ -187,65 +174,10 @@ SUB_CHUNK = 16  # tokens of a sub-chunk: exact pairwise decays inside
 CHUNK_SIZES = (16, 64)  # tokens a sequential step takes: one sub-chunk, or four
 CHUNK = 64  # the default
 DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
-# the forward in two passes parallel over chunks (_fwd_states_kernel, then _fwd_kernel read-out only) rather
-# than the sequential walk (_fwd_kernel); off until a GPU run confirms its speed
-PARALLEL_FORWARD = False
-
-
-@triton.jit
-def _intra_kernel(fq, fk, g, A, T, F, C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
-                  DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
-    """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for the keys ``j`` of ``t``'s chunk up to
-    ``t``'s sub-chunk; grid ``(T / SC, B * H)``, a program per query sub-chunk ``I``.
-
-    Its own sub-chunk (the diagonal block, ``j <= t``, zero above): pairwise, a ``[SC, SC, BK]``
-    product, the features summed ``BK`` at a time. Each earlier sub-chunk ``J`` of the chunk (an
-    off-diagonal block, ``C = 64`` only): one product of the queries decayed from the start of
-    ``I`` and the keys decayed to it, ``(fq_i exp(b_i - r)) . (fk_j exp(r - b_j))`` with ``r``
-    the decay at the end of sub-chunk ``I - 1``, both factors ``<= 1``. Blocks after ``I`` are
-    not written (the kernels that read ``A`` mask them)."""
-    i_s = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    o_c = tl.arange(0, SC)
-    t = i_s * SC + o_c
-    m_t = t < T
-    p_row = A + (i_bh * T + t[:, None]) * C  # [SC, 1]: the rows of A
-    causal3 = (o_c[:, None] >= o_c[None, :])[:, :, None]  # [i, j, 1]
-    acc = tl.zeros([SC, SC], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(F, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m = m_t[:, None] & (o_k < F)[None, :]
-        p = i_bh * T * F + t[:, None] * F + o_k[None, :]
-        b_fq = tl.load(fq + p, mask=m, other=0.0).to(tl.float32)
-        b_fk = tl.load(fk + p, mask=m, other=0.0).to(tl.float32)
-        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)  # [SC, BK]
-        decay = tl.exp(tl.where(causal3, b[:, None, :] - b[None, :, :], float("-inf")))  # [SC, SC, BK], <= 1
-        acc += tl.sum(b_fq[:, None, :] * b_fk[None, :, :] * decay, 2)
-    if C == SC:
-        tl.store(p_row + o_c[None, :], acc, mask=m_t[:, None])
-    else:
-        I = i_s % (C // SC)
-        tl.store(p_row + I * SC + o_c[None, :], acc, mask=m_t[:, None])
-        # off-diagonal blocks, every feature at once
-        o_f = tl.arange(0, BF)
-        m_f = o_f < F
-        m = m_t[:, None] & m_f[None, :]
-        p = i_bh * T * F + t[:, None] * F + o_f[None, :]
-        b = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)
-        q_loc = tl.load(fq + p, mask=m, other=0.0).to(tl.float32) * tl.exp(b)  # [SC, BF]: decayed from r
-        between = tl.zeros([BF], dtype=tl.float32)  # the decay of the sub-chunks strictly between J and I
-        for jj in range(0, I):
-            J = I - 1 - jj
-            t_J = (i_s - I + J) * SC + o_c  # all < T
-            p_J = i_bh * T * F + t_J[None, :] * F + o_f[:, None]  # [BF, SC]: keys loaded transposed
-            b_J = tl.cumsum(tl.load(g + p_J, mask=m_f[:, None], other=0.0).to(tl.float32), 1)
-            G_J = tl.sum(tl.where(o_c[None, :] == SC - 1, b_J, 0.0), 1)  # [BF]
-            k_locT = tl.load(fk + p_J, mask=m_f[:, None], other=0.0).to(tl.float32) * tl.exp(
-                (G_J[:, None] - b_J) + between[:, None]
-            )  # [BF, SC]: decayed to r
-            a = _dot_split(q_loc, k_locT, DT, PREC, EMULATE, True, True)
-            tl.store(p_row + J * SC + o_c[None, :], a, mask=m_t[:, None])
-            between += G_J
+# the chunk-parallel forward (_par_states_kernel, then _par_output_kernel) rather than the sequential walk
+# (_fwd_kernel): 4.1x faster on an H200 at B=1, 32 heads, F=Dv=128, T=8K (1.80 ms against 7.33)
+PARALLEL_FORWARD = True
+OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
 
 
 @triton.jit
@@ -254,14 +186,12 @@ def _fwd_kernel(
     T, F, DV,
     C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Y32: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr, READ_OUT_ONLY: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Grid ``(Dv / BV, B * H)``: value columns ``[i_v * BV, (i_v + 1) * BV)`` of one head,
     chunks of ``C`` in order, ``S [BF, BV]`` and ``z`` in registers. A chunk's queries are read
     out at once against the state at the chunk start (``[C, BF]`` tiles); then the state takes
-    the chunk's keys, a sub-chunk at a time. ``READ_OUT_ONLY``: no state update (the two-pass
-    forward's output pass, one chunk a sequence from its stored starting state; not with
-    ``STORE_FINAL``)."""
+    the chunk's keys, a sub-chunk at a time."""
     NS: tl.constexpr = C // SC
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -317,10 +247,9 @@ def _fwd_kernel(
                 tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_t[:, None] & m_v[None, :])
             if i_v == 0:
                 tl.store(den + i_bh * T + t, d, mask=m_t)
-            if not READ_OUT_ONLY:
-                decay = tl.exp(b_last)[:, None]  # [BF, 1]
-                S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
-                Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+            decay = tl.exp(b_last)[:, None]  # [BF, 1]
+            S = S * decay + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
+            Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
         else:
             m_tv = m_t[:, None] & m_v[None, :]
             # read-out: queries decayed from the chunk start (a running sum of g <= 0: no difference
@@ -341,20 +270,19 @@ def _fwd_kernel(
                 tl.store(den + i_bh * T + t, d, mask=m_t)
             # update, a sub-chunk J at a time as the 16-token scheme does it (S <- exp(G_J) S +
             # (fk_j exp(G_J - c_j))^T v1_j, with c the running sum of g inside J and G_J its total)
-            if not READ_OUT_ONLY:
-                for J in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
-                    t_J = i_t * C + J * SC + o_c
-                    m_J = t_J < T
-                    m_fJ = m_f[:, None] & m_J[None, :]
-                    # keys and decays loaded transposed, [BF, SC] (no tl.trans)
-                    b_fkT = tl.load(fk + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32)
-                    cT = tl.cumsum(tl.load(g + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32), 1)
-                    G_J = tl.sum(tl.where(last_col, cT, 0.0), 1)  # [BF]
-                    k_outT = b_fkT * tl.exp(G_J[:, None] - cT)  # keys as they stand at the sub-chunk end
-                    b_v_J = tl.load(v + t_J[:, None] * DV + o_v[None, :], mask=m_J[:, None] & m_v[None, :], other=0.0)
-                    decay = tl.exp(G_J)[:, None]  # [BF, 1]
-                    S = S * decay + _dot_split(k_outT, b_v_J, DT, PREC, EMULATE, True, False)
-                    Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
+            for J in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
+                t_J = i_t * C + J * SC + o_c
+                m_J = t_J < T
+                m_fJ = m_f[:, None] & m_J[None, :]
+                # keys and decays loaded transposed, [BF, SC] (no tl.trans)
+                b_fkT = tl.load(fk + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32)
+                cT = tl.cumsum(tl.load(g + t_J[None, :] * F + o_f[:, None], mask=m_fJ, other=0.0).to(tl.float32), 1)
+                G_J = tl.sum(tl.where(last_col, cT, 0.0), 1)  # [BF]
+                k_outT = b_fkT * tl.exp(G_J[:, None] - cT)  # keys as they stand at the sub-chunk end
+                b_v_J = tl.load(v + t_J[:, None] * DV + o_v[None, :], mask=m_J[:, None] & m_v[None, :], other=0.0)
+                decay = tl.exp(G_J)[:, None]  # [BF, 1]
+                S = S * decay + _dot_split(k_outT, b_v_J, DT, PREC, EMULATE, True, False)
+                Z = Z * decay + tl.where(first, tl.sum(k_outT, 1)[:, None], 0.0)
     if STORE_FINAL:
         tl.store(s_out + p_s, S, mask=m_fv)
         if i_v == 0:
@@ -362,37 +290,111 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _fwd_states_kernel(
-    fk, v, g, s0, z0, h, hz, s_out, z_out,
-    T, F, DV,
+def _cumsum_kernel(g, c, T, TP, F, SC: tl.constexpr, NS: tl.constexpr, BF: tl.constexpr):
+    """``c[t] = sum of g from the start of t's 16-token sub-chunk through t`` (fp32), for the
+    chunk-parallel forward. Grid ``(TP / (NS SC), B * H)``, a program per chunk of ``NS``
+    sub-chunks; ``c`` has ``TP`` rows (``T`` rounded up to whole chunks): past ``T`` the running sum
+    goes on with ``g = 0``, so a sub-chunk's total is always its last row."""
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, SC)
+    o_f = tl.arange(0, BF)
+    m_f = o_f < F
+    for J in range(0, NS):
+        t = (i_n * NS + J) * SC + o_c
+        x = tl.load(g + i_bh * T * F + t[:, None] * F + o_f[None, :], mask=(t < T)[:, None] & m_f[None, :], other=0.0)
+        tl.store(c + i_bh * TP * F + t[:, None] * F + o_f[None, :], tl.cumsum(x.to(tl.float32), 0), mask=m_f[None, :])
+
+
+@triton.jit
+def _intra_kernel(fq, fk, c, A, T, TP, F, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr,
+                      DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+    """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for the keys ``j`` of ``t``'s chunk up to
+    ``t``'s sub-chunk, from the sub-chunk sums ``c`` of :func:`_cumsum_kernel`; grid ``(T / SC,
+    B * H)``, a program per query sub-chunk ``I``, every feature at once. Blocks after ``I`` are
+    not written (the kernels that read ``A`` mask them).
+
+    The diagonal block a key ``j`` at a time (a column of ``A``): ``A_ij = sum_f fq_if fk_jf
+    exp(c_if - c_jf)`` for ``i >= j``, the exponent set to ``-inf`` above the diagonal before it is
+    exponentiated; so ``[SC, F]`` elementwise work a key rather than one ``[SC, SC, F]`` product.
+    The earlier sub-chunks ``J`` of the chunk: one product of the queries decayed from the start
+    of ``I`` and the keys decayed to it, ``(fq_i exp(c_i)) . (fk_j exp((G_J - c_j) + sum_{J<M<I}
+    G_M))``, both factors ``<= 1``."""
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, SC)
+    o_f = tl.arange(0, BF)
+    m_f = o_f < F
+    t = i_s * SC + o_c
+    m_t = t < T
+    m = m_t[:, None] & m_f[None, :]
+    fq += i_bh * T * F
+    fk += i_bh * T * F
+    c += i_bh * TP * F
+    p_row = A + (i_bh * T + t[:, None]) * C  # [SC, 1]: the rows of A
+    b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m, other=0.0).to(tl.float32)  # [SC, BF]
+    b_c = tl.load(c + t[:, None] * F + o_f[None, :], mask=m_f[None, :], other=0.0)  # rows < TP
+    acc = tl.zeros([SC, SC], dtype=tl.float32)
+    for j in range(0, SC):
+        t_j = i_s * SC + j
+        k_j = tl.load(fk + t_j * F + o_f, mask=m_f & (o_f * 0 + t_j < T), other=0.0).to(tl.float32)  # [BF]
+        c_j = tl.load(c + t_j * F + o_f, mask=m_f, other=0.0)
+        e = tl.where(o_c[:, None] >= j, b_c - c_j[None, :], float("-inf"))  # <= 0 on and below the diagonal
+        a = tl.sum(b_fq * k_j[None, :] * tl.exp(e), 1)  # [SC]
+        acc = tl.where(o_c[None, :] == j, a[:, None], acc)
+    I = i_s % (C // SC)
+    tl.store(p_row + I * SC + o_c[None, :], acc, mask=m_t[:, None])
+    if C > SC:
+        q_loc = b_fq * tl.exp(b_c)  # [SC, BF]: decayed from the start of I
+        between = tl.zeros([BF], dtype=tl.float32)  # the decay of the sub-chunks strictly between J and I
+        for jj in range(0, I):
+            J = I - 1 - jj
+            t_J = (i_s - I + J) * SC + o_c  # all < T
+            p_J = t_J[None, :] * F + o_f[:, None]  # [BF, SC]: keys loaded transposed
+            cT = tl.load(c + p_J, mask=m_f[:, None], other=0.0)
+            G_J = tl.load(c + ((i_s - I + J) * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)  # [BF]
+            k_locT = tl.load(fk + p_J, mask=m_f[:, None], other=0.0).to(tl.float32) * tl.exp(
+                (G_J[:, None] - cT) + between[:, None]
+            )  # [BF, SC]: decayed to the start of I
+            a = _dot_split(q_loc, k_locT, DT, PREC, EMULATE, True, True)
+            tl.store(p_row + J * SC + o_c[None, :], a, mask=m_t[:, None])
+            between += G_J
+
+
+@triton.jit
+def _par_states_kernel(
+    fk, v, c, s0, z0, h, hz, s_out, z_out,
+    T, TP, F, DV,
     C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """The parallel forward's first pass: each chunk's starting state. Grid ``(F / BK, Dv / BV,
-    B * H)``: features ``[i_k * BK, ...)`` and value columns ``[i_v * BV, ...)`` of one head
-    (a feature's row of the state evolves on its own), chunks of ``C`` in order, ``S [BK, BV]`` and
-    ``z [BK]`` in fp32 registers. Before a chunk's keys enter, the state is stored, fp32, as
-    ``h[b, h, chunk] [F, Dv]`` (``z`` as ``hz[b, h, chunk] [F]``, by the ``i_v == 0`` programs);
-    then the chunk's keys enter a sub-chunk ``J`` at a time, exactly as ``_fwd_kernel``
-    updates its state: ``S <- diag(exp(G_J)) S + (fk_j exp(G_J - c_j))^T v_j``, the same
-    operands, splits and order, so the states are those the sequential walk reads out against.
-    ``z`` is a plain fp32 vector here (the sequential kernel's column 0 of a ``[BF, SC]`` matrix,
-    whose update is elementwise: the same numbers)."""
+    """The chunk-parallel forward's first pass: each chunk's starting state. Grid ``(F / BK, Dv /
+    BV, B * H)`` (a feature's row of the state evolves on its own), chunks of ``C`` in order,
+    ``S [BK, BV]`` and ``z [BK]`` in fp32 registers. Before a chunk's keys enter, the state is
+    stored, fp32, as ``h[b, h, chunk] [F, Dv]`` (``z`` as ``hz[b, h, chunk] [F]``, by the
+    ``i_v == 0`` programs); then the whole chunk enters in one ``[BK, C] x [C, BV]`` product:
+
+        S <- diag(exp(G)) S + (fk_j exp(b_last - b_j))^T v_j,   b_last - b_j = (G_J - c_j) + sum_{M > J} G_M
+
+    with ``G_M`` the total of sub-chunk ``M`` (``c`` at its last row) and ``G`` the chunk's: the
+    only difference taken is ``G_J - c_j`` inside ``j``'s sub-chunk; the rest is a sum of terms
+    ``<= 0``, so nothing overflows and no long running sum cancels."""
     NS: tl.constexpr = C // SC
     i_k = tl.program_id(0)
     i_v = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    o_c = tl.arange(0, SC)
+    o_C = tl.arange(0, C)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < F
     m_v = o_v < DV
     m_kv = m_k[:, None] & m_v[None, :]
     fk += i_bh * T * F
-    g += i_bh * T * F
+    c += i_bh * TP * F
     v += i_bh * T * DV
     n_t = tl.cdiv(T, C)
+    sub = o_C // SC  # [C]: each column's sub-chunk
     p_s = i_bh * F * DV + o_k[:, None] * DV + o_v[None, :]  # [BK, BV]
     if HAS_INIT:
         S = tl.load(s0 + p_s, mask=m_kv, other=0.0).to(tl.float32)
@@ -400,30 +402,97 @@ def _fwd_states_kernel(
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
         z = tl.zeros([BK], dtype=tl.float32)
-    last_col = o_c[None, :] == SC - 1
     for i_t in range(0, n_t):
         p_h = (i_bh * n_t + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :]
         tl.store(h + p_h, S, mask=m_kv)
         if i_v == 0:
             tl.store(hz + (i_bh * n_t + i_t) * F + o_k, z, mask=m_k)
-        for J in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
-            t_J = i_t * C + J * SC + o_c
-            m_J = t_J < T
-            m_kJ = m_k[:, None] & m_J[None, :]
-            # keys and decays loaded transposed, [BK, SC]: no tl.trans (Triton 3.4-3.7 miscompiles, on
-            # Hopper, tl.trans of a dot result cast to bf16 feeding another dot; see the module docstring)
-            b_fkT = tl.load(fk + t_J[None, :] * F + o_k[:, None], mask=m_kJ, other=0.0).to(tl.float32)
-            cT = tl.cumsum(tl.load(g + t_J[None, :] * F + o_k[:, None], mask=m_kJ, other=0.0).to(tl.float32), 1)
-            G_J = tl.sum(tl.where(last_col, cT, 0.0), 1)  # [BK]
-            k_outT = b_fkT * tl.exp(G_J[:, None] - cT)  # keys as they stand at the sub-chunk end
-            b_v = tl.load(v + t_J[:, None] * DV + o_v[None, :], mask=m_J[:, None] & m_v[None, :], other=0.0)
-            decay = tl.exp(G_J)  # [BK]
-            S = S * decay[:, None] + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
-            z = z * decay + tl.sum(k_outT, 1)
+        t = i_t * C + o_C
+        m_t = t < T
+        # keys and sums loaded transposed, [BK, C]: no tl.trans (Triton 3.4-3.7 miscompiles, on Hopper,
+        # tl.trans of a dot result cast to bf16 feeding another dot; see the module docstring)
+        b_fkT = tl.load(fk + t[None, :] * F + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+        cT = tl.load(c + t[None, :] * F + o_k[:, None], mask=m_k[:, None], other=0.0)  # rows < TP
+        own = tl.zeros([BK, C], dtype=tl.float32)  # G_J of each column's sub-chunk
+        later = tl.zeros([BK, C], dtype=tl.float32)  # sum of G_M over the sub-chunks after it
+        total = tl.zeros([BK], dtype=tl.float32)
+        for M in tl.static_range(0, NS):
+            G_M = tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_k, mask=m_k, other=0.0)  # [BK]
+            own = tl.where((sub == M)[None, :], G_M[:, None], own)
+            later += tl.where((sub < M)[None, :], G_M[:, None], 0.0)
+            total += G_M
+        k_outT = b_fkT * tl.exp((own - cT) + later)  # keys as they stand at the chunk end
+        b_v = tl.load(v + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [C, BV]
+        decay = tl.exp(total)
+        S = S * decay[:, None] + _dot_split(k_outT, b_v, DT, PREC, EMULATE, True, False)
+        z = z * decay + tl.sum(k_outT, 1)
     if STORE_FINAL:
         tl.store(s_out + p_s, S, mask=m_kv)
         if i_v == 0:
             tl.store(z_out + i_bh * F + o_k, z, mask=m_k)
+
+
+@triton.jit
+def _par_output_kernel(
+    fq, v, c, A, h, hz, y, y32, den,
+    T, TP, F, DV,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+    STORE_Y32: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The chunk-parallel forward's second pass: every chunk's output at once. Grid ``(Dv / BV,
+    T / C, B * H)``. A chunk's queries are decayed from the chunk start, ``b_i = c_i + sum_{M < I}
+    G_M`` (a sum of terms ``<= 0``), and read out against its starting state ``h`` (the features
+    ``BK`` at a time), plus the chunk's own keys through ``A``:
+
+        o = (fq exp(b)) h + A [v | 1],   y = o[:Dv] / max(o[Dv], 1e-30)
+
+    the same read-out as the walk's (``fq exp(b)`` rounded once for numerator and normaliser,
+    ``h`` and ``A`` split into bf16 halves), writing ``y``, its fp32 copy and the denominators
+    (by the ``i_v == 0`` programs)."""
+    NS: tl.constexpr = C // SC
+    i_v = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    n_t = tl.cdiv(T, C)
+    o_C = tl.arange(0, C)
+    o_c = tl.arange(0, SC)
+    o_v = i_v * BV + tl.arange(0, BV)
+    t = i_t * C + o_C
+    m_t = t < T
+    m_v = o_v < DV
+    m_tv = m_t[:, None] & m_v[None, :]
+    sub = o_C // SC
+    first = o_c[None, :] == 0
+    fq += i_bh * T * F
+    c += i_bh * TP * F
+    h += (i_bh * n_t + i_t) * F * DV
+    hz += (i_bh * n_t + i_t) * F
+    o = tl.zeros([C, BV], dtype=tl.float32)
+    dz = tl.zeros([C, SC], dtype=tl.float32)
+    for i_k in tl.static_range(0, NK):  # NK = F / BK feature blocks, unrolled
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        b_fq = tl.load(fq + t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b = tl.load(c + t[:, None] * F + o_k[None, :], mask=m_k[None, :], other=0.0)  # [C, BK], rows < TP
+        for M in tl.static_range(0, NS - 1):
+            G_M = tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_k, mask=m_k, other=0.0)
+            b += tl.where((sub > M)[:, None], G_M[None, :], 0.0)
+        q_in = b_fq * tl.exp(b)  # queries against the state at the chunk start
+        b_h = tl.load(h + o_k[:, None] * DV + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV]
+        Z = tl.where(first, tl.load(hz + o_k, mask=m_k, other=0.0)[:, None], 0.0)  # [BK, SC]: z in column 0
+        o += _dot_split(q_in, b_h, DT, PREC, EMULATE, False, True)
+        dz += _dot_split(q_in, Z, DT, PREC, EMULATE, False, True)
+    blocks = (o_C[:, None] // SC) >= (o_C[None, :] // SC)  # [C, C]: A's blocks that are written
+    b_A = tl.load(A + (i_bh * T + t[:, None]) * C + o_C[None, :], mask=m_t[:, None] & blocks, other=0.0)
+    b_v = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)
+    o += _dot_split(b_A, b_v, DT, PREC, EMULATE, True, False)
+    d = tl.sum(dz, 1) + tl.sum(b_A, 1)  # [C]
+    o = o / tl.maximum(d, _TINY)[:, None]
+    tl.store(y + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o.to(y.dtype.element_ty), mask=m_tv)
+    if STORE_Y32:  # the backward's copy of y, in fp32
+        tl.store(y32 + i_bh * T * DV + t[:, None] * DV + o_v[None, :], o, mask=m_tv)
+    if i_v == 0:
+        tl.store(den + i_bh * T + t, d, mask=m_t)
 
 
 @triton.jit
@@ -806,6 +875,20 @@ def _par_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUN
     return BK, BV
 
 
+def _out_config(F: int, DV: int, dtype=torch.bfloat16, C: int = CHUNK):
+    """``(BK, BV, num_warps)`` of the chunk-parallel forward's output pass: ``[C, BK]`` query
+    tiles against ``[BK, BV]`` blocks of the starting state, the features summed ``BK`` at a time.
+    Its programs are many (``T / C`` a head and block of value columns), so the blocks need no
+    shrinking to fill the GPU. Compiled on an H200 (Triton 3.6, bf16,
+    ``results/h200-kernels/gated_output_variants.py``), 64-feature blocks with 32 or 64 value
+    columns fault (illegal memory access, 4 or 8 warps, 1 or 2 stages); 16 columns, or 32
+    features with 64 columns, are right, the latter the fastest (1.80 ms for the whole forward at
+    B=1, 32 heads, F=Dv=128, T=8K, against 2.05 with 64 x 16 blocks)."""
+    if dtype == torch.float32:
+        return min(_pow2(F), 32), 16, 4
+    return min(_pow2(F), 32), min(_pow2(DV), 64), 4
+
+
 def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False, output_dtype=None,
                         keep_fp32_output=False, chunk_size=CHUNK, parallel=None):
     """Launch the forward kernels on contiguous ``fq, fk, g: [B, H, T, F]``, ``v: [B, H, T, Dv]``,
@@ -813,10 +896,10 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
 
     Returns ``(y [B, H, T, Dv], y32, d [B, H, T] fp32, A [B, H, T, C] fp32, S [B, H, F, Dv] fp32
     or None, z [B, H, F] fp32 or None)``; ``y32`` is ``y`` in fp32 when ``keep_fp32_output`` (the
-    same tensor when ``y`` is fp32), else None. ``parallel``: the two-pass forward
-    (``_fwd_states_kernel``, then ``_fwd_kernel`` reading out one-chunk sequences) instead of the sequential walk
-    (``_fwd_kernel``); None takes :data:`PARALLEL_FORWARD`. Both give the same tensors (up to
-    the order of an fp32 sum over features)."""
+    same tensor when ``y`` is fp32), else None. ``parallel``: the chunk-parallel forward
+    (``_par_states_kernel``, then ``_par_output_kernel``) instead of the sequential walk
+    (``_fwd_kernel``); None takes :data:`PARALLEL_FORWARD`. Both give the same ``A`` and the same
+    tensors up to fp32 rounding (their decays are rounded in other orders)."""
     B, H, T, F = fq.shape
     DV = v.shape[-1]
     C = chunk_size
@@ -830,49 +913,35 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
     z = torch.empty(B, H, F, device=dev, dtype=torch.float32) if output_final_state else None
     store_y32 = keep_fp32_output and y.dtype != torch.float32
     y32 = torch.empty(B, H, T, DV, device=dev, dtype=torch.float32) if store_y32 else None
+    N = triton.cdiv(T, C)
+    TP = N * C
+    c = torch.empty(B, H, TP, F, device=dev, dtype=torch.float32)  # the sums of g inside each sub-chunk
+    _cumsum_kernel[(N, B * H)](g, c, T, TP, F, SC=SUB_CHUNK, NS=C // SUB_CHUNK, BF=_pow2(F), num_warps=4)
     _intra_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
-        fq, fk, g, A, T, F, C=C, SC=SUB_CHUNK, BK=min(_pow2(F), 32), BF=_pow2(F),
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4,
+        fq, fk, c, A, T, TP, F, C=C, SC=SUB_CHUNK, BF=_pow2(F), DT=DT, PREC=PREC, EMULATE=EMULATE,
+        num_warps=8 if F > 64 else 4,
     )
-    if PARALLEL_FORWARD if parallel is None else parallel:
-        N = triton.cdiv(T, C)
+    if (PARALLEL_FORWARD if parallel is None else parallel) and N <= MAX_GRID_Y:
         BKs, BVs = _par_config(F, DV, B * H, dtype, C)
         h = torch.empty(B, H, N, F, DV, device=dev, dtype=torch.float32)  # each chunk's starting state
         hz = torch.empty(B, H, N, F, device=dev, dtype=torch.float32)
-        _fwd_states_kernel[(triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)](
-            fk, v, g, S0, z0, h, hz, S, z, T, F, DV,
+        _par_states_kernel[(triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)](
+            fk, v, c, S0, z0, h, hz, S, z, T, TP, F, DV,
             C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
-            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4, num_stages=2,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8 if BKs * BVs >= 4096 else 4, num_stages=2,
         )
-        # the output pass: the walk's kernel, read-out only, on B * H * N sequences of one chunk,
-        # each from its starting state (T padded with zeros to N * C: a padded key is after every
-        # real query), at most MAX_GRID_Y sequences a launch (CUDA's limit on the grid's second axis)
-        pad = N * C - T
-        grow = (lambda x: torch.nn.functional.pad(x, (0, 0, 0, pad))) if pad else (lambda x: x)
-        n = B * H * N
-        yp = torch.empty(B, H, N * C, DV, device=dev, dtype=y.dtype) if pad else y
-        dp = torch.empty(B, H, N * C, device=dev, dtype=torch.float32) if pad else d
-        y32p = (torch.empty(B, H, N * C, DV, device=dev, dtype=torch.float32) if pad else y32) if store_y32 else None
-        whole = (grow(fq).reshape(n, C, F), grow(fk).reshape(n, C, F), grow(v).reshape(n, C, DV),
-                 grow(g).reshape(n, C, F), grow(A).reshape(n, C, C), yp.view(n, C, DV),
-                 y32p.view(n, C, DV) if store_y32 else None, dp.view(n, C), h.view(n, F, DV), hz.view(n, F))
-        BF, BV, num_warps = _fwd_config(F, DV, n, dtype, C)
-        launch_in_slices(
-            _fwd_kernel, triton.cdiv(DV, BV), whole, None, None, C, F, DV, limit=MAX_GRID_Y,
-            C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=False, STORE_Y32=store_y32,
-            DT=DT, PREC=PREC, EMULATE=EMULATE, READ_OUT_ONLY=True, num_warps=num_warps, num_stages=2,
+        BK, BV, num_warps = _out_config(F, DV, dtype, C)
+        _par_output_kernel[(triton.cdiv(DV, BV), N, B * H)](
+            fq, v, c, A, h, hz, y, y32, d, T, TP, F, DV,
+            C=C, SC=SUB_CHUNK, BK=BK, BV=BV, NK=triton.cdiv(F, BK), STORE_Y32=store_y32, DT=DT, PREC=PREC,
+            EMULATE=EMULATE, num_warps=num_warps, num_stages=OUT_STAGES,
         )
-        if pad:
-            y.copy_(yp[:, :, :T])
-            d.copy_(dp[:, :, :T])
-            if store_y32:
-                y32.copy_(y32p[:, :, :T])
     else:
         BF, BV, num_warps = _fwd_config(F, DV, B * H, dtype, C)
         _fwd_kernel[(triton.cdiv(DV, BV), B * H)](
             fq, fk, v, g, A, y, y32, d, S0, z0, S, z, T, F, DV,
             C=C, SC=SUB_CHUNK, BF=BF, BV=BV, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
-            STORE_Y32=store_y32, DT=DT, PREC=PREC, EMULATE=EMULATE, READ_OUT_ONLY=False, num_warps=num_warps,
+            STORE_Y32=store_y32, DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps,
             num_stages=2,
         )
     if keep_fp32_output and not store_y32:

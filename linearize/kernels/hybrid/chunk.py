@@ -100,6 +100,11 @@ _TINY = tl.constexpr(TINY)
 NO_MAX = 2**30  # the amax code of a query with no softmax term; also "never visible" for a sink slot
 _NO_MAX = tl.constexpr(NO_MAX)
 MAX_WINDOW = 128
+# the largest head (q, k, v columns) the dispatcher sends to the compiled kernels: heads of 128
+# (128 features, windows 16 and 64, B=2, 8 heads, T=2048) fault on an H200 with Triton 3.6, an
+# illegal memory access or a gradient 0.16 from the reference
+# (test_gpu_chunk_heads_of_128_bf16); under the interpreter they are right
+MAX_COMPILED_HEAD = 64
 MAX_SINKS = 64
 MAX_HEAD_DIM = 256
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -729,27 +734,44 @@ def _fwd_blocks(F: int, DV: int, C: int, heads: int, dtype) -> tuple[int, int]:
     return BV, (8 if C >= 64 or BF * BV >= 8192 else 4)
 
 
-def _stages(C: int, BF: int, backward: bool, dtype: torch.dtype) -> int:
+def _bwd_blocks(BF: int, BDV: int, BK: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(BKF, BV)`` of the backward: features a ``dfq``/``dfk`` program takes, value columns a
+    ``dv`` program takes (``BK``: the block of the query/key head size)."""
+    if dtype == torch.float32:
+        return 16, 16
+    return (32 if BDV > 128 or BF > 128 else min(BF, 64)), min(BDV, 32 if BF >= 128 else 64)
+
+
+def _stages(C: int, BF: int, backward: bool, dtype: torch.dtype, BD: int = 64) -> int:
     """Software-pipelining stages of a launch: 2, or 1 where two would ask for more shared memory
-    than an sm_90 block may have (227 KiB). Compiled for sm_90 by Triton 3.6 with aligned inputs
-    (``python -m linearize.kernels.resources``, ``tests/kernels/test_kernel_resources.py``; head
-    size 64): with bf16 products, 128-token chunks need 303,104 bytes in the backward (F = 64; an
-    H200 refused the launch) and 252,416 in the forward at F = 128, with one stage 135,168 and
-    84,480; with fp32 products, 256 features need 259,072 bytes in the forward of 64-token
-    chunks. Everything else fits with two."""
-    if C >= 128 and (backward or BF >= 128):
+    than an sm_90 block may have (227 KiB). ``BD``: the head size's block (``q, k, v`` columns).
+    Compiled for sm_90 with aligned inputs (``python -m linearize.kernels.resources``,
+    ``tests/kernels/test_kernel_resources.py``), bf16 products:
+
+    * head size 64: 128-token chunks need 303,104 bytes in the backward (F = 64; an H200 refused
+      the launch) and 252,416 in the forward at F = 128, with one stage 135,168 and 84,480;
+    * head size 128: the backward needs 308,224 bytes with two stages at every window up to 64
+      and F = 64-128 (an H200 refused it at F = 128, window 64), 139,264 with one; the forward at
+      F = 256 and 64-token chunks 242,176, 88,576 with one;
+
+    and with fp32 products 256 features need 259,072 bytes in the forward of 64-token chunks.
+    Everything else fits with two."""
+    if C >= 128 and (backward or BF >= 128 or BD >= 128):
+        return 1
+    if BD >= 128 and (backward or BF >= 256):
         return 1
     if dtype == torch.float32 and BF >= 256:
         return 1
     return 2
 
 
-def max_window(dtype: torch.dtype) -> int:
-    """The longest window the kernels take with products of ``dtype``: ``MAX_WINDOW`` with 16-bit
-    products; with fp32 ones 64, since their 128-token chunks ask for more shared memory than an
-    sm_90 block has even with one pipelining stage (the backward 278,528 bytes at F = 128, 212,992
-    at F = 64 and the forward 316,416 with two stages there)."""
-    return MAX_WINDOW if dtype != torch.float32 else 64
+def max_window(dtype: torch.dtype, head_dim: int = 64) -> int:
+    """The longest window the kernels take with products of ``dtype`` and heads of ``head_dim``:
+    ``MAX_WINDOW`` with 16-bit products and heads of at most 64; otherwise 64, since their
+    128-token chunks ask for more shared memory than an sm_90 block has even with one pipelining
+    stage (fp32 products: the backward 278,528 bytes at F = 128, 212,992 at F = 64 and the forward
+    316,416 with two stages there; heads of 128: the backward 270,336 bytes at F = 64-128)."""
+    return MAX_WINDOW if dtype != torch.float32 and head_dim <= 64 else 64
 
 
 def _flags(window, sinks, C, key_mask):
@@ -790,7 +812,7 @@ def hybrid_attention_fwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
         T, P, L, H, DK, F, DV, NS, window, max(L - window, 0), scale,
         C=C, BK=_pow2(DK), BF=_pow2(F), BV=BV, NSP=_pow2(NS), **_flags(window, NS, C, key_mask),
         HAS_INIT=S0 is not None, STORE_FINAL=output_final_state, STORE_Y32=store_y32,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=_stages(C, _pow2(F), False, dtype),
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=num_warps, num_stages=_stages(C, _pow2(F), False, dtype, _pow2(max(DK, DV))),
     )
     if keep_fp32_output and not store_y32:
         y32 = y
@@ -830,10 +852,7 @@ def hybrid_attention_bwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
     dS0 = torch.empty(B, H, F, DV, device=dev, dtype=torch.float32) if want_dinit else None
     dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if want_dinit else None
     BF, BDV = _pow2(F), _pow2(DV)
-    if dtype == torch.float32:
-        BKF, BV = 16, 16
-    else:
-        BKF, BV = (32 if BDV > 128 or BF > 128 else min(BF, 64)), min(BDV, 32 if BF >= 128 else 64)
+    BKF, BV = _bwd_blocks(BF, BDV, _pow2(DK), dtype)
     NK, NV = triton.cdiv(F, BKF), triton.cdiv(DV, BV)
     _bwd_kernel[(2 + 2 * NK + NV, B * H)](
         q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_from, S0, z0, y32, den, mx, amx, dy, dS, dz,
@@ -841,7 +860,7 @@ def hybrid_attention_bwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
         T, P, L, H, DK, F, DV, NS, window, max(L - window, 0), scale,
         C=C, BK=_pow2(DK), BF=BF, BKF=BKF, BV=BV, BDV=BDV, NSP=_pow2(NS), NK=NK, **_flags(window, NS, C, key_mask),
         HAS_INIT=S0 is not None, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=_stages(C, BF, True, dtype),
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=_stages(C, BF, True, dtype, _pow2(max(DK, DV))),
     )
     return dq, dk, dv, dfq, dfk, dgamma, dsk, dsv, dS0, dz0
 
@@ -1027,12 +1046,12 @@ def _check_arguments(q, k, v, fq, fk, gamma, window, key_mask, sinks, state, chu
     for name, x in (("q", q), ("k", k), ("v", v), ("fq", fq), ("fk", fk)):
         if x.dtype not in _DOT_DTYPES:
             raise ValueError(f"{name} must be fp32, bf16 or fp16; got {x.dtype}")
-    limit = max_window(compute_dtype(q, k, v, fq, fk))
+    limit = max_window(compute_dtype(q, k, v, fq, fk), max(DK, v.shape[-1]))
     if not 0 <= window <= limit:
         raise ValueError(
-            f"window must be in 0 ... {limit} for the Triton kernel with these input dtypes (a query's window lies "
-            f"in its own chunk and the previous one; fp32 inputs take windows up to {max_window(torch.float32)}, "
-            f"bf16 ones up to {MAX_WINDOW}); "
+            f"window must be in 0 ... {limit} for the Triton kernel with these input dtypes and head size (a "
+            f"query's window lies in its own chunk and the previous one; bf16 inputs with heads of at most 64 take "
+            f"windows up to {MAX_WINDOW}, fp32 inputs or larger heads up to {max_window(torch.float32)}); "
             f"got {window}. Use the reference (LINEARIZE_KERNELS=reference) for longer windows"
         )
     if not 0 <= sinks <= MAX_SINKS:
