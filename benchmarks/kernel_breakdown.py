@@ -106,11 +106,14 @@ def main(argv=None):
                             continue  # fla refuses its gated backward on Hopper with Triton 3.4-3.7
                         try:
                             times = run_one(make, B, T, D, mode, args.repeats)
+                            torch.cuda.empty_cache()
                         except Exception as e:  # noqa: BLE001 - report and go on
                             print(f"B={B} D={D} T={T} {mode} {name}: {type(e).__name__}: {str(e)[:160]}")
+                            if "illegal memory access" in str(e) or isinstance(e, getattr(torch, "AcceleratorError", ())):
+                                # the CUDA context is lost: nothing after this can run in this process
+                                print("stopping: a kernel faulted, and this process's CUDA context is lost")
+                                return finish(args, rows)
                             continue
-                        finally:
-                            torch.cuda.empty_cache()
                         total = sum(times.values())
                         print(f"\nB={B} D={D} T={T} {mode} {name}: {total:.3f} ms of kernels a call")
                         print("| kernel | ms | share |\n|---|---|---|")
@@ -119,9 +122,20 @@ def main(argv=None):
                                 print(f"| `{kname}` | {ms:.3f} | {ms / total:.0%} |")
                         rows.append(dict(B=B, D=D, T=T, mode=mode, backend=name, total_ms=total, kernels=times))
                         sys.stdout.flush()
+    finish(args, rows)
+
+
+def finish(args, rows):
+    """Write what was measured (``--out``), written whole or not at all."""
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        try:
+            device = torch.cuda.get_device_name()
+        except Exception:  # noqa: BLE001 - a lost context may refuse even this
+            device = "unknown (the CUDA context was lost)"
+        tmp.write_text(json.dumps(dict(device=device, rows=rows), indent=1))
+        tmp.replace(args.out)
 
 
 if __name__ == "__main__":
