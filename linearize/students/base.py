@@ -73,6 +73,11 @@ def key_padding_mask(attention_mask, length: int) -> torch.Tensor | None:
         raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
     return None if bool(keep.all()) else keep
 
+# private per-instance state the teacher class's own ``forward`` reads, taken over with the module:
+# with Hugging Face's ``kernels`` installed (transformers 5.2x depends on it), ``use_kernelized_func``
+# wraps e.g. ``LlamaAttention.forward`` to look up ``self._kernel_funcs``, which its ``__init__`` sets
+TEACHER_PRIVATE_STATE = ("_kernel_funcs",)
+
 
 class Student(nn.Module):
     """Base class of every student. ``kind`` names it in recipes; ``Config`` holds its settings."""
@@ -93,6 +98,9 @@ class Student(nn.Module):
         for name, value in vars(attn).items():
             if not name.startswith("_") and name not in ("training",) and not hasattr(self, name):
                 setattr(self, name, value)
+        for name in TEACHER_PRIVATE_STATE:
+            if name in vars(attn):
+                self.__dict__[name] = vars(attn)[name]
         self.teacher_class = type(attn)
         # the teacher's softmax implementation (sdpa, eager, ...): teacher and transfer modes use it
         impl = getattr(attn.config, "_attn_implementation", None) or "eager"
