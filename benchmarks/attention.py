@@ -36,10 +36,10 @@ Backends:
   linear attention with a per-channel decay, LAWCAT's; ``[B, H, T, D]``), 64 tokens a step (its
   default), log decays ``g = logsigmoid(N(0, 1)) / 16`` in bf16, the same for fla;
   ``ours_gated_c16``: the same kernels 16 tokens a step (``chunk_size=16``); ``g64_vs_16`` is
-  the 16-token time over the 64-token one; ``ours_gated_par``: the same, 64 tokens a step, with
-  the two-pass forward (``parallel=True``: each chunk's starting state, then all chunks' outputs
-  at once, as fla's ``chunk_gla`` does; the backward is the same), ``gp_vs_g`` the sequential
-  forward's time over it, ``gp_vs_fla`` fla's;
+  the 16-token time over the 64-token one. Both take the default, chunk-parallel forward (each
+  chunk's starting state, then all chunks' outputs at once, as fla's ``chunk_gla`` does);
+  ``ours_gated_walk``: the sequential walk instead (``parallel=False``; the backward is the
+  same), ``g_vs_walk`` its time over the default's;
 * ``fla_gla``: ``fla.ops.gla.chunk_gla`` on the same math: fla computes the unnormalised
   ``o_t = q_t^T S_t``, so it gets ``v`` with a ones column appended (``D + 1`` value columns, which
   fla tiles like any other) and ``scale=1``, and the division ``o[..., :D] / o[..., D:]`` and the
@@ -59,8 +59,8 @@ The memory floor of a pass is the time to move its tensors once at the GPU's pea
 (3.35e12 B/s on an H100 SXM, HBM3; 4.8e12 B/s on an H200, HBM3e; ``--hbm-tbps`` for another GPU):
 q, k, v, o for the forward; those plus do, dq, dk, dv for forward + backward (for the gated
 kernel also g, and dg; for the hybrid also fq, fk, and dfq, dfk). ``ours_TB/s`` is that byte
-count over our (linear) measured time; ``g_x_floor``, ``gp_x_floor`` and ``hyb_x_floor`` are the
-gated kernel's (sequential and two-pass forward) and the hybrid kernel's times over their floors.
+count over our (linear) measured time; ``g_x_floor`` and ``hyb_x_floor`` are the gated kernel's and
+the hybrid kernel's times over their floors.
 """
 
 from __future__ import annotations
@@ -293,8 +293,7 @@ def available_backends(args):
             missing["ours_par"] = repr(e)
     if not args.no_gated:
         for name, factory in (("ours_gated", ours_gated_backend),
-                              *((("ours_gated_par", lambda: ours_gated_backend(parallel=True)),)
-                                if not args.no_two_pass else ()),
+                              ("ours_gated_walk", lambda: ours_gated_backend(parallel=False)),
                               ("ours_gated_c16", lambda: ours_gated_backend(16)),
                               ("fla_gla", fla_gla_backend)):
             if name == "fla_gla" and args.no_fla:
@@ -383,7 +382,7 @@ def main(argv=None):
                         help="leave the gated kernels (ours and fla's chunk_gla) out")
     parser.add_argument("--no-hybrid", action="store_true", help="leave the sliding-window + linear hybrid out")
     parser.add_argument("--no-two-pass", action="store_true",
-                        help="leave the two-pass forwards out (ours_par, ours_gated_par: opt-in, not yet right on sm_90)")
+                        help="leave the linear kernels' opt-in two-pass forward out (ours_par)")
     parser.add_argument("--no-fused", action="store_true",
                         help="leave the fused feature-map attention (fused_hh, fused_np) out")
     parser.add_argument("--hbm-tbps", type=float, help="peak HBM bandwidth in TB/s (default: from the GPU's name)")
@@ -504,13 +503,9 @@ def _ratios(rec, chunks):
             rec["par_speedup_vs_fla"] = fla / par
     gated, fla_gla = _ms(ms.get("ours_gated")), _ms(ms.get("fla_gla"))
     gated16 = _ms(ms.get("ours_gated_c16"))
-    gated_par = _ms(ms.get("ours_gated_par"))
-    if gated_par is not None:
-        rec["gated_par_vs_floor"] = gated_par / rec["gated_floor_ms"]
-        if gated is not None:
-            rec["gated_par_speedup_vs_seq"] = gated / gated_par
-        if fla_gla is not None:
-            rec["gated_par_speedup_vs_fla_gla"] = fla_gla / gated_par
+    gated_walk = _ms(ms.get("ours_gated_walk"))
+    if gated_walk is not None and gated is not None:
+        rec["gated_speedup_vs_walk"] = gated_walk / gated
     if gated is not None:
         rec["gated_vs_floor"] = gated / rec["gated_floor_ms"]
         if gated16 is not None:
@@ -550,8 +545,7 @@ COLUMNS = [("ours_TBps", "ours_TB/s"), ("ours_vs_floor", "x_floor"), ("speedup_v
            ("speedup_vs_fla", "vs_fla"), ("par_vs_floor", "lp_x_floor"), ("par_speedup_vs_seq", "lp_vs_l"),
            ("par_speedup_vs_sdpa", "lp_vs_sdpa"), ("par_speedup_vs_fla", "lp_vs_fla"), ("gated_vs_floor", "g_x_floor"), ("gated_speedup_vs_sdpa", "g_vs_sdpa"),
            ("gated_speedup_vs_fla_gla", "g_vs_fla"), ("gated_c64_speedup_vs_c16", "g64_vs_16"),
-           ("gated_par_vs_floor", "gp_x_floor"), ("gated_par_speedup_vs_seq", "gp_vs_g"),
-           ("gated_par_speedup_vs_fla_gla", "gp_vs_fla"),
+           ("gated_speedup_vs_walk", "g_vs_walk"),
            ("hybrid_vs_floor", "hyb_x_floor"),
            ("hybrid_speedup_vs_sdpa", "hyb_vs_sdpa"), ("hybrid_speedup_vs_fla", "hyb_vs_fla"),
            ("hybrid_over_linear", "hyb_x_lin"), ("fused_over_linear", "fus_x_lin"),

@@ -34,7 +34,7 @@ def backends(no_fla: bool):
         "ours_linear": bench.ours_backend(64),
         "ours_gated": bench.ours_gated_backend(64),
         "ours_gated_c16": bench.ours_gated_backend(16),
-        "ours_gated_par": bench.ours_gated_backend(64, parallel=True),
+        "ours_gated_walk": bench.ours_gated_backend(64, parallel=False),
         "hybrid": bench.hybrid_backend(64, 4),
     }
     if not no_fla:

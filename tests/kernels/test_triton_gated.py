@@ -1,7 +1,8 @@
 """The gated Triton kernels equal their PyTorch reference: chunked gated linear attention (forward,
 final state, every gradient, ``g``'s included) in both its schemes (64 tokens a step, four
-16-token sub-chunks, the default; and 16), with either forward (the sequential walk, the default,
-and the two-pass ``parallel=True`` one, which must also give the walk's results), the decode
+16-token sub-chunks, the default; and 16), with either forward (the chunk-parallel one, the
+default, and the sequential walk, ``parallel=False``, which must give the same results to fp32
+rounding), the decode
 step, the dispatcher, and the LAWCAT student through them.
 
 Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``), on tiny
@@ -81,7 +82,7 @@ def reference(fq, fk, v, g, S0=None, z0=None, key_mask=None, chunk_size=16):
 
 
 # the kernels' forward: "kernel" the module's default, "sequential" the one-walk forward, "parallel"
-# the two-pass forward (the backward is the same kernels for all three)
+# the chunk-parallel forward (the backward is the same kernels for all three)
 FORWARDS = {"kernel": None, "sequential": False, "parallel": True}
 
 
@@ -297,7 +298,7 @@ def test_split_sequence_with_carried_state_equals_whole(chunk, T, cuts):
     assert rel(whole, y_ref) <= tol and rel(S, S_ref) <= tol and rel(z, z_ref) <= tol
 
 
-# ----------------------------------------------------------------------------- the two-pass forward
+# ----------------------------------------------------------------------------- the chunk-parallel forward
 
 
 def assert_same_as_sequential(out, f=F, bf16=False):
@@ -335,7 +336,7 @@ def assert_bf16_errors(err):
      (100, torch.bfloat16, True, "strong", 1)],
 )
 def test_parallel_forward_matches_reference_and_sequential(chunk, T, dtype, init, decay, b):
-    """The two-pass forward (each chunk's starting state, then every chunk's output at once):
+    """The chunk-parallel forward (each chunk's starting state, then every chunk's output at once):
     lengths that are not a multiple of the chunk (T = 1, 15, 63, 100), with and without an
     initial state, the final state out, F != Dv and neither a power of two, fp32 and bf16 inputs
     (bf16 values offset by 3): within the file's tolerances of the reference, and the same as
@@ -386,7 +387,7 @@ def test_parallel_forward_saves_what_the_backward_reads(chunk, dtype):
 @pytest.mark.parametrize("chunk", CHUNK_SIZES)
 def test_parallel_forward_padding_keys(chunk):
     """``key_mask`` (left and right padding, the padded keys corrupted as in
-    :func:`test_padding_keys`) through the two-pass forward: the reference's results and the
+    :func:`test_padding_keys`) through the chunk-parallel forward: the reference's results and the
     sequential forward's."""
     T = 40
     mask, corrupt = padded_keys(T)
@@ -621,7 +622,7 @@ def test_bf16_hedgehog_features_small():
 
 @pytest.mark.parametrize("chunk", CHUNK_SIZES)
 def test_bf16_hedgehog_features_small_parallel(chunk):
-    """The two-pass forward's GPU test code at a small shape (T = 40: one 64-token chunk of three
+    """The chunk-parallel forward's GPU test code at a small shape (T = 40: one 64-token chunk of three
     sub-chunks, or three 16-token chunks), F = 32: the reference's tolerances, the sequential
     forward's results."""
     out = check_bf16_against_reference(1, 2, 40, 32, 16, DEVICE, chunk, impls=("parallel", "sequential"))
