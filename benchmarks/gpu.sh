@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
 # fla's kernels tune themselves at each new shape (about 46 s a shape forward and 2 minutes forward +
 # backward on an H200): with this Triton keeps the timings in its cache dir (TRITON_CACHE_DIR,
 # ~/.triton/cache by default), so a later run given the same dir picks fla's configurations without
-# timing them again
+# timing them again (Triton skips the cache for configurations that carry a pre-hook)
 export TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}"
 mkdir -p "$OUT"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
