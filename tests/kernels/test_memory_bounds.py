@@ -62,7 +62,11 @@ def test_the_checker_sees_an_access_past_a_tensor():
 
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("T", [1, 50, 100])
-def test_linear(T, parallel):
+def test_linear(monkeypatch, T, parallel):
+    """Both forwards, with the walking backward and (``parallel``) the chunk-parallel one."""
+    import linearize.kernels.linear.chunk as lchunk
+
+    monkeypatch.setattr(lchunk, "PARALLEL_BACKWARD", parallel)
     _, _, v, fq, fk, _, mask = _inputs(T, seed=T)
     S0, z0 = torch.rand(B, H, F, DV), torch.rand(B, H, F) + 0.5
     fq, fk, v, S0, z0 = _leaves(fq, fk, v, S0, z0)

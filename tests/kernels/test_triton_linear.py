@@ -560,3 +560,117 @@ def test_parallel_forward_in_several_launches(monkeypatch):
     assert n > 3 and [g[1] for g in launches.grids] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
     for name, a, b in zip(("y", "d", "S", "z"), (one[0], one[2], one[3], one[4]), (many[0], many[2], many[3], many[4])):
         assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- the chunk-parallel backward
+def run_backwards(monkeypatch, T, seed, dtype=torch.float32, init=False, chunk_size=16, offset=0.0, key_mask=None,
+                  f=F, dv=DV):
+    """Outputs and gradients through the walking backward, the chunk-parallel one
+    (``PARALLEL_BACKWARD``) and the reference, the final state's gradient included."""
+    import linearize.kernels.linear.chunk as lchunk
+
+    fq, fk, v, S0, z0 = make_inputs(T, seed, dtype, offset=offset, f=f, dv=dv)
+    dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed)
+    out = {}
+    for impl in ("walk", "parallel", "reference"):
+        monkeypatch.setattr(lchunk, "PARALLEL_BACKWARD", impl == "parallel")
+        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, S0, z0)]
+        a, b_, c, s, z = leaves
+        if impl == "reference":
+            y, S, Z = reference(a, b_, c, s if init else None, z if init else None, key_mask)
+        else:
+            y, (S, Z) = chunk_linear_attention(a, b_, c, (s, z) if init else None, output_final_state=True,
+                                               chunk_size=chunk_size, key_mask=key_mask)
+        ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
+        out[impl] = [y, S, Z, *[l.grad for l in (leaves if init else leaves[:3])]]
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize(
+    "T,dtype,init,f,dv", [(1, torch.float32, False, F, DV), (15, torch.float32, True, F, DV),
+                          (63, torch.bfloat16, False, F, DV), (100, torch.float32, True, 70, 70),
+                          (130, torch.bfloat16, True, F, DV)],
+)
+def test_parallel_backward_matches_walk_and_reference(monkeypatch, T, dtype, init, f, dv, chunk_size):
+    """The chunk-parallel backward (each chunk's starting state and adjoint state, then the
+    backward kernel on every chunk at once): lengths that are not a multiple of the chunk, with
+    and without an initial state, the final state's gradient always, fp32 and bf16 (values
+    offset by 3), and F = Dv = 70 (two blocks of features and of value columns in the states
+    passes). Every gradient equals the walk's up to fp32 rounding (the states are summed a chunk
+    at a time instead of in the walk's registers: 1e-5; 1e-3 with bf16 inputs, where the
+    backward rounds what it derives from them to bf16 for its products), and the reference's
+    within the file's tolerances."""
+    bf16 = dtype == torch.bfloat16
+    out = run_backwards(monkeypatch, T, seed=70 + T, dtype=dtype, init=init, chunk_size=chunk_size,
+                        offset=3.0 if bf16 else 0.0, f=f, dv=dv)
+    par, walk, ref = out["parallel"], out["walk"], out["reference"]
+    assert len(par) == (8 if init else 6)
+    for name, a, b in zip(NAMES, par, walk):
+        assert a.dtype == b.dtype and rel(a, b) <= (1e-3 if bf16 else 1e-5), (name, rel(a, b))
+    err = {n: rel(a, b) for n, a, b in zip(NAMES, par, ref)}
+    if T == 1 and not init:  # y_0 = v_0 whatever fq: dfq is zero up to rounding
+        del err["dfq"]
+    if bf16:
+        assert err["y"] <= 1e-2 and err["S"] <= 1e-5 and err["z"] <= 1e-5, err
+        assert max(err[n] for n in NAMES[3:] if n in err) <= 2e-2, err
+    else:
+        assert max(err.values()) <= 1e-5, err
+
+
+def test_parallel_backward_padding_keys(monkeypatch):
+    """Left and right padding keys through the chunk-parallel backward: the reference's gradients."""
+    T = 40
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :7] = False
+    mask[-1, -5:] = False
+    out = run_backwards(monkeypatch, T, seed=11, init=True, key_mask=mask.to(DEVICE))
+    for name, a, b in zip(NAMES, out["parallel"], out["reference"]):
+        assert rel(a, b) <= 1e-5, name
+
+
+def test_parallel_backward_in_several_launches_reads_only_what_it_wrote(monkeypatch):
+    """The chunk-parallel backward with every buffer it allocates starting as NaN (a read of a
+    slot nobody wrote shows in the gradients) and its last pass in launches of at most 3
+    one-chunk sequences (``MAX_GRID_Y``): the gradients of one launch, all finite. T = 100 in
+    64-token chunks (a last chunk with tokens past the end)."""
+    import linearize.kernels.linear.chunk as lchunk
+
+    fq, fk, v, S0, z0 = make_inputs(100, seed=31, dtype=torch.bfloat16)
+    y, y32, d, _, _ = lchunk.linear_attention_fwd(fq, fk, v, S0, z0, True, 64, keep_fp32_output=True)
+    dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, 31)
+    args = (fq, fk, v, y32, d, dy.to(torch.bfloat16), S0, z0, dS, dz, 64)
+    one = lchunk.linear_attention_bwd(*args, parallel=True)
+    walk = lchunk.linear_attention_bwd(*args, parallel=False)
+    real_empty = torch.empty
+
+    def nan_empty(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(lchunk.torch, "empty", nan_empty)
+    monkeypatch.setattr(lchunk, "MAX_GRID_Y", 3)
+    launches = Launches(monkeypatch, lchunk, "_bwd_kernel")
+    many = lchunk.linear_attention_bwd(*args, parallel=True)
+    monkeypatch.undo()
+    n = B * H * triton.cdiv(100, lchunk._bwd_config(F, DV, 64, B * H, torch.bfloat16)[0])
+    assert n > 3 and [g[1] for g in launches.grids] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+    for name, a, b, w in zip(("dfq", "dfk", "dv", "dS0", "dz0"), one, many, walk):
+        assert torch.isfinite(b).all() and torch.equal(a, b), name
+        assert rel(a, w) <= 1e-3, name
+
+
+def test_parallel_backward_is_off_by_default(monkeypatch):
+    """The walking backward stays the default until a GPU run measures the chunk-parallel one;
+    the module switch picks it."""
+    import linearize.kernels.linear.chunk as lchunk
+
+    assert lchunk.PARALLEL_BACKWARD is False
+    states = Launches(monkeypatch, lchunk, "_bwd_states_kernel")
+    fq, fk, v, _, _ = make_inputs(20, seed=8)
+    fq.requires_grad_()
+    chunk_linear_attention(fq, fk, v)[0].sum().backward()
+    assert states.calls == 0
+    monkeypatch.setattr(lchunk, "PARALLEL_BACKWARD", True)
+    chunk_linear_attention(fq, fk, v)[0].sum().backward()
+    assert states.calls == 1

@@ -239,6 +239,62 @@ def _fwd_states_kernel(
 
 
 @triton.jit
+def _bwd_states_kernel(
+    fq, dy, den, dd, ds_final, dz_final, dh, dhz, ds0, dz0,
+    T, F, DV,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The chunk-parallel backward's adjoint states: for each chunk, what the queries after it
+    (and the final state's gradient) send back through the state, ``dS = sum_{t later} fq_t
+    dn_t^T + dS_T`` and ``dz = sum_{t later} fq_t dd_t + dz_T``. Grid ``(F / BK, Dv / BV, B * H)``,
+    the chunks in reverse, ``dS [BK, BV]`` and ``dz [BK]`` in fp32 registers: before a chunk's
+    queries enter, ``dS`` is stored, fp32, as ``dh[b, h, chunk]`` and ``dz`` as ``dhz[b, h,
+    chunk]`` (by the ``i_v == 0`` programs); after the first chunk they are the initial state's
+    gradient. ``dd [B, H, T]``: ``-(dy . y) / d`` per token, computed before the launch; ``dn =
+    dy / d`` is split into bf16 halves where it meets ``fq`` (as in ``_bwd_dk``: ``dfk`` cancels
+    against ``dz``)."""
+    i_k = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    o_c = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < F
+    m_v = o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    n_t = tl.cdiv(T, C)
+    p_s = i_bh * F * DV + o_k[:, None] * DV + o_v[None, :]  # [BK, BV]
+    if HAS_DFINAL:
+        dS = tl.load(ds_final + p_s, mask=m_kv, other=0.0).to(tl.float32)
+        dz = tl.load(dz_final + i_bh * F + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        dz = tl.zeros([BK], dtype=tl.float32)
+    for i_r in range(0, n_t):
+        i_t = n_t - 1 - i_r
+        p_h = (i_bh * n_t + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :]
+        tl.store(dh + p_h, dS, mask=m_kv)
+        if i_v == 0:
+            tl.store(dhz + (i_bh * n_t + i_t) * F + o_k, dz, mask=m_k)
+        t = i_t * C + o_c
+        m_t = t < T
+        inv = _inverse_den(den, i_bh, t, m_t, T)
+        b_dn = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.0).to(tl.float32) * inv[:, None]  # [C, BV]
+        b_dd = tl.load(dd + i_bh * T + t, mask=m_t, other=0.0)  # [C]
+        # queries loaded transposed, [BK, C]: no tl.trans (see the module docstring)
+        b_fqT = tl.load(fq + i_bh * T * F + t[None, :] * F + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        dS += _dot_split(b_fqT, b_dn, DT, PREC, EMULATE, False, True)
+        dz += tl.sum(b_fqT.to(tl.float32) * b_dd[None, :], 1)
+    if STORE_DINIT:
+        tl.store(ds0 + p_s, dS, mask=m_kv)
+        if i_v == 0:
+            tl.store(dz0 + i_bh * F + o_k, dz, mask=m_k)
+
+
+@triton.jit
 def _bwd_dq(
     i_k, i_bh, fk, v, y, den, dy, s0, z0, dfq, T, F, DV,
     C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -439,6 +495,9 @@ def _fwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
 # the forward in two passes (_fwd_states_kernel, then _fwd_kernel over every chunk at once)
 # rather than the sequential walk (_fwd_kernel); off until a GPU run measures its speed
 PARALLEL_FORWARD = False
+# the backward chunk-parallel (each chunk's starting and adjoint states first, then every chunk at
+# once through _bwd_kernel) rather than walking the chunks; off until a GPU run measures its speed
+PARALLEL_BACKWARD = False
 MAX_GRID_Y = 65535  # programs on a launch grid's second axis (CUDA)
 
 
@@ -565,10 +624,15 @@ def linear_attention_fwd(
     return y, y32, d, S, z
 
 
-def linear_attention_bwd(fq, fk, v, y, d, dy, S0=None, z0=None, dS=None, dz=None, chunk_size=64, want_dinit=True):
-    """Launch the backward kernel. ``dS [B, H, F, Dv]``, ``dz [B, H, F]``: gradients of the
+def linear_attention_bwd(fq, fk, v, y, d, dy, S0=None, z0=None, dS=None, dz=None, chunk_size=64, want_dinit=True,
+                         parallel=None):
+    """Launch the backward kernels. ``dS [B, H, F, Dv]``, ``dz [B, H, F]``: gradients of the
     final state (or None). Returns ``(dfq, dfk, dv, dS0, dz0)``, the last two None without an
-    initial state or when ``want_dinit`` is False."""
+    initial state or when ``want_dinit`` is False. ``parallel``: the chunk-parallel backward
+    (every chunk's starting state with ``_fwd_states_kernel`` and its adjoint state with
+    ``_bwd_states_kernel``, fp32 ``[B, H, T / C, F, Dv]`` each, then ``_bwd_kernel`` on the
+    one-chunk sequences from those states) instead of the walks; None takes
+    :data:`PARALLEL_BACKWARD`. The same gradients up to fp32 rounding."""
     _check_chunk(chunk_size)
     B, H, T, F = fq.shape
     DV = v.shape[-1]
@@ -585,12 +649,51 @@ def linear_attention_bwd(fq, fk, v, y, d, dy, S0=None, z0=None, dS=None, dz=None
     dz0 = torch.empty(B, H, F, device=v.device, dtype=torch.float32) if want_dinit else None
     C, BF, BK, BV, BDV = _bwd_config(F, DV, chunk_size, B * H, dtype)
     NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
-    _bwd_kernel[(2 * NK + NV, B * H)](
-        fq, fk, v, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dS0, dz0, T, F, DV,
-        C=C, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
-        HAS_INIT=has_init, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit,
+    if not (PARALLEL_BACKWARD if parallel is None else parallel):
+        _bwd_kernel[(2 * NK + NV, B * H)](
+            fq, fk, v, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dS0, dz0, T, F, DV,
+            C=C, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
+            HAS_INIT=has_init, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
+        )
+        return dfq, dfk, dv, dS0, dz0
+    # chunk-parallel: every chunk's starting state and every chunk's adjoint state first, then the
+    # backward kernel itself on the B * H * N one-chunk sequences, each from its chunk's states
+    N = triton.cdiv(T, C)
+    _, BKs, BVs, _, _, _ = _par_config(F, DV, chunk_size, B * H, dtype)
+    grid = (triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)
+    h = torch.empty(B, H, N, F, DV, device=v.device, dtype=torch.float32)
+    hz = torch.empty(B, H, N, F, device=v.device, dtype=torch.float32)
+    _fwd_states_kernel[grid](
+        fk, v, S0, z0, h, hz, None, None, T, F, DV,
+        C=C, BK=BKs, BV=BVs, HAS_INIT=has_init, STORE_FINAL=False,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4, num_stages=2,
+    )
+    inv = torch.where(d >= TINY, 1.0 / torch.where(d >= TINY, d, 1.0), 0.0)
+    dd = (-(dy.float() * y).sum(-1) * inv).contiguous()  # [B, H, T]: d L / d (the normaliser)
+    dh = torch.empty(B, H, N, F, DV, device=v.device, dtype=torch.float32)
+    dhz = torch.empty(B, H, N, F, device=v.device, dtype=torch.float32)
+    _bwd_states_kernel[grid](
+        fq, dy, d, dd, dS, dz, dh, dhz, dS0, dz0, T, F, DV,
+        C=C, BK=BKs, BV=BVs, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=4, num_stages=2,
+    )
+    pad = N * C - T
+    grow = (lambda x: torch.nn.functional.pad(x, (0, 0, 0, pad))) if pad else (lambda x: x)
+    n = B * H * N
+    dp = torch.nn.functional.pad(d, (0, pad)) if pad else d  # padded queries: d = 0, so no gradient
+    outs = [torch.empty(B, H, N * C, x.shape[-1], device=v.device, dtype=x.dtype) if pad else x for x in (dfq, dfk, dv)]
+    seqs = (grow(fq).reshape(n, C, F), grow(fk).reshape(n, C, F), grow(v).reshape(n, C, DV), grow(y).reshape(n, C, DV),
+            dp.reshape(n, C), grow(dy).reshape(n, C, DV), h.view(n, F, DV), hz.view(n, F), dh.view(n, F, DV),
+            dhz.view(n, F), *(o.view(n, C, o.shape[-1]) for o in outs))
+    launch_in_slices(
+        _bwd_kernel, 2 * NK + NV, seqs, None, None, C, F, DV, limit=MAX_GRID_Y,
+        C=C, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK, HAS_INIT=True, HAS_DFINAL=True, STORE_DINIT=False,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
     )
+    if pad:
+        for x, o in zip((dfq, dfk, dv), outs):
+            x.copy_(o[:, :, :T])
     return dfq, dfk, dv, dS0, dz0
 
 
