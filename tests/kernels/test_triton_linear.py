@@ -661,8 +661,8 @@ def test_parallel_backward_in_several_launches_reads_only_what_it_wrote(monkeypa
 
 
 def test_parallel_backward_is_off_by_default(monkeypatch):
-    """The walking backward stays the default until a GPU run measures the chunk-parallel one;
-    the module switch picks it."""
+    """The walking backward is the default (the chunk-parallel one ran at 0.77x its speed on an
+    H200); the module switch picks the chunk-parallel one."""
     import linearize.kernels.linear.chunk as lchunk
 
     assert lchunk.PARALLEL_BACKWARD is False

@@ -496,7 +496,9 @@ def _fwd_config(F: int, DV: int, chunk_size: int, heads: int, dtype=torch.bfloat
 # rather than the sequential walk (_fwd_kernel); off until a GPU run measures its speed
 PARALLEL_FORWARD = False
 # the backward chunk-parallel (each chunk's starting and adjoint states first, then every chunk at
-# once through _bwd_kernel) rather than walking the chunks; off until a GPU run measures its speed
+# once through _bwd_kernel) rather than walking the chunks. Off: right on an H200 (Triton 3.6, the bf16
+# GPU check at three shapes) but slower, 0.77x the walk's forward + backward at B=1, 32 heads,
+# F = Dv = 128, 8K and 32K (12.96 ms against 10.04 at 32K; results/h200-kernels/)
 PARALLEL_BACKWARD = False
 MAX_GRID_Y = 65535  # programs on a launch grid's second axis (CUDA)
 
