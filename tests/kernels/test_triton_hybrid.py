@@ -401,6 +401,9 @@ def test_bad_arguments_say_what_to_fix():
         triton_chunk_hybrid_attention(*bf, gamma, 129, s)
     with pytest.raises(ValueError, match="window must be in 0 ... 64 .*fp32 inputs take windows up to 64"):
         triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 65, s)  # fp32: see chunk.max_window
+    wide = [torch.nn.functional.pad(x, (0, 128 - x.shape[-1])) for x in bf[:3]]
+    with pytest.raises(ValueError, match="window must be in 0 ... 64 .*and so do heads over 64"):
+        triton_chunk_hybrid_attention(*wide, *bf[3:], gamma, 65, s)  # heads of 128: see chunk.max_window
     with pytest.raises(ValueError, match="sinks must be in 0 ... 64"):
         triton_chunk_hybrid_attention(q, k, v, fq, fk, gamma, 4, s, sinks=65)
     with pytest.raises(ValueError, match="needs gamma"):

@@ -1050,8 +1050,8 @@ def _check_arguments(q, k, v, fq, fk, gamma, window, key_mask, sinks, state, chu
     if not 0 <= window <= limit:
         raise ValueError(
             f"window must be in 0 ... {limit} for the Triton kernel with these input dtypes and head size (a "
-            f"query's window lies in its own chunk and the previous one; bf16 inputs with heads of at most 64 take "
-            f"windows up to {MAX_WINDOW}, fp32 inputs or larger heads up to {max_window(torch.float32)}); "
+            f"query's window lies in its own chunk and the previous one; fp32 inputs take windows up to "
+            f"{max_window(torch.float32)}, and so do heads over 64; bf16 ones up to {MAX_WINDOW}); "
             f"got {window}. Use the reference (LINEARIZE_KERNELS=reference) for longer windows"
         )
     if not 0 <= sinks <= MAX_SINKS:
