@@ -463,6 +463,19 @@ def run_forwards(T, seed, dtype=torch.float32, init=False, chunk_size=16, offset
     return out
 
 
+def assert_within_reference_tolerances(out, ref, T, init, bf16):
+    """Outputs and gradients against the reference's: 1e-5 in fp32; with bf16 inputs 1e-2 on
+    ``y``, 1e-5 on the final state, 2e-2 on the gradients."""
+    err = {n: rel(a, b) for n, a, b in zip(NAMES, out, ref)}
+    if T == 1 and not init:  # y_0 = v_0 whatever fq: dfq is zero up to rounding
+        del err["dfq"]
+    if bf16:
+        assert err["y"] <= 1e-2 and err["S"] <= 1e-5 and err["z"] <= 1e-5, err
+        assert max(err[n] for n in NAMES[3:] if n in err) <= 2e-2, err
+    else:
+        assert max(err.values()) <= 1e-5, err
+
+
 @pytest.mark.parametrize("chunk_size", [16, 64])
 @pytest.mark.parametrize(
     "T,dtype,init", [(1, torch.float32, False), (15, torch.float32, True), (63, torch.bfloat16, False),
@@ -481,14 +494,7 @@ def test_parallel_forward_matches_sequential_and_reference(T, dtype, init, chunk
     assert par[0].dtype == dtype and len(par) == (8 if init else 6)
     for name, a, b in zip(NAMES, par, seq):
         assert rel(a, b) <= (1e-3 if a.dtype == torch.bfloat16 else 1e-6), (name, rel(a, b))
-    err = {n: rel(a, b) for n, a, b in zip(NAMES, par, ref)}
-    if T == 1 and not init:  # y_0 = v_0 whatever fq: dfq is zero up to rounding
-        del err["dfq"]
-    if bf16:
-        assert err["y"] <= 1e-2 and err["S"] <= 1e-5 and err["z"] <= 1e-5, err
-        assert max(err[n] for n in NAMES[3:] if n in err) <= 2e-2, err
-    else:
-        assert max(err.values()) <= 1e-5, err
+    assert_within_reference_tolerances(par, ref, T, init, bf16)
 
 
 def test_parallel_forward_padding_keys():
@@ -608,14 +614,7 @@ def test_parallel_backward_matches_walk_and_reference(monkeypatch, T, dtype, ini
     assert len(par) == (8 if init else 6)
     for name, a, b in zip(NAMES, par, walk):
         assert a.dtype == b.dtype and rel(a, b) <= (1e-3 if bf16 else 1e-5), (name, rel(a, b))
-    err = {n: rel(a, b) for n, a, b in zip(NAMES, par, ref)}
-    if T == 1 and not init:  # y_0 = v_0 whatever fq: dfq is zero up to rounding
-        del err["dfq"]
-    if bf16:
-        assert err["y"] <= 1e-2 and err["S"] <= 1e-5 and err["z"] <= 1e-5, err
-        assert max(err[n] for n in NAMES[3:] if n in err) <= 2e-2, err
-    else:
-        assert max(err.values()) <= 1e-5, err
+    assert_within_reference_tolerances(par, ref, T, init, bf16)
 
 
 def test_parallel_backward_padding_keys(monkeypatch):
