@@ -445,22 +445,34 @@ def test_auto_sends_cuda_tensors_to_the_kernels_and_everything_else_to_the_refer
 
 
 # ----------------------------------------------------------------------------- the two-pass forward
-def run_forwards(T, seed, dtype=torch.float32, init=False, chunk_size=16, offset=0.0, key_mask=None):
-    """Outputs and gradients through the sequential forward, the two-pass one and the reference."""
-    fq, fk, v, S0, z0 = make_inputs(T, seed, dtype, offset=offset)
+def run_impls(T, seed, impls, dtype=torch.float32, init=False, chunk_size=16, offset=0.0, key_mask=None, f=F, dv=DV,
+              monkeypatch=None):
+    """Outputs and gradients (the final state's included) of each of ``impls``: ``{name: None}``
+    for the reference, ``{name: (parallel forward, parallel backward)}`` for the kernels (a
+    backward of None leaves :data:`PARALLEL_BACKWARD` as it is; otherwise ``monkeypatch`` sets it)."""
+    import linearize.kernels.linear.chunk as lchunk
+
+    fq, fk, v, S0, z0 = make_inputs(T, seed, dtype, offset=offset, f=f, dv=dv)
     dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed)
     out = {}
-    for impl in ("sequential", "parallel", "reference"):
+    for impl, passes in impls.items():
         leaves = [x.clone().requires_grad_() for x in (fq, fk, v, S0, z0)]
         a, b_, c, s, z = leaves
-        if impl == "reference":
+        if passes is None:
             y, S, Z = reference(a, b_, c, s if init else None, z if init else None, key_mask)
         else:
+            if passes[1] is not None:
+                monkeypatch.setattr(lchunk, "PARALLEL_BACKWARD", passes[1])
             y, (S, Z) = chunk_linear_attention(a, b_, c, (s, z) if init else None, output_final_state=True,
-                                               chunk_size=chunk_size, key_mask=key_mask, parallel=impl == "parallel")
+                                               chunk_size=chunk_size, key_mask=key_mask, parallel=passes[0])
         ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
         out[impl] = [y, S, Z, *[l.grad for l in (leaves if init else leaves[:3])]]
     return out
+
+
+def run_forwards(T, seed, **kw):
+    """Through the sequential forward, the two-pass one and the reference."""
+    return run_impls(T, seed, {"sequential": (False, None), "parallel": (True, None), "reference": None}, **kw)
 
 
 def assert_within_reference_tolerances(out, ref, T, init, bf16):
@@ -569,27 +581,10 @@ def test_parallel_forward_in_several_launches(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the chunk-parallel backward
-def run_backwards(monkeypatch, T, seed, dtype=torch.float32, init=False, chunk_size=16, offset=0.0, key_mask=None,
-                  f=F, dv=DV):
-    """Outputs and gradients through the walking backward, the chunk-parallel one
-    (``PARALLEL_BACKWARD``) and the reference, the final state's gradient included."""
-    import linearize.kernels.linear.chunk as lchunk
-
-    fq, fk, v, S0, z0 = make_inputs(T, seed, dtype, offset=offset, f=f, dv=dv)
-    dy, dS, dz = cotangents(v.shape, S0.shape, z0.shape, seed)
-    out = {}
-    for impl in ("walk", "parallel", "reference"):
-        monkeypatch.setattr(lchunk, "PARALLEL_BACKWARD", impl == "parallel")
-        leaves = [x.clone().requires_grad_() for x in (fq, fk, v, S0, z0)]
-        a, b_, c, s, z = leaves
-        if impl == "reference":
-            y, S, Z = reference(a, b_, c, s if init else None, z if init else None, key_mask)
-        else:
-            y, (S, Z) = chunk_linear_attention(a, b_, c, (s, z) if init else None, output_final_state=True,
-                                               chunk_size=chunk_size, key_mask=key_mask)
-        ((y.float() * dy).sum() + (S * dS).sum() + (Z * dz).sum()).backward()
-        out[impl] = [y, S, Z, *[l.grad for l in (leaves if init else leaves[:3])]]
-    return out
+def run_backwards(monkeypatch, T, seed, **kw):
+    """Through the walking backward, the chunk-parallel one (``PARALLEL_BACKWARD``) and the reference."""
+    return run_impls(T, seed, {"walk": (None, False), "parallel": (None, True), "reference": None},
+                     monkeypatch=monkeypatch, **kw)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 64])
