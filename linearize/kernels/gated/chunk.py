@@ -166,7 +166,6 @@ from ..linear.chunk import (
     _pow2,
     _sms,
     compute_dtype,
-    launch_in_slices,
 )
 
 _TINY = tl.constexpr(TINY)

@@ -734,9 +734,9 @@ def _fwd_blocks(F: int, DV: int, C: int, heads: int, dtype) -> tuple[int, int]:
     return BV, (8 if C >= 64 or BF * BV >= 8192 else 4)
 
 
-def _bwd_blocks(BF: int, BDV: int, BK: int, dtype: torch.dtype) -> tuple[int, int]:
+def _bwd_blocks(BF: int, BDV: int, dtype: torch.dtype) -> tuple[int, int]:
     """``(BKF, BV)`` of the backward: features a ``dfq``/``dfk`` program takes, value columns a
-    ``dv`` program takes (``BK``: the block of the query/key head size)."""
+    ``dv`` program takes."""
     if dtype == torch.float32:
         return 16, 16
     return (32 if BDV > 128 or BF > 128 else min(BF, 64)), min(BDV, 32 if BF >= 128 else 64)
@@ -852,7 +852,7 @@ def hybrid_attention_bwd(q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_
     dS0 = torch.empty(B, H, F, DV, device=dev, dtype=torch.float32) if want_dinit else None
     dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if want_dinit else None
     BF, BDV = _pow2(F), _pow2(DV)
-    BKF, BV = _bwd_blocks(BF, BDV, _pow2(DK), dtype)
+    BKF, BV = _bwd_blocks(BF, BDV, dtype)
     NK, NV = triton.cdiv(F, BKF), triton.cdiv(DV, BV)
     _bwd_kernel[(2 + 2 * NK + NV, B * H)](
         q, k, v, fq, fk, key_mask, gamma, sink_k, sink_v, sink_from, S0, z0, y32, den, mx, amx, dy, dS, dz,
