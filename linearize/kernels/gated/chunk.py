@@ -163,6 +163,7 @@ from ..linear.chunk import (
     _dot_config,
     _dot_split,
     _inverse_den,
+    launch_in_slices,
     _pow2,
     _sms,
     compute_dtype,
@@ -176,6 +177,9 @@ DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
 # the chunk-parallel forward (_par_states_kernel, then _par_output_kernel) rather than the sequential walk
 # (_fwd_kernel): 4.1x faster on an H200 at B=1, 32 heads, F=Dv=128, T=8K (1.80 ms against 7.33)
 PARALLEL_FORWARD = True
+# the backward chunk-parallel too (each chunk's starting and adjoint states, then every chunk at once
+# through _bwd_kernel) rather than walking the chunks
+PARALLEL_BACKWARD = True
 OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
 
 
@@ -429,6 +433,76 @@ def _par_states_kernel(
         tl.store(s_out + p_s, S, mask=m_kv)
         if i_v == 0:
             tl.store(z_out + i_bh * F + o_k, z, mask=m_k)
+
+
+@triton.jit
+def _par_bwd_states_kernel(
+    fq, c, dy, den, dd, ds_final, dz_final, dh, dhz, ds0, dz0,
+    T, TP, F, DV,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The chunk-parallel backward's adjoint states: for each chunk, the gradient of the state at
+    its end, ``dH``. Grid ``(F / BK, Dv / BV, B * H)``, the chunks in reverse, ``dS [BK, BV]`` and
+    ``dz [BK]`` in fp32 registers. Before a chunk's queries enter, ``dS`` is stored, fp32, as
+    ``dh[b, h, chunk]`` and ``dz`` as ``dhz[b, h, chunk]`` (by the ``i_v == 0`` programs); then
+
+        dS <- diag(exp(G)) dS + (fq_i exp(b_i))^T dn_i,   dz <- exp(G) dz + sum_i fq_i exp(b_i) dd_i
+
+    with ``b_i = c_i + sum_{M < I} G_M`` from the chunk start (a sum of terms ``<= 0``), ``G`` the
+    chunk's total, ``dn = dy / d`` and ``dd [B, H, T] = -(dy . y) / d`` (computed before the launch).
+    After the first chunk they are the initial state's gradient. The decayed queries are split into
+    bf16 halves, as where they build the adjoint in ``_bwd_dv``."""
+    NS: tl.constexpr = C // SC
+    i_k = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    o_C = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < F
+    m_v = o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    fq += i_bh * T * F
+    c += i_bh * TP * F
+    n_t = tl.cdiv(T, C)
+    sub = o_C // SC
+    p_s = i_bh * F * DV + o_k[:, None] * DV + o_v[None, :]  # [BK, BV]
+    if HAS_DFINAL:
+        dS = tl.load(ds_final + p_s, mask=m_kv, other=0.0).to(tl.float32)
+        dz = tl.load(dz_final + i_bh * F + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        dz = tl.zeros([BK], dtype=tl.float32)
+    for i_r in range(0, n_t):
+        i_t = n_t - 1 - i_r
+        p_h = (i_bh * n_t + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :]
+        tl.store(dh + p_h, dS, mask=m_kv)
+        if i_v == 0:
+            tl.store(dhz + (i_bh * n_t + i_t) * F + o_k, dz, mask=m_k)
+        t = i_t * C + o_C
+        m_t = t < T
+        # queries and sums loaded transposed, [BK, C]: no tl.trans (see the module docstring)
+        b_fqT = tl.load(fq + t[None, :] * F + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+        bT = tl.load(c + t[None, :] * F + o_k[:, None], mask=m_k[:, None], other=0.0)  # rows < TP
+        total = tl.zeros([BK], dtype=tl.float32)
+        for M in tl.static_range(0, NS):
+            G_M = tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_k, mask=m_k, other=0.0)  # [BK]
+            bT += tl.where((sub > M)[None, :], G_M[:, None], 0.0)
+            total += G_M
+        q_inT = b_fqT * tl.exp(bT)  # [BK, C]: decayed from the chunk start
+        inv = _inverse_den(den, i_bh, t, m_t, T)
+        b_dn = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.0).to(tl.float32) * inv[:, None]  # [C, BV]
+        b_dd = tl.load(dd + i_bh * T + t, mask=m_t, other=0.0)  # [C]
+        decay = tl.exp(total)
+        dS = dS * decay[:, None] + _dot_split(q_inT, b_dn, DT, PREC, EMULATE, True, True)
+        dz = dz * decay + tl.sum(q_inT * b_dd[None, :], 1)
+    if STORE_DINIT:
+        tl.store(ds0 + p_s, dS, mask=m_kv)
+        if i_v == 0:
+            tl.store(dz0 + i_bh * F + o_k, dz, mask=m_k)
 
 
 @triton.jit
@@ -949,12 +1023,14 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
 
 
 def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=None, dS=None, dz=None,
-                        want_dinit=True, want_dg=True):
+                        want_dinit=True, want_dg=True, parallel=None):
     """Launch the backward kernels. ``A``: the forward's intra-chunk weights (its last dimension
     is the chunk size); ``y``: the forward's output in fp32; ``S, z``: the final state (needed
     with ``dS``/``dz``, its gradients, for ``dg``). Returns ``(dfq, dfk, dv, dg, dS0, dz0)``;
     ``dg`` is None unless ``want_dg``, the last two None without an initial state or when
-    ``want_dinit`` is False."""
+    ``want_dinit`` is False. ``parallel``: the chunk-parallel backward (:func:`_parallel_bwd`)
+    instead of the walks; None takes :data:`PARALLEL_BACKWARD`. The same gradients up to fp32
+    rounding."""
     B, H, T, F = fq.shape
     DV = v.shape[-1]
     C = A.shape[-1]
@@ -972,24 +1048,94 @@ def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=N
     want_dinit = want_dinit and has_init
     dS0 = torch.empty(B, H, F, DV, device=dev, dtype=torch.float32) if want_dinit else None
     dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if want_dinit else None
-    BF, BK, BV, BDV = _bwd_config(F, DV, B * H, dtype, C)
-    NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
-    _bwd_kernel[(2 * NK + NV, B * H)](
-        fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dgq, dgk, dS0, dz0, T, F, DV,
-        C=C, SC=SUB_CHUNK, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
-        HAS_INIT=has_init, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit, STORE_DG=want_dg,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
-    )
+    if PARALLEL_BACKWARD if parallel is None else parallel:
+        dfq, dfk, dv, dgq, dgk = _parallel_bwd(
+            fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, has_dfinal, dtype, C
+        )
+    else:
+        BF, BK, BV, BDV = _bwd_config(F, DV, B * H, dtype, C)
+        NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
+        _bwd_kernel[(2 * NK + NV, B * H)](
+            fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dfq, dfk, dv, dgq, dgk, dS0, dz0, T, F, DV,
+            C=C, SC=SUB_CHUNK, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
+            HAS_INIT=has_init, HAS_DFINAL=has_dfinal, STORE_DINIT=want_dinit, STORE_DG=want_dg,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
+        )
     dg = None
     if want_dg:
         # the final state's own term: d L / d b_{T-1} += rowsum(dS_T * S_T) (normaliser column included)
         dg_last = ((dS * S).sum(-1) + dz * z).contiguous() if has_dfinal else None
-        dg = torch.empty_like(g)
+        TG = dgq.shape[2]  # T, or T padded to whole chunks by the chunk-parallel backward (zeros there)
+        dg = torch.empty_like(g) if TG == T else g.new_empty(B, H, TG, F)
         BKg = min(_pow2(F), 32)
         _dg_kernel[(triton.cdiv(F, BKg), B * H)](
-            dgq, dgk, dg_last, dg, T, F, C=DG_CHUNK, BK=BKg, HAS_LAST=has_dfinal, num_warps=4,
+            dgq, dgk, dg_last, dg, TG, F, C=DG_CHUNK, BK=BKg, HAS_LAST=has_dfinal, num_warps=4,
         )
+        if TG != T:
+            dg = dg[:, :, :T].contiguous()
     return dfq, dfk, dv, dg, dS0, dz0
+
+
+def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, has_dfinal, dtype, C):
+    """The chunk-parallel backward: every chunk's starting state (``_cumsum_kernel`` and
+    ``_par_states_kernel``, as in the forward) and every chunk's adjoint state
+    (``_par_bwd_states_kernel``, which also writes ``dS0``/``dz0`` when they are given), fp32
+    ``[B, H, T / C, F, Dv]`` each; then ``_bwd_kernel`` itself on the ``B * H * T / C`` one-chunk
+    sequences, each from its chunk's two states, all at once. A token's ``fq dfq`` and ``fk dfk``
+    are the same as the walk's (its chunk's states are what the walk carries there), so ``dg``'s
+    suffix sums run over them as before. ``T`` is padded to whole chunks with zeros (no decay, no
+    key, no gradient, ``d = 0``). Returns ``(dfq, dfk, dv, dgq, dgk)``, the last two ``[B, H,
+    T', F]`` with ``T'`` the padded length (None unless ``want_dg``)."""
+    B, H, T, F = fq.shape
+    DV = v.shape[-1]
+    DT, PREC, EMULATE = _dot_config(dtype)
+    dev = v.device
+    N = triton.cdiv(T, C)
+    TP = N * C
+    c = torch.empty(B, H, TP, F, device=dev, dtype=torch.float32)
+    _cumsum_kernel[(N, B * H)](g, c, T, TP, F, SC=SUB_CHUNK, NS=C // SUB_CHUNK, BF=_pow2(F), num_warps=4)
+    BKs, BVs = _par_config(F, DV, B * H, dtype, C)
+    grid = (triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)
+    warps = 8 if BKs * BVs >= 4096 else 4
+    h = torch.empty(B, H, N, F, DV, device=dev, dtype=torch.float32)
+    hz = torch.empty(B, H, N, F, device=dev, dtype=torch.float32)
+    _par_states_kernel[grid](
+        fk, v, c, S0, z0, h, hz, None, None, T, TP, F, DV,
+        C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=False,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=warps, num_stages=2,
+    )
+    inv = torch.where(d >= TINY, 1.0 / torch.where(d >= TINY, d, 1.0), 0.0)
+    dd = (-(dy.float() * y).sum(-1) * inv).contiguous()  # [B, H, T]: d L / d (the normaliser)
+    dh = torch.empty(B, H, N, F, DV, device=dev, dtype=torch.float32)
+    dhz = torch.empty(B, H, N, F, device=dev, dtype=torch.float32)
+    _par_bwd_states_kernel[grid](
+        fq, c, dy, d, dd, dS, dz, dh, dhz, dS0, dz0, T, TP, F, DV,
+        C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_DFINAL=has_dfinal, STORE_DINIT=dS0 is not None,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=warps, num_stages=2,
+    )
+    pad = TP - T
+    grow = (lambda x: torch.nn.functional.pad(x, (0, 0, 0, pad))) if pad else (lambda x: x)
+    n = B * H * N
+    dp = torch.nn.functional.pad(d, (0, pad)) if pad else d  # padded queries: d = 0, so no gradient
+    outs = [torch.empty(B, H, TP, x.shape[-1], device=dev, dtype=x.dtype) for x in (fq, fk, v)]
+    dgs = [torch.empty(B, H, TP, F, device=dev, dtype=torch.float32) if want_dg else None for _ in range(2)]
+    seqs = (
+        grow(fq).reshape(n, C, F), grow(fk).reshape(n, C, F), grow(v).reshape(n, C, DV), grow(g).reshape(n, C, F),
+        grow(A).reshape(n, C, C), grow(y).reshape(n, C, DV), dp.reshape(n, C), grow(dy).reshape(n, C, DV),
+        h.view(n, F, DV), hz.view(n, F), dh.view(n, F, DV), dhz.view(n, F),
+        *(o.view(n, C, o.shape[-1]) for o in outs), *(None if x is None else x.view(n, C, F) for x in dgs),
+    )
+    BF, BK, BV, BDV = _bwd_config(F, DV, 1 << 30, dtype, C)
+    NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
+    launch_in_slices(
+        _bwd_kernel, 2 * NK + NV, seqs, None, None, C, F, DV, limit=MAX_GRID_Y,
+        C=C, SC=SUB_CHUNK, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
+        HAS_INIT=True, HAS_DFINAL=True, STORE_DINIT=False, STORE_DG=want_dg,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
+    )
+    if pad:
+        outs = [o[:, :, :T].contiguous() for o in outs]
+    return (*outs, *dgs)
 
 
 class ChunkGatedAttentionFunction(torch.autograd.Function):
@@ -1006,6 +1152,7 @@ class ChunkGatedAttentionFunction(torch.autograd.Function):
             parallel=parallel,
         )
         ctx.save_for_backward(fq, fk, v, g, S0, z0, y32, d, A, S, z)
+        ctx.parallel = parallel
         ctx.set_materialize_grads(False)
         return y, S, z
 
@@ -1017,6 +1164,7 @@ class ChunkGatedAttentionFunction(torch.autograd.Function):
         dfq, dfk, dv, dg, dS0, dz0 = gated_attention_bwd(
             fq, fk, v, g, A, y, d, dy.contiguous(), S0, z0, S, z, dS, dz,
             want_dinit=ctx.needs_input_grad[4] or ctx.needs_input_grad[5], want_dg=ctx.needs_input_grad[3],
+            parallel=ctx.parallel,
         )
         return dfq, dfk, dv, dg, dS0, dz0, None, None, None, None
 
