@@ -163,7 +163,6 @@ from ..linear.chunk import (
     _dot_config,
     _dot_split,
     _inverse_den,
-    launch_in_slices,
     _pow2,
     _sms,
     compute_dtype,
@@ -177,8 +176,8 @@ DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
 # the chunk-parallel forward (_par_states_kernel, then _par_output_kernel) rather than the sequential walk
 # (_fwd_kernel): 4.1x faster on an H200 at B=1, 32 heads, F=Dv=128, T=8K (1.80 ms against 7.33)
 PARALLEL_FORWARD = True
-# the backward chunk-parallel too (each chunk's starting and adjoint states, then every chunk at once
-# through _bwd_kernel) rather than walking the chunks
+# the backward chunk-parallel too (each chunk's starting and adjoint states, then every 16-token
+# sub-chunk at once, _bwd_sub_kernel) rather than walking the chunks
 PARALLEL_BACKWARD = True
 OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
 
@@ -503,6 +502,168 @@ def _par_bwd_states_kernel(
         tl.store(ds0 + p_s, dS, mask=m_kv)
         if i_v == 0:
             tl.store(dz0 + i_bh * F + o_k, dz, mask=m_k)
+
+
+@triton.jit
+def _bwd_sub_kernel(
+    fq, fk, v, c, A, den, dy, dd, h, hz, dh, dhz, dfq, dfk, dv, dgq, dgk,
+    T, TP, F, DV,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr, BD: tl.constexpr,
+    STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The chunk-parallel backward's gradients: grid ``(T / SC, B * H)``, a program per 16-token
+    sub-chunk ``I`` (every feature and value column at once), from its chunk's starting state
+    ``h, hz`` and adjoint state at the chunk end ``dh, dhz`` (stored by ``_par_states_kernel``
+    and ``_par_bwd_states_kernel``), the forward's ``A`` and the sub-chunk sums ``c``. With
+    ``P_ij = dn_i . v_j + dd_i``, ``b`` the running decay from the chunk start and ``b_last`` its
+    end:
+
+        dfq_i = exp(b_i) (h do_i) + sum_{j <= i} P_ij fk_j exp(b_i - b_j)
+        dfk_j = exp(b_last - b_j) (dh v1_j) + sum_{i >= j} P_ij fq_i exp(b_i - b_j)
+        dv_j  = dh[:, :Dv]^T (fk_j exp(b_last - b_j)) + sum_{i >= j} A_ij dn_i
+
+    The pairs inside ``I`` a token ``r`` at a time, ``[SC, F]`` elementwise work each: key ``r``
+    for the later queries' ``dfq`` (``exp(c_i - c_r)``) and query ``r`` for the earlier keys'
+    ``dfk`` (``exp(c_r - c_j)``), one exponential for both. The pairs with the chunk's other
+    sub-chunks: one product each, ``P``'s block against the keys of an earlier ``J`` decayed to
+    the start of ``I`` (``dfq``), or its transpose against the queries of a later ``I'`` decayed
+    from the end of ``I`` (``dfk``), both factors ``<= 1`` as in :func:`_intra_kernel`. The states
+    enter through products over the value columns, ``BD`` at a time. ``fq dfq`` and ``fk dfk``
+    are stored for ``dg`` before a token's pair with itself is added (see the module docstring)."""
+    NS: tl.constexpr = C // SC
+    ND: tl.constexpr = BDV // BD
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    n_t = tl.cdiv(T, C)
+    i_t = i_s // NS
+    I = i_s % NS
+    o_c = tl.arange(0, SC)
+    o_f = tl.arange(0, BF)
+    o_d = tl.arange(0, BDV)
+    m_f = o_f < F
+    m_d = o_d < DV
+    t = i_s * SC + o_c
+    m_t = t < T
+    m_tf = m_t[:, None] & m_f[None, :]
+    m_td = m_t[:, None] & m_d[None, :]
+    fq += i_bh * T * F
+    fk += i_bh * T * F
+    c += i_bh * TP * F
+    v += i_bh * T * DV
+    dy += i_bh * T * DV
+    dd += i_bh * T
+    A += i_bh * T * C
+    h += (i_bh * n_t + i_t) * F * DV
+    dh += (i_bh * n_t + i_t) * F * DV
+    p_tf = t[:, None] * F + o_f[None, :]
+    b_fq = tl.load(fq + p_tf, mask=m_tf, other=0.0).to(tl.float32)  # [SC, BF]
+    b_fk = tl.load(fk + p_tf, mask=m_tf, other=0.0).to(tl.float32)
+    b_c = tl.load(c + p_tf, mask=m_f[None, :], other=0.0)  # rows < TP
+    G_I = tl.load(c + (i_s * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
+    pre = tl.zeros([BF], dtype=tl.float32)  # the decay of the chunk's sub-chunks before I
+    post = tl.zeros([BF], dtype=tl.float32)  # and after it
+    for M in tl.static_range(0, NS):
+        G_M = tl.load(c + ((i_t * NS + M) * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
+        pre += tl.where(M < I, G_M, 0.0)
+        post += tl.where(M > I, G_M, 0.0)
+    inv = _inverse_den(den, i_bh, t, m_t, T)
+    b_dn = tl.load(dy + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32) * inv[:, None]
+    b_dd = tl.load(dd + t, mask=m_t, other=0.0)  # [SC]
+    b_v = tl.load(v + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0)  # [SC, BDV]
+    # v^T [BDV, SC], loaded transposed (no tl.trans, see the module docstring)
+    b_vT = tl.load(v + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+    causal = o_c[:, None] >= o_c[None, :]
+    P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [SC, SC]
+    dq = tl.zeros([SC, BF], dtype=tl.float32)
+    dk = tl.zeros([SC, BF], dtype=tl.float32)
+    for r in range(0, SC):  # the pairs inside I, the token r on one side of each
+        t_r = i_s * SC + r
+        m_r = m_f & (o_f * 0 + t_r < T)
+        q_r = tl.load(fq + t_r * F + o_f, mask=m_r, other=0.0).to(tl.float32)  # [BF]
+        k_r = tl.load(fk + t_r * F + o_f, mask=m_r, other=0.0).to(tl.float32)
+        c_r = tl.load(c + t_r * F + o_f, mask=m_f, other=0.0)
+        after = o_c[:, None] > r
+        e = b_c - c_r[None, :]
+        E = tl.exp(tl.where(after, e, -e))  # <= 1: exp(c_i - c_r) below r, exp(c_r - c_j) above
+        P_col = tl.sum(tl.where(o_c[None, :] == r, P, 0.0), 1)  # [SC]: P_ir
+        P_row = tl.sum(tl.where(o_c[:, None] == r, P, 0.0), 0)  # [SC]: P_rj
+        dq += tl.where(after, P_col[:, None] * k_r[None, :] * E, 0.0)
+        dk += tl.where(o_c[:, None] < r, P_row[:, None] * q_r[None, :] * E, 0.0)
+    n_sub = tl.minimum(tl.cdiv(T - i_t * C, SC), NS)  # the chunk's sub-chunks that hold tokens
+    if NS > 1:
+        # earlier sub-chunks J as keys of I's queries, decayed to the start of I
+        acc = tl.zeros([SC, BF], dtype=tl.float32)
+        between = tl.zeros([BF], dtype=tl.float32)  # the decay of the sub-chunks strictly between J and I
+        for jj in range(0, I):
+            s_J = i_s - 1 - jj
+            t_J = s_J * SC + o_c  # all < T
+            vT_J = tl.load(v + t_J[None, :] * DV + o_d[:, None], mask=m_d[:, None], other=0.0)  # [BDV, SC]
+            P_J = _dot_split(b_dn, vT_J, DT, PREC, EMULATE, True, False) + b_dd[:, None]  # [SC, SC]
+            p_J = t_J[:, None] * F + o_f[None, :]
+            G_J = tl.load(c + (s_J * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
+            k_loc = tl.load(fk + p_J, mask=m_f[None, :], other=0.0).to(tl.float32) * tl.exp(
+                (G_J[None, :] - tl.load(c + p_J, mask=m_f[None, :], other=0.0)) + between[None, :]
+            )
+            acc += _dot_split(P_J, k_loc, DT, PREC, EMULATE, True, True)
+            between += G_J
+        dq += acc * tl.exp(b_c)
+        # later sub-chunks I2 as queries of I's keys, decayed from the end of I
+        acc = tl.zeros([SC, BF], dtype=tl.float32)
+        between = tl.zeros([BF], dtype=tl.float32)
+        for I2 in range(I + 1, n_sub):
+            s2 = i_t * NS + I2
+            t2 = s2 * SC + o_c
+            m2 = t2 < T
+            inv2 = _inverse_den(den, i_bh, t2, m2, T)
+            dnT2 = tl.load(dy + t2[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m2[None, :],
+                           other=0.0).to(tl.float32) * inv2[None, :]  # [BDV, SC], loaded transposed
+            PT = _dot_split(b_v, dnT2, DT, PREC, EMULATE, False, True) + tl.load(dd + t2, mask=m2, other=0.0)[None, :]
+            p2 = t2[:, None] * F + o_f[None, :]
+            q_loc = tl.load(fq + p2, mask=m2[:, None] & m_f[None, :], other=0.0).to(tl.float32) * tl.exp(
+                tl.load(c + p2, mask=m_f[None, :], other=0.0) + between[None, :]
+            )
+            acc += _dot_split(PT, q_loc, DT, PREC, EMULATE, True, True)
+            between += tl.load(c + (s2 * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
+        dk += acc * tl.exp(G_I[None, :] - b_c)
+    # the states: queries against the chunk's starting state, keys against its adjoint at the end
+    k_dec = tl.exp((G_I[None, :] - b_c) + post[None, :])  # [SC, BF]: exp(b_last - b_j)
+    k_out = b_fk * k_dec
+    hq = tl.zeros([SC, BF], dtype=tl.float32)
+    hk = tl.zeros([SC, BF], dtype=tl.float32)
+    for i_d in tl.static_range(0, ND):
+        o_e = i_d * BD + tl.arange(0, BD)
+        m_e = o_e < DV
+        m_te = m_t[:, None] & m_e[None, :]
+        dn_e = tl.load(dy + t[:, None] * DV + o_e[None, :], mask=m_te, other=0.0).to(tl.float32) * inv[:, None]
+        hT = tl.load(h + o_f[None, :] * DV + o_e[:, None], mask=m_e[:, None] & m_f[None, :], other=0.0)  # [BD, BF]
+        hq += _dot_split(dn_e, hT, DT, PREC, EMULATE, True, True)
+        v_e = tl.load(v + t[:, None] * DV + o_e[None, :], mask=m_te, other=0.0)
+        dhT = tl.load(dh + o_f[None, :] * DV + o_e[:, None], mask=m_e[:, None] & m_f[None, :], other=0.0)
+        hk += _dot_split(v_e, dhT, DT, PREC, EMULATE, False, True)
+        # dv for these columns: the adjoint's, then A's pairs with the queries of I and later sub-chunks
+        b_dh = tl.load(dh + o_f[:, None] * DV + o_e[None, :], mask=m_f[:, None] & m_e[None, :], other=0.0)  # [BF, BD]
+        b_dv = _dot_split(k_out, b_dh, DT, PREC, EMULATE, True, True)
+        for I2 in range(I, n_sub):
+            t2 = (i_t * NS + I2) * SC + o_c
+            m2 = t2 < T
+            AT = tl.load(A + t2[None, :] * C + (I * SC + o_c)[:, None], mask=m2[None, :], other=0.0)  # [SC j, SC i]
+            inv2 = _inverse_den(den, i_bh, t2, m2, T)
+            dn2 = tl.load(dy + t2[:, None] * DV + o_e[None, :], mask=m2[:, None] & m_e[None, :],
+                          other=0.0).to(tl.float32) * inv2[:, None]
+            b_dv += _dot_split(AT, dn2, DT, PREC, EMULATE, True, True)
+        tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_e[None, :], b_dv.to(dv.dtype.element_ty), mask=m_te)
+    b_hz = tl.load(hz + (i_bh * n_t + i_t) * F + o_f, mask=m_f, other=0.0)
+    b_dhz = tl.load(dhz + (i_bh * n_t + i_t) * F + o_f, mask=m_f, other=0.0)
+    dq += (hq + b_dd[:, None] * b_hz[None, :]) * tl.exp(b_c + pre[None, :])
+    dk += (hk + b_dhz[None, :]) * k_dec
+    if STORE_DG:
+        tl.store(dgq + i_bh * T * F + p_tf, b_fq * dq, mask=m_tf)
+        tl.store(dgk + i_bh * T * F + p_tf, b_fk * dk, mask=m_tf)
+    P_self = tl.sum(tl.where(o_c[:, None] == o_c[None, :], P, 0.0), 1)  # [SC]: P_ii, decay 1
+    dq += P_self[:, None] * b_fk
+    dk += P_self[:, None] * b_fq
+    tl.store(dfq + i_bh * T * F + p_tf, dq.to(dfq.dtype.element_ty), mask=m_tf)
+    tl.store(dfk + i_bh * T * F + p_tf, dk.to(dfk.dtype.element_ty), mask=m_tf)
 
 
 @triton.jit
@@ -1065,14 +1226,11 @@ def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=N
     if want_dg:
         # the final state's own term: d L / d b_{T-1} += rowsum(dS_T * S_T) (normaliser column included)
         dg_last = ((dS * S).sum(-1) + dz * z).contiguous() if has_dfinal else None
-        TG = dgq.shape[2]  # T, or T padded to whole chunks by the chunk-parallel backward (zeros there)
-        dg = torch.empty_like(g) if TG == T else g.new_empty(B, H, TG, F)
+        dg = torch.empty_like(g)
         BKg = min(_pow2(F), 32)
         _dg_kernel[(triton.cdiv(F, BKg), B * H)](
-            dgq, dgk, dg_last, dg, TG, F, C=DG_CHUNK, BK=BKg, HAS_LAST=has_dfinal, num_warps=4,
+            dgq, dgk, dg_last, dg, T, F, C=DG_CHUNK, BK=BKg, HAS_LAST=has_dfinal, num_warps=4,
         )
-        if TG != T:
-            dg = dg[:, :, :T].contiguous()
     return dfq, dfk, dv, dg, dS0, dz0
 
 
@@ -1080,12 +1238,10 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     """The chunk-parallel backward: every chunk's starting state (``_cumsum_kernel`` and
     ``_par_states_kernel``, as in the forward) and every chunk's adjoint state
     (``_par_bwd_states_kernel``, which also writes ``dS0``/``dz0`` when they are given), fp32
-    ``[B, H, T / C, F, Dv]`` each; then ``_bwd_kernel`` itself on the ``B * H * T / C`` one-chunk
-    sequences, each from its chunk's two states, all at once. A token's ``fq dfq`` and ``fk dfk``
-    are the same as the walk's (its chunk's states are what the walk carries there), so ``dg``'s
-    suffix sums run over them as before. ``T`` is padded to whole chunks with zeros (no decay, no
-    key, no gradient, ``d = 0``). Returns ``(dfq, dfk, dv, dgq, dgk)``, the last two ``[B, H,
-    T', F]`` with ``T'`` the padded length (None unless ``want_dg``)."""
+    ``[B, H, T / C, F, Dv]`` each; then ``_bwd_sub_kernel``, a program per 16-token sub-chunk, all
+    at once, from its chunk's two states. A token's ``fq dfq`` and ``fk dfk`` are the same as the
+    walk's (its chunk's states are what the walk carries there), so ``dg``'s suffix sums run over
+    them as before. Returns ``(dfq, dfk, dv, dgq, dgk)``, the last two None unless ``want_dg``."""
     B, H, T, F = fq.shape
     DV = v.shape[-1]
     DT, PREC, EMULATE = _dot_config(dtype)
@@ -1113,29 +1269,16 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
         C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_DFINAL=has_dfinal, STORE_DINIT=dS0 is not None,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=warps, num_stages=2,
     )
-    pad = TP - T
-    grow = (lambda x: torch.nn.functional.pad(x, (0, 0, 0, pad))) if pad else (lambda x: x)
-    n = B * H * N
-    dp = torch.nn.functional.pad(d, (0, pad)) if pad else d  # padded queries: d = 0, so no gradient
-    outs = [torch.empty(B, H, TP, x.shape[-1], device=dev, dtype=x.dtype) for x in (fq, fk, v)]
-    dgs = [torch.empty(B, H, TP, F, device=dev, dtype=torch.float32) if want_dg else None for _ in range(2)]
-    seqs = (
-        grow(fq).reshape(n, C, F), grow(fk).reshape(n, C, F), grow(v).reshape(n, C, DV), grow(g).reshape(n, C, F),
-        grow(A).reshape(n, C, C), grow(y).reshape(n, C, DV), dp.reshape(n, C), grow(dy).reshape(n, C, DV),
-        h.view(n, F, DV), hz.view(n, F), dh.view(n, F, DV), dhz.view(n, F),
-        *(o.view(n, C, o.shape[-1]) for o in outs), *(None if x is None else x.view(n, C, F) for x in dgs),
+    dfq, dfk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(v)
+    dgq = torch.empty(B, H, T, F, device=dev, dtype=torch.float32) if want_dg else None
+    dgk = torch.empty(B, H, T, F, device=dev, dtype=torch.float32) if want_dg else None
+    BDV = _pow2(DV)
+    _bwd_sub_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
+        fq, fk, v, c, A, d, dy, dd, h, hz, dh, dhz, dfq, dfk, dv, dgq, dgk, T, TP, F, DV,
+        C=C, SC=SUB_CHUNK, BF=_pow2(F), BDV=BDV, BD=min(BDV, 32), STORE_DG=want_dg,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8 if F > 64 else 4,
     )
-    BF, BK, BV, BDV = _bwd_config(F, DV, 1 << 30, dtype, C)
-    NK, NV = triton.cdiv(F, BK), triton.cdiv(DV, BV)
-    launch_in_slices(
-        _bwd_kernel, 2 * NK + NV, seqs, None, None, C, F, DV, limit=MAX_GRID_Y,
-        C=C, SC=SUB_CHUNK, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK,
-        HAS_INIT=True, HAS_DFINAL=True, STORE_DINIT=False, STORE_DG=want_dg,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8, num_stages=2,
-    )
-    if pad:
-        outs = [o[:, :, :T].contiguous() for o in outs]
-    return (*outs, *dgs)
+    return dfq, dfk, dv, dgq, dgk
 
 
 class ChunkGatedAttentionFunction(torch.autograd.Function):
