@@ -180,6 +180,8 @@ PARALLEL_FORWARD = True
 # sub-chunk at once, _bwd_sub_kernel) rather than walking the chunks
 PARALLEL_BACKWARD = True
 OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
+SUB_WARPS = 8  # warps of the chunk-parallel backward's sub-chunk programs (F > 64)
+INTER_BV = 32  # value columns a block of the chunk-parallel backward's state products (bf16)
 
 
 @triton.jit
@@ -505,16 +507,101 @@ def _par_bwd_states_kernel(
 
 
 @triton.jit
-def _bwd_sub_kernel(
-    fq, fk, v, c, A, den, dy, dd, h, hz, dh, dhz, dfq, dfk, dv, dgq, dgk,
+def _bwd_inter_kernel(
+    fk, v, c, den, dy, dd, h, hz, dh, dhz, dqi, dki, dvs,
     T, TP, F, DV,
-    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr, BD: tl.constexpr,
+    C: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, ND: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """What the states contribute to the chunk-parallel backward's gradients, every chunk at once:
+    grid ``(NK + NV, T / C, B * H)``. The first ``NK`` programs of a chunk take ``BK`` features:
+
+        dqi_i = exp(b_i) (dn_i h^T + dd_i hz),   dki_j = exp(b_last - b_j) (v_j dh^T + dhz)
+
+    (``[C, BV] x [BV, BK]`` products over the value columns, ``BV`` at a time, against the chunk's
+    starting state ``h`` and its adjoint at the chunk end ``dh``, both loaded transposed); the
+    other ``NV`` take ``BV`` value columns: ``dvs_j = (fk_j exp(b_last - b_j)) dh[:, cols]``, the
+    features ``BK`` at a time. ``b_i = c_i + sum_{M < I} G_M`` and ``b_last - b_j = (G_J - c_j) +
+    sum_{M > J} G_M``, sums of terms ``<= 0``. All fp32, the state operands split into bf16
+    halves."""
+    NS: tl.constexpr = C // SC
+    i_p = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    n_t = tl.cdiv(T, C)
+    o_C = tl.arange(0, C)
+    t = i_t * C + o_C
+    m_t = t < T
+    sub = o_C // SC
+    c += i_bh * TP * F
+    h += (i_bh * n_t + i_t) * F * DV
+    dh += (i_bh * n_t + i_t) * F * DV
+    if i_p < NK:
+        o_k = i_p * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        b_c = tl.load(c + t[:, None] * F + o_k[None, :], mask=m_k[None, :], other=0.0)  # [C, BK], rows < TP
+        pre = tl.zeros([C, BK], dtype=tl.float32)  # the sub-chunks before each row's
+        own = tl.zeros([C, BK], dtype=tl.float32)  # its own sub-chunk's total
+        post = tl.zeros([C, BK], dtype=tl.float32)  # the sub-chunks after it
+        for M in tl.static_range(0, NS):
+            G_M = tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_k, mask=m_k, other=0.0)[None, :]
+            pre += tl.where((sub > M)[:, None], G_M, 0.0)
+            own = tl.where((sub == M)[:, None], G_M, own)
+            post += tl.where((sub < M)[:, None], G_M, 0.0)
+        inv = _inverse_den(den, i_bh, t, m_t, T)
+        acc_q = tl.zeros([C, BK], dtype=tl.float32)
+        acc_k = tl.zeros([C, BK], dtype=tl.float32)
+        for i_d in tl.static_range(0, ND):
+            o_e = i_d * BV + tl.arange(0, BV)
+            m_e = o_e < DV
+            m_te = m_t[:, None] & m_e[None, :]
+            dn_e = tl.load(dy + i_bh * T * DV + t[:, None] * DV + o_e[None, :], mask=m_te,
+                           other=0.0).to(tl.float32) * inv[:, None]  # [C, BV]
+            m_ek = m_e[:, None] & m_k[None, :]
+            hT = tl.load(h + o_k[None, :] * DV + o_e[:, None], mask=m_ek, other=0.0)  # [BV, BK], transposed
+            acc_q += _dot_split(dn_e, hT, DT, PREC, EMULATE, True, True)
+            v_e = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_e[None, :], mask=m_te, other=0.0)
+            dhT = tl.load(dh + o_k[None, :] * DV + o_e[:, None], mask=m_ek, other=0.0)
+            acc_k += _dot_split(v_e, dhT, DT, PREC, EMULATE, False, True)
+        b_dd = tl.load(dd + i_bh * T + t, mask=m_t, other=0.0)
+        b_hz = tl.load(hz + (i_bh * n_t + i_t) * F + o_k, mask=m_k, other=0.0)
+        b_dhz = tl.load(dhz + (i_bh * n_t + i_t) * F + o_k, mask=m_k, other=0.0)
+        p = i_bh * T * F + t[:, None] * F + o_k[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        tl.store(dqi + p, (acc_q + b_dd[:, None] * b_hz[None, :]) * tl.exp(b_c + pre), mask=m_tk)
+        tl.store(dki + p, (acc_k + b_dhz[None, :]) * tl.exp((own - b_c) + post), mask=m_tk)
+    else:
+        o_v = (i_p - NK) * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        acc = tl.zeros([C, BV], dtype=tl.float32)
+        for i_k in tl.static_range(0, NK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < F
+            b_c = tl.load(c + t[:, None] * F + o_k[None, :], mask=m_k[None, :], other=0.0)
+            own = tl.zeros([C, BK], dtype=tl.float32)
+            post = tl.zeros([C, BK], dtype=tl.float32)
+            for M in tl.static_range(0, NS):
+                G_M = tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_k, mask=m_k, other=0.0)[None, :]
+                own = tl.where((sub == M)[:, None], G_M, own)
+                post += tl.where((sub < M)[:, None], G_M, 0.0)
+            k_out = tl.load(fk + i_bh * T * F + t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                            other=0.0).to(tl.float32) * tl.exp((own - b_c) + post)  # [C, BK]
+            b_dh = tl.load(dh + o_k[:, None] * DV + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+            acc += _dot_split(k_out, b_dh, DT, PREC, EMULATE, True, True)
+        tl.store(dvs + i_bh * T * DV + t[:, None] * DV + o_v[None, :], acc, mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _bwd_sub_kernel(
+    fq, fk, v, c, A, den, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk,
+    T, TP, F, DV,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """The chunk-parallel backward's gradients: grid ``(T / SC, B * H)``, a program per 16-token
-    sub-chunk ``I`` (every feature and value column at once), from its chunk's starting state
-    ``h, hz`` and adjoint state at the chunk end ``dh, dhz`` (stored by ``_par_states_kernel``
-    and ``_par_bwd_states_kernel``), the forward's ``A`` and the sub-chunk sums ``c``. With
+    sub-chunk ``I`` (every feature and value column at once), from the forward's ``A``, the
+    sub-chunk sums ``c`` and what the states contribute, ``dqi, dki, dvs`` (fp32, from
+    :func:`_bwd_inter_kernel`). With
     ``P_ij = dn_i . v_j + dd_i``, ``b`` the running decay from the chunk start and ``b_last`` its
     end:
 
@@ -527,11 +614,9 @@ def _bwd_sub_kernel(
     ``dfk`` (``exp(c_r - c_j)``), one exponential for both. The pairs with the chunk's other
     sub-chunks: one product each, ``P``'s block against the keys of an earlier ``J`` decayed to
     the start of ``I`` (``dfq``), or its transpose against the queries of a later ``I'`` decayed
-    from the end of ``I`` (``dfk``), both factors ``<= 1`` as in :func:`_intra_kernel`. The states
-    enter through products over the value columns, ``BD`` at a time. ``fq dfq`` and ``fk dfk``
-    are stored for ``dg`` before a token's pair with itself is added (see the module docstring)."""
+    from the end of ``I`` (``dfk``), both factors ``<= 1`` as in :func:`_intra_kernel`; ``dv``
+    takes ``A``'s blocks transposed against ``dn``. ``fq dfq`` and ``fk dfk`` are stored for ``dg`` before a token's pair with itself is added (see the module docstring)."""
     NS: tl.constexpr = C // SC
-    ND: tl.constexpr = BDV // BD
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     n_t = tl.cdiv(T, C)
@@ -553,19 +638,11 @@ def _bwd_sub_kernel(
     dy += i_bh * T * DV
     dd += i_bh * T
     A += i_bh * T * C
-    h += (i_bh * n_t + i_t) * F * DV
-    dh += (i_bh * n_t + i_t) * F * DV
     p_tf = t[:, None] * F + o_f[None, :]
     b_fq = tl.load(fq + p_tf, mask=m_tf, other=0.0).to(tl.float32)  # [SC, BF]
     b_fk = tl.load(fk + p_tf, mask=m_tf, other=0.0).to(tl.float32)
     b_c = tl.load(c + p_tf, mask=m_f[None, :], other=0.0)  # rows < TP
     G_I = tl.load(c + (i_s * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
-    pre = tl.zeros([BF], dtype=tl.float32)  # the decay of the chunk's sub-chunks before I
-    post = tl.zeros([BF], dtype=tl.float32)  # and after it
-    for M in tl.static_range(0, NS):
-        G_M = tl.load(c + ((i_t * NS + M) * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
-        pre += tl.where(M < I, G_M, 0.0)
-        post += tl.where(M > I, G_M, 0.0)
     inv = _inverse_den(den, i_bh, t, m_t, T)
     b_dn = tl.load(dy + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0).to(tl.float32) * inv[:, None]
     b_dd = tl.load(dd + t, mask=m_t, other=0.0)  # [SC]
@@ -625,37 +702,20 @@ def _bwd_sub_kernel(
             acc += _dot_split(PT, q_loc, DT, PREC, EMULATE, True, True)
             between += tl.load(c + (s2 * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
         dk += acc * tl.exp(G_I[None, :] - b_c)
-    # the states: queries against the chunk's starting state, keys against its adjoint at the end
-    k_dec = tl.exp((G_I[None, :] - b_c) + post[None, :])  # [SC, BF]: exp(b_last - b_j)
-    k_out = b_fk * k_dec
-    hq = tl.zeros([SC, BF], dtype=tl.float32)
-    hk = tl.zeros([SC, BF], dtype=tl.float32)
-    for i_d in tl.static_range(0, ND):
-        o_e = i_d * BD + tl.arange(0, BD)
-        m_e = o_e < DV
-        m_te = m_t[:, None] & m_e[None, :]
-        dn_e = tl.load(dy + t[:, None] * DV + o_e[None, :], mask=m_te, other=0.0).to(tl.float32) * inv[:, None]
-        hT = tl.load(h + o_f[None, :] * DV + o_e[:, None], mask=m_e[:, None] & m_f[None, :], other=0.0)  # [BD, BF]
-        hq += _dot_split(dn_e, hT, DT, PREC, EMULATE, True, True)
-        v_e = tl.load(v + t[:, None] * DV + o_e[None, :], mask=m_te, other=0.0)
-        dhT = tl.load(dh + o_f[None, :] * DV + o_e[:, None], mask=m_e[:, None] & m_f[None, :], other=0.0)
-        hk += _dot_split(v_e, dhT, DT, PREC, EMULATE, False, True)
-        # dv for these columns: the adjoint's, then A's pairs with the queries of I and later sub-chunks
-        b_dh = tl.load(dh + o_f[:, None] * DV + o_e[None, :], mask=m_f[:, None] & m_e[None, :], other=0.0)  # [BF, BD]
-        b_dv = _dot_split(k_out, b_dh, DT, PREC, EMULATE, True, True)
-        for I2 in range(I, n_sub):
-            t2 = (i_t * NS + I2) * SC + o_c
-            m2 = t2 < T
-            AT = tl.load(A + t2[None, :] * C + (I * SC + o_c)[:, None], mask=m2[None, :], other=0.0)  # [SC j, SC i]
-            inv2 = _inverse_den(den, i_bh, t2, m2, T)
-            dn2 = tl.load(dy + t2[:, None] * DV + o_e[None, :], mask=m2[:, None] & m_e[None, :],
-                          other=0.0).to(tl.float32) * inv2[:, None]
-            b_dv += _dot_split(AT, dn2, DT, PREC, EMULATE, True, True)
-        tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_e[None, :], b_dv.to(dv.dtype.element_ty), mask=m_te)
-    b_hz = tl.load(hz + (i_bh * n_t + i_t) * F + o_f, mask=m_f, other=0.0)
-    b_dhz = tl.load(dhz + (i_bh * n_t + i_t) * F + o_f, mask=m_f, other=0.0)
-    dq += (hq + b_dd[:, None] * b_hz[None, :]) * tl.exp(b_c + pre[None, :])
-    dk += (hk + b_dhz[None, :]) * k_dec
+    # dv: A's pairs with the queries of I and of the chunk's later sub-chunks, plus the adjoint's part
+    b_dv = tl.load(dvs + i_bh * T * DV + t[:, None] * DV + o_d[None, :], mask=m_td, other=0.0)
+    for I2 in range(I, n_sub):
+        t2 = (i_t * NS + I2) * SC + o_c
+        m2 = t2 < T
+        AT = tl.load(A + t2[None, :] * C + (I * SC + o_c)[:, None], mask=m2[None, :], other=0.0)  # [SC j, SC i]
+        inv2 = _inverse_den(den, i_bh, t2, m2, T)
+        dn2 = tl.load(dy + t2[:, None] * DV + o_d[None, :], mask=m2[:, None] & m_d[None, :],
+                      other=0.0).to(tl.float32) * inv2[:, None]
+        b_dv += _dot_split(AT, dn2, DT, PREC, EMULATE, True, True)
+    tl.store(dv + i_bh * T * DV + t[:, None] * DV + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_td)
+    # the states' parts (_bwd_inter_kernel)
+    dq += tl.load(dqi + i_bh * T * F + p_tf, mask=m_tf, other=0.0)
+    dk += tl.load(dki + i_bh * T * F + p_tf, mask=m_tf, other=0.0)
     if STORE_DG:
         tl.store(dgq + i_bh * T * F + p_tf, b_fq * dq, mask=m_tf)
         tl.store(dgk + i_bh * T * F + p_tf, b_fk * dk, mask=m_tf)
@@ -1123,6 +1183,14 @@ def _out_config(F: int, DV: int, dtype=torch.bfloat16, C: int = CHUNK):
     return min(_pow2(F), 32), min(_pow2(DV), 64), 4
 
 
+def _inter_config(F: int, DV: int, dtype=torch.bfloat16):
+    """``(BK, BV, num_warps)`` of :func:`_bwd_inter_kernel`: ``[C, BK]`` gradient tiles against
+    ``[BV, BK]`` blocks of the states (its programs are many, ``T / C`` a head, so no shrinking)."""
+    if dtype == torch.float32:
+        return min(_pow2(F), 32), min(_pow2(DV), 16), 4
+    return min(_pow2(F), 32), min(_pow2(DV), INTER_BV), 4
+
+
 def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False, output_dtype=None,
                         keep_fp32_output=False, chunk_size=CHUNK, parallel=None):
     """Launch the forward kernels on contiguous ``fq, fk, g: [B, H, T, F]``, ``v: [B, H, T, Dv]``,
@@ -1238,8 +1306,9 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     """The chunk-parallel backward: every chunk's starting state (``_cumsum_kernel`` and
     ``_par_states_kernel``, as in the forward) and every chunk's adjoint state
     (``_par_bwd_states_kernel``, which also writes ``dS0``/``dz0`` when they are given), fp32
-    ``[B, H, T / C, F, Dv]`` each; then ``_bwd_sub_kernel``, a program per 16-token sub-chunk, all
-    at once, from its chunk's two states. A token's ``fq dfq`` and ``fk dfk`` are the same as the
+    ``[B, H, T / C, F, Dv]`` each; then what the states contribute (``_bwd_inter_kernel``, every
+    chunk at once, fp32 ``[B, H, T, F]`` and ``[B, H, T, Dv]``), and ``_bwd_sub_kernel``, a
+    program per 16-token sub-chunk, all at once, for the pairs inside each chunk. A token's ``fq dfq`` and ``fk dfk`` are the same as the
     walk's (its chunk's states are what the walk carries there), so ``dg``'s suffix sums run over
     them as before. Returns ``(dfq, dfk, dv, dgq, dgk)``, the last two None unless ``want_dg``."""
     B, H, T, F = fq.shape
@@ -1272,11 +1341,20 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     dfq, dfk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(v)
     dgq = torch.empty(B, H, T, F, device=dev, dtype=torch.float32) if want_dg else None
     dgk = torch.empty(B, H, T, F, device=dev, dtype=torch.float32) if want_dg else None
-    BDV = _pow2(DV)
+    dqi = torch.empty(B, H, T, F, device=dev, dtype=torch.float32)  # the states' parts of dfq, dfk, dv
+    dki = torch.empty(B, H, T, F, device=dev, dtype=torch.float32)
+    dvs = torch.empty(B, H, T, DV, device=dev, dtype=torch.float32)
+    BKi, BVi, warps_i = _inter_config(F, DV, dtype)
+    NKi, NVi = triton.cdiv(F, BKi), triton.cdiv(DV, BVi)
+    _bwd_inter_kernel[(NKi + NVi, N, B * H)](
+        fk, v, c, d, dy, dd, h, hz, dh, dhz, dqi, dki, dvs, T, TP, F, DV,
+        C=C, SC=SUB_CHUNK, BK=BKi, BV=BVi, NK=NKi, ND=NVi, DT=DT, PREC=PREC, EMULATE=EMULATE,
+        num_warps=warps_i, num_stages=2,
+    )
     _bwd_sub_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
-        fq, fk, v, c, A, d, dy, dd, h, hz, dh, dhz, dfq, dfk, dv, dgq, dgk, T, TP, F, DV,
-        C=C, SC=SUB_CHUNK, BF=_pow2(F), BDV=BDV, BD=min(BDV, 32), STORE_DG=want_dg,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8 if F > 64 else 4,
+        fq, fk, v, c, A, d, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk, T, TP, F, DV,
+        C=C, SC=SUB_CHUNK, BF=_pow2(F), BDV=_pow2(DV), STORE_DG=want_dg,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=SUB_WARPS if F > 64 else 4,
     )
     return dfq, dfk, dv, dgq, dgk
 
