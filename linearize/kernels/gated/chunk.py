@@ -40,7 +40,7 @@ steps existed (the forward's loop body verbatim).
 
 How the work is split. Every walk takes the chunks of one (batch, head) in order (or in reverse)
 with the running state in fp32 registers; no per-chunk state goes through memory, except in the
-chunk-parallel forward below, which stores each chunk's starting state.
+chunk-parallel passes below, which store each chunk's starting state (and the backward its adjoint).
 
 * forward, first: ``_cumsum_kernel`` writes ``c``, the running sums of ``g`` inside each 16-token
   sub-chunk, fp32 ``[B, H, T', F]`` (``T`` rounded up to whole chunks; a sub-chunk's total
@@ -76,22 +76,38 @@ chunk-parallel forward below, which stores each chunk's starting state.
   ``G_J - c_j`` and ``c_i - c_j``; everything spanning sub-chunks is a sum of terms ``<= 0``.
 
 * backward, with ``dn_t = dy_t / d_t``, ``dd_t = -(dy_t . y_t) / d_t`` (the gradient of
-  ``o_t = [n_t, d_t]``) and ``P_ij = dn_i . v_j + dd_i`` (``= do_i . v1_j``), one launch with three
-  kinds of program, all at once:
+  ``o_t = [n_t, d_t]``) and ``P_ij = dn_i . v_j + dd_i`` (``= do_i . v1_j``):
 
-      dfq_i = exp(b_i) * (S_start do_i) + sum_{j<=i} P_ij fk_j * exp(b_i - b_j)          (forward, BK features)
-      dfk_j = exp(b_last - b_j) * (dH_end v1_j) + sum_{i>=j} P_ij fq_i * exp(b_i - b_j)  (reverse, BK features)
-      dv_j  = dH_end[:, :Dv]^T (fk_j * exp(b_last - b_j)) + sum_{i>=j} A_ij dn_i            (reverse, BV values)
+      dfq_i = exp(b_i) * (S_start do_i) + sum_{j<=i} P_ij fk_j * exp(b_i - b_j)
+      dfk_j = exp(b_last - b_j) * (dH_end v1_j) + sum_{i>=j} P_ij fq_i * exp(b_i - b_j)
+      dv_j  = dH_end[:, :Dv]^T (fk_j * exp(b_last - b_j)) + sum_{i>=j} A_ij dn_i
 
   where ``dH`` is the adjoint state, ``dH_start = diag(exp(b_last)) dH_end + sum_i (fq_i exp(b_i))
   do_i^T``, seeded with the final state's gradient; after the first chunk it is the initial
-  state's gradient. Each program loops over a chunk's sub-chunks (in reverse for ``dfk`` and
+  state's gradient. The pairwise sums inside a sub-chunk are ``[16, 16, F]`` products as in the
+  forward; a sub-chunk's pairs with the chunk's other sub-chunks are products of ``P``'s block
+  with the keys (``dfq``) or queries (``dfk``) decayed to the boundary between the two, ``dv``
+  takes them through ``A``. Two backwards compute this, with the same gradients up to fp32
+  rounding:
+* chunk-parallel (the default, :data:`PARALLEL_BACKWARD`, or ``parallel=True``): the chunks'
+  starting states again (``_cumsum_kernel``, ``_par_states_kernel``: a recomputation, cheaper
+  than keeping ``[B, H, T / C, F, Dv]`` fp32 from the forward); ``_par_bwd_states_kernel``, grid
+  ``(F / BK, Dv / BV, B * H)``, walks the chunks in reverse doing only the adjoint's update
+  (a whole chunk in one product of the decayed queries against ``dn``) and stores each chunk's
+  adjoint at its end, ``dh_c``, ``dhz_c`` (and ``dS0``, ``dz0``); ``_bwd_inter_kernel``, grid
+  ``(F / BK + Dv / BV, T / C, B * H)``, what the states give every token, all chunks at once
+  (``exp(b_i) (dn_i h_c^T + dd_i hz_c)`` for ``dfq``, ``exp(b_last - b_j) (v_j dh_c^T + dhz_c)``
+  for ``dfk``, ``(fk_j exp(b_last - b_j)) dh_c`` for ``dv``; fp32 ``[B, H, T, F]`` and ``[B, H, T,
+  Dv]``); then ``_bwd_sub_kernel``, grid ``(T / 16, B * H)``, one program per 16-token sub-chunk
+  with every feature and value column, adds the pairs inside the chunk: the diagonal block a
+  token at a time with one exponential for ``dfq`` and ``dfk`` both, the off-diagonal blocks as
+  products, ``A``'s blocks transposed against ``dn`` for ``dv``;
+* the walk (``parallel=False``): one launch with three kinds of program, all at once,
+  ``dfq`` forward over the chunks and ``dfk`` in reverse (``BK`` features each), ``dv`` in reverse
+  (``BV`` value columns). Each loops over a chunk's sub-chunks (in reverse for ``dfk`` and
   ``dv``), all against the state (adjoint) at the chunk's start (end), and adds the chunk's
-  increment to it once per chunk; the increment is summed over the sub-chunks as
-  ``U <- diag(exp(G_M)) U + ...``, so each token's decay is a product of factors ``<= 1``. The
-  pairwise sums are ``[16, 16, BK]`` products as in the forward; a sub-chunk's pairs with the
-  chunk's other sub-chunks are products of ``P``'s block with the keys (``dfq``) or queries
-  (``dfk``) decayed to the boundary between the two, ``dv`` takes them through ``A``.
+  increment to it once per chunk; the increment is summed over the sub-chunks as ``U <-
+  diag(exp(G_M)) U + ...``, so each token's decay is a product of factors ``<= 1``.
 * the decays: ``g_r`` enters every ``b`` from token ``r`` on, and ``d L / d b_t = fq_t dfq_t -
   fk_t dfk_t`` (query side minus key side of every pairwise decay ``exp(b_t - b_s)`` and of the
   initial state's ``exp(b_t)``), plus ``rowsum(dS_T * S_T)`` at the last token for the final state.
@@ -180,8 +196,16 @@ PARALLEL_FORWARD = True
 # sub-chunk at once, _bwd_sub_kernel) rather than walking the chunks
 PARALLEL_BACKWARD = True
 OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
-SUB_WARPS = 8  # warps of the chunk-parallel backward's sub-chunk programs (F > 64)
-INTER_BV = 32  # value columns a block of the chunk-parallel backward's state products (bf16)
+# warps and pipelining stages of the chunk-parallel backward's sub-chunk programs, by features (a power
+# of 2 up to 256). On an H200 at 32K (B=1, 32 heads, Dv=F), the sub-chunk kernel took 3.9 ms with 2 warps
+# against 5.4 with 4 at 64 features; 8.9 (2 warps, 1 stage) against 11.8 (4) and 17.6 (8) at 128, though
+# 2 warps spill the most there (1.9 KB a thread, ptxas); 38.7 (4) against 49.4 (8) at 256. The programs
+# are many and short, and more of them in flight is what pays. 16 and 32 features take 64's (not timed)
+SUB_WARPS = {16: 2, 32: 2, 64: 2, 128: 2, 256: 4}
+SUB_STAGES = 1
+# features, value columns and warps of its state products' programs (bf16): at 128 features, 2.0 ms at
+# 32K against 2.3 with (64, 64, 4), 3.0 with (32, 64, 4), 4.4 with (32, 32, 4), 5.7 with (128, 64, 4)
+INTER_BLOCKS = (64, 128, 4)
 
 
 @triton.jit
@@ -1188,7 +1212,8 @@ def _inter_config(F: int, DV: int, dtype=torch.bfloat16):
     ``[BV, BK]`` blocks of the states (its programs are many, ``T / C`` a head, so no shrinking)."""
     if dtype == torch.float32:
         return min(_pow2(F), 32), min(_pow2(DV), 16), 4
-    return min(_pow2(F), 32), min(_pow2(DV), INTER_BV), 4
+    BK, BV, warps = INTER_BLOCKS
+    return min(_pow2(F), BK), min(_pow2(DV), BV), warps
 
 
 def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False, output_dtype=None,
@@ -1354,7 +1379,7 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     _bwd_sub_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
         fq, fk, v, c, A, d, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk, T, TP, F, DV,
         C=C, SC=SUB_CHUNK, BF=_pow2(F), BDV=_pow2(DV), STORE_DG=want_dg,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=SUB_WARPS if F > 64 else 4,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=SUB_WARPS[_pow2(F)], num_stages=SUB_STAGES,
     )
     return dfq, dfk, dv, dgq, dgk
 
