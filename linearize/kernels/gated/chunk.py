@@ -126,17 +126,30 @@ states 1.19, its output 1.10). The sequential walk took 15.5 ms with 16-token st
 the walk) and 29.5 with 64-token ones. So the intra kernel bounds the forward now: its
 pairwise decays cost ``16 F`` exponentials a token (2048 at ``F = 128``), about 2.1e9 at that
 shape, some 0.6 ms of an H100's special-function units (16 a clock per multiprocessor), and the
-rest of its time is the per-key loop's ``[16, F]`` elementwise work and reductions. The
-backward (unchanged: programs walking the chunks) takes 73.4 ms at that shape, 81% of a forward +
-backward.
+rest of its time is the per-key loop's ``[16, F]`` elementwise work and reductions. A forward +
+backward takes 24.3 ms of kernel time at 32K with the chunk-parallel backward, against 127.7
+with the walks (5.2x). Most of it is the sub-chunk kernel's 8.9 ms, then:
+- the chunks' starting states, 3.6 (formed in the forward and again in the backward);
+- their adjoints, 2.1;
+- the intra kernel, 3.6;
+- the state products, 2.0;
+- the output pass, 1.5;
+- ``dg``, 1.1.
+
+In wall time (``benchmarks/attention.py``) that is 24.3 ms against cuDNN softmax's 53.9 at 32K
+(2.2x), and 12.2 against 13.7 at 16K. The sub-chunk kernel is bound by its ``[16, F]`` fp32
+tiles: with 2 warps, the fastest setting, they spill (1.4 KB a thread at ``F = 128``).
 
 Registers, compiled for sm_90a (Triton 3.9, ptxas 13.4; ``benchmarks/gated_registers.py``), bf16
 inputs, F = 128, the launchers' tiles: every kernel runs at 166-255 registers; spills in bytes a
 thread (16-token -> 64-token): forward 20 -> 64 at BV = 16 and 144 -> 40 at BV = 32 (64-token
-steps take 8 warps; with 4 their ``[64, F]`` tiles spill 0.8 KB), intra 0 -> 0, backward
+steps take 8 warps; with 4 their ``[64, F]`` tiles spill 0.8 KB), intra 0 -> 0, the walking backward's
 ``dfq``/``dfk`` 0 -> 0 at Dv = 64 and 0 -> 16/80 at Dv = 128, ``dv`` 0 -> 8-16. Worse with 64-token
 steps: the forward at F = 256 (256 -> 656), ``dfq``/``dfk`` at Dv = 256 (140/0 -> 600/590), the
-forward with fp32 inputs (144 -> 816); ``chunk_size=16`` keeps the old figures there.
+forward with fp32 inputs (144 -> 816); ``chunk_size=16`` keeps the old figures there. The
+chunk-parallel backward's kernels at the launchers' settings (``linearize.kernels.resources``,
+bf16, F = Dv = 64 / 128 / 256): the sub-chunk kernel spills 88 / 1410 / 3198 bytes, the state
+products 0 / 372 / 2272, the adjoint walk 84 at every size; the states walk none.
 
 Precision, as in :mod:`linearize.kernels.linear.chunk`: state and accumulation in fp32; with fp32
 (or fp16) inputs every product is fp32 (``ieee``); with bf16 inputs the products run on bf16
@@ -192,14 +205,15 @@ DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
 # the chunk-parallel forward (_par_states_kernel, then _par_output_kernel) rather than the sequential walk
 # (_fwd_kernel): 4.1x faster on an H200 at B=1, 32 heads, F=Dv=128, T=8K (1.80 ms against 7.33)
 PARALLEL_FORWARD = True
-# the backward chunk-parallel too (each chunk's starting and adjoint states, then every 16-token
-# sub-chunk at once, _bwd_sub_kernel) rather than walking the chunks
+# the backward chunk-parallel too (each chunk's starting and adjoint states, what they give every
+# token, then every 16-token sub-chunk at once, _bwd_sub_kernel) rather than walking the chunks: forward
+# + backward 5.2x faster on an H200 at B=1, 32 heads, F=Dv=128, T=32K (24.3 ms of kernels against 127.7)
 PARALLEL_BACKWARD = True
 OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
 # warps and pipelining stages of the chunk-parallel backward's sub-chunk programs, by features (a power
 # of 2 up to 256). On an H200 at 32K (B=1, 32 heads, Dv=F), the sub-chunk kernel took 3.9 ms with 2 warps
 # against 5.4 with 4 at 64 features; 8.9 (2 warps, 1 stage) against 11.8 (4) and 17.6 (8) at 128, though
-# 2 warps spill the most there (1.9 KB a thread, ptxas); 38.7 (4) against 49.4 (8) at 256. The programs
+# 2 warps spill the most there (ptxas: 1.4 KB a thread with 1 stage, 1.9 with 3, 0.6 with 4 warps); 38.7 (4) against 49.4 (8) at 256. The programs
 # are many and short, and more of them in flight is what pays. 16 and 32 features take 64's (not timed)
 SUB_WARPS = {16: 2, 32: 2, 64: 2, 128: 2, 256: 4}
 SUB_STAGES = 1
