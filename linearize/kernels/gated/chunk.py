@@ -120,25 +120,33 @@ chunk-parallel passes below, which store each chunk's starting state (and the ba
 
 Speed, measured on an H200 (Triton 3.6; ``benchmarks/kernel_breakdown.py``, kernel time, B = 1,
 32 heads, F = Dv = 128, bf16, ``results/h200-kernels/README.md``). At T = 32K the chunk-parallel
-forward takes 7.0 ms: the intra kernel 3.57 (51%), the states pass 1.83, the output pass 1.39,
-the sums 0.20; fla's ``chunk_gla`` on the same math 4.8 ms (its intra-chunk kernels 1.49, its
-states 1.19, its output 1.10). The sequential walk took 15.5 ms with 16-token steps (12.9 of them
-the walk) and 29.5 with 64-token ones. So the intra kernel bounds the forward now: its
-pairwise decays cost ``16 F`` exponentials a token (2048 at ``F = 128``), about 2.1e9 at that
-shape, some 0.6 ms of an H100's special-function units (16 a clock per multiprocessor), and the
-rest of its time is the per-key loop's ``[16, F]`` elementwise work and reductions. A forward +
-backward takes 24.3 ms of kernel time at 32K with the chunk-parallel backward, against 127.7
-with the walks (5.2x). Most of it is the sub-chunk kernel's 8.9 ms, then:
+forward takes 6.25 ms:
+- the intra kernel 2.81 (45%; 3.57 with the 8 warps it had before, 1 now);
+- the states pass 1.85;
+- the output pass 1.39;
+- the sums 0.20.
+
+fla's ``chunk_gla`` on the same math took 4.75 ms in the same run (0.76x fla): its intra-chunk
+kernels 1.43, its states 1.19, its output 1.10, PyTorch ops for the ones column 0.72. The
+sequential walk took 15.5 ms with 16-token steps (12.9 of them the walk) and 29.5 with 64-token
+ones. So the intra kernel bounds the forward now. Its pairwise decays cost ``16 F`` exponentials
+a token (2048 at ``F = 128``), about 2.1e9 at that shape: some 0.6 ms of an H100's
+special-function units (16 a clock per multiprocessor). The rest of its time is the per-key
+loop's ``[16, F]`` elementwise work and reductions.
+
+A forward + backward takes 23.6 ms of kernel time at 32K with the chunk-parallel backward,
+against 127.7 with the walks (5.4x). Most of it is the sub-chunk kernel's 8.9 ms, then:
 - the chunks' starting states, 3.6 (formed in the forward and again in the backward);
+- the intra kernel, 2.8;
 - their adjoints, 2.1;
-- the intra kernel, 3.6;
 - the state products, 2.0;
 - the output pass, 1.5;
 - ``dg``, 1.1.
 
-In wall time (``benchmarks/attention.py``) that is 24.3 ms against cuDNN softmax's 53.9 at 32K
-(2.2x), and 12.2 against 13.7 at 16K. The sub-chunk kernel is bound by its ``[16, F]`` fp32
-tiles: with 2 warps, the fastest setting, they spill (1.4 KB a thread at ``F = 128``).
+In wall time (``benchmarks/attention.py``, before the intra kernel's warps changed) it was
+24.3 ms against cuDNN softmax's 53.9 at 32K (2.2x), and 12.2 against 13.7 at 16K. The sub-chunk
+kernel is bound by its ``[16, F]`` fp32 tiles: with 2 warps, the fastest setting, they spill
+(1.4 KB a thread at ``F = 128``).
 
 Registers, compiled for sm_90a (Triton 3.9, ptxas 13.4; ``benchmarks/gated_registers.py``), bf16
 inputs, F = 128, the launchers' tiles: every kernel runs at 166-255 registers; spills in bytes a
@@ -207,9 +215,19 @@ DG_CHUNK = 64  # tokens a step of the decay-gradient suffix sum takes
 PARALLEL_FORWARD = True
 # the backward chunk-parallel too (each chunk's starting and adjoint states, what they give every
 # token, then every 16-token sub-chunk at once, _bwd_sub_kernel) rather than walking the chunks: forward
-# + backward 5.2x faster on an H200 at B=1, 32 heads, F=Dv=128, T=32K (24.3 ms of kernels against 127.7)
+# + backward 5.4x faster on an H200 at B=1, 32 heads, F=Dv=128, T=32K (23.6 ms of kernels against 127.7)
 PARALLEL_BACKWARD = True
 OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
+# warps of _intra_kernel, by features (a power of 2). On an H200 at 32K (B=1, 32 heads): 1.17 ms with 2
+# warps against 1.33 with 4 at 64 features; 2.82 with 1 against 3.21 (2), 4.25 (4) and 3.58 (8) at 128;
+# 9.2 with 4 against 15.5 with 8 at 256 (results/h200-kernels/gated_fwd_knobs.py). 16 and 32 take 64's
+INTRA_WARPS = {16: 2, 32: 2, 64: 2, 128: 1, 256: 4}
+INTRA_STAGES = 3
+# warps of the states walks (_par_states_kernel, _par_bwd_states_kernel) with 64 x 64 state blocks;
+# smaller blocks take 4 (4 for the big blocks too timed the same at 128 features)
+STATES_WARPS = 8
+BWD_STATES_WARPS = 8
+DG_BK = 16  # features a program of the decay-gradient suffix sums takes (1.07 ms at 32K, 1.15 with 32)
 # warps and pipelining stages of the chunk-parallel backward's sub-chunk programs, by features (a power
 # of 2 up to 256). On an H200 at 32K (B=1, 32 heads, Dv=F), the sub-chunk kernel took 3.9 ms with 2 warps
 # against 5.4 with 4 at 64 features; 8.9 (2 warps, 1 stage) against 11.8 (4) and 17.6 (8) at 128, though
@@ -1260,7 +1278,7 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
     _cumsum_kernel[(N, B * H)](g, c, T, TP, F, SC=SUB_CHUNK, NS=C // SUB_CHUNK, BF=_pow2(F), num_warps=4)
     _intra_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
         fq, fk, c, A, T, TP, F, C=C, SC=SUB_CHUNK, BF=_pow2(F), DT=DT, PREC=PREC, EMULATE=EMULATE,
-        num_warps=8 if F > 64 else 4,
+        num_warps=INTRA_WARPS[_pow2(F)], num_stages=INTRA_STAGES,
     )
     if (PARALLEL_FORWARD if parallel is None else parallel) and N <= MAX_GRID_Y:
         BKs, BVs = _par_config(F, DV, B * H, dtype, C)
@@ -1269,7 +1287,7 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
         _par_states_kernel[(triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)](
             fk, v, c, S0, z0, h, hz, S, z, T, TP, F, DV,
             C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
-            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=8 if BKs * BVs >= 4096 else 4, num_stages=2,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=STATES_WARPS if BKs * BVs >= 4096 else 4, num_stages=2,
         )
         BK, BV, num_warps = _out_config(F, DV, dtype, C)
         _par_output_kernel[(triton.cdiv(DV, BV), N, B * H)](
@@ -1334,7 +1352,7 @@ def gated_attention_bwd(fq, fk, v, g, A, y, d, dy, S0=None, z0=None, S=None, z=N
         # the final state's own term: d L / d b_{T-1} += rowsum(dS_T * S_T) (normaliser column included)
         dg_last = ((dS * S).sum(-1) + dz * z).contiguous() if has_dfinal else None
         dg = torch.empty_like(g)
-        BKg = min(_pow2(F), 32)
+        BKg = min(_pow2(F), DG_BK)
         _dg_kernel[(triton.cdiv(F, BKg), B * H)](
             dgq, dgk, dg_last, dg, T, F, C=DG_CHUNK, BK=BKg, HAS_LAST=has_dfinal, num_warps=4,
         )
@@ -1360,13 +1378,13 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     _cumsum_kernel[(N, B * H)](g, c, T, TP, F, SC=SUB_CHUNK, NS=C // SUB_CHUNK, BF=_pow2(F), num_warps=4)
     BKs, BVs = _par_config(F, DV, B * H, dtype, C)
     grid = (triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)
-    warps = 8 if BKs * BVs >= 4096 else 4
+    big = BKs * BVs >= 4096
     h = torch.empty(B, H, N, F, DV, device=dev, dtype=torch.float32)
     hz = torch.empty(B, H, N, F, device=dev, dtype=torch.float32)
     _par_states_kernel[grid](
         fk, v, c, S0, z0, h, hz, None, None, T, TP, F, DV,
         C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=False,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=warps, num_stages=2,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=STATES_WARPS if big else 4, num_stages=2,
     )
     inv = torch.where(d >= TINY, 1.0 / torch.where(d >= TINY, d, 1.0), 0.0)
     dd = (-(dy.float() * y).sum(-1) * inv).contiguous()  # [B, H, T]: d L / d (the normaliser)
@@ -1375,7 +1393,7 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     _par_bwd_states_kernel[grid](
         fq, c, dy, d, dd, dS, dz, dh, dhz, dS0, dz0, T, TP, F, DV,
         C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_DFINAL=has_dfinal, STORE_DINIT=dS0 is not None,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=warps, num_stages=2,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=BWD_STATES_WARPS if big else 4, num_stages=2,
     )
     dfq, dfk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(v)
     dgq = torch.empty(B, H, T, F, device=dev, dtype=torch.float32) if want_dg else None
