@@ -12,7 +12,12 @@ spill stores and loads (bytes a thread, in the code as compiled, not per step) a
 frame. The backward's three kinds of program (``dfq``, ``dfk``, ``dv``) are compiled alone as
 well as fused: the fused kernel takes the registers of its largest kind, and its spill count
 is that of all three paths. Inputs have every option on (initial and final state, ``dg``).
-This says whether a kernel's tiles stay in registers; it measures no speed.
+This says whether a kernel's tiles stay in registers; it measures no speed. The arguments are
+compiled without the alignment and divisibility hints a launch gives them, so a kernel can show
+more spills here than a real launch compiles to (``linearize.kernels.resources.launches`` records
+the launchers' own launches and compiles them with those hints: at F = Dv = 128 the chunk-parallel
+backward's sub-chunk kernel spills 1,410 bytes a thread there against 2,380 here, its state
+products 372 against 4,536).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sm90 import compile_sm90  # noqa: E402  (benchmarks/sm90.py)
 
 FP32_POINTERS = {"A", "c", "h", "hz", "den", "y32", "s0", "z0", "s_out", "z_out", "dgq", "dgk", "ds0", "dz0", "ds_final",
-                 "dz_final", "dg_last"}
+                 "dz_final", "dg_last", "dd", "dh", "dhz", "dqi", "dki", "dvs"}
 INTS = {"T", "TP", "F", "DV", "i_k", "i_v", "i_bh"}
 
 
@@ -98,17 +103,31 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     rows = []
     rows.append(("cumsum", f"BF={BF}", compile_report(mod._cumsum_kernel, dict(SC=SC, NS=C // SC, BF=BF), dtype)))
     intra = dict(C=C, SC=SC, BF=BF, **DT)
-    rows.append(("intra", f"BF={BF}", compile_report(mod._intra_kernel, intra, dtype, num_warps=8 if F > 64 else 4)))
+    rows.append(("intra", f"BF={BF} w={mod.INTRA_WARPS[BF]}",
+                 compile_report(mod._intra_kernel, intra, dtype, num_warps=mod.INTRA_WARPS[BF], num_stages=mod.INTRA_STAGES)))
     fwd = dict(C=C, SC=SC, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=True, STORE_Y32=True, **DT)
     rows.append(("fwd", f"BV={BV} w={fwd_warps}", compile_report(mod._fwd_kernel, fwd, dtype, num_warps=fwd_warps)))
     BKs, BVs = mod._par_config(F, DV, heads, torch_dtype, C=C)
     states = dict(C=C, SC=SC, BK=BKs, BV=BVs, HAS_INIT=True, STORE_FINAL=True, **DT)
+    big = BKs * BVs >= 4096
     rows.append(("par states", f"BK={BKs} BV={BVs}", compile_report(mod._par_states_kernel, states, dtype,
-                                                                    num_warps=8 if BKs * BVs >= 4096 else 4)))
+                                                                    num_warps=mod.STATES_WARPS if big else 4)))
     BKo, BVo, out_warps = mod._out_config(F, DV, torch_dtype, C=C)
     out = dict(C=C, SC=SC, BK=BKo, BV=BVo, NK=triton.cdiv(F, BKo), STORE_Y32=True, **DT)
     rows.append(("par output", f"BK={BKo} BV={BVo}", compile_report(mod._par_output_kernel, out, dtype,
                                                                     num_warps=out_warps)))
+    # the chunk-parallel backward (the default): the adjoint walk, the states' products, the sub-chunk programs
+    adj = dict(C=C, SC=SC, BK=BKs, BV=BVs, HAS_DFINAL=True, STORE_DINIT=True, **DT)
+    rows.append(("par bwd states", f"BK={BKs} BV={BVs}", compile_report(
+        mod._par_bwd_states_kernel, adj, dtype, num_warps=mod.BWD_STATES_WARPS if big else 4)))
+    BKi, BVi, inter_warps = mod._inter_config(F, DV, torch_dtype)
+    inter = dict(C=C, SC=SC, BK=BKi, BV=BVi, NK=triton.cdiv(F, BKi), ND=triton.cdiv(DV, BVi), **DT)
+    rows.append(("par bwd inter", f"BK={BKi} BV={BVi}", compile_report(mod._bwd_inter_kernel, inter, dtype,
+                                                                       num_warps=inter_warps)))
+    sub = dict(C=C, SC=SC, BF=BF, BDV=BDV, STORE_DG=True, **DT)
+    rows.append(("par bwd sub", f"w={mod.SUB_WARPS[BF]}", compile_report(
+        mod._bwd_sub_kernel, sub, dtype, num_warps=mod.SUB_WARPS[BF], num_stages=mod.SUB_STAGES)))
+    # the walking backward (parallel=False)
     NK = triton.cdiv(F, BK)
     bwd = dict(C=C, SC=SC, BF=BF, BK=BK, BV=BV, BDV=BDV, NK=NK, HAS_INIT=True, HAS_DFINAL=True, STORE_DINIT=True,
                STORE_DG=True, **DT)
