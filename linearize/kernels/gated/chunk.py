@@ -157,7 +157,8 @@ steps: the forward at F = 256 (256 -> 656), ``dfq``/``dfk`` at Dv = 256 (140/0 -
 forward with fp32 inputs (144 -> 816); ``chunk_size=16`` keeps the old figures there. The
 chunk-parallel backward's kernels at the launchers' settings (``linearize.kernels.resources``,
 bf16, F = Dv = 64 / 128 / 256): the sub-chunk kernel spills 88 / 1410 / 3198 bytes, the state
-products 0 / 372 / 2272, the adjoint walk 84 at every size; the states walk none.
+products 0 / 372 / 2272, the adjoint walk 84 at every size; the states walk none; the intra
+kernel, with the fewer warps it takes now (2 / 1 / 4), 0 / 168 / 752.
 
 Precision, as in :mod:`linearize.kernels.linear.chunk`: state and accumulation in fp32; with fp32
 (or fp16) inputs every product is fp32 (``ieee``); with bf16 inputs the products run on bf16
