@@ -143,8 +143,8 @@ against 127.7 with the walks (5.4x). Most of it is the sub-chunk kernel's 8.9 ms
 - the output pass, 1.5;
 - ``dg``, 1.1.
 
-In wall time (``benchmarks/attention.py``, before the intra kernel's warps changed) it was
-24.3 ms against cuDNN softmax's 53.9 at 32K (2.2x), and 12.2 against 13.7 at 16K. The sub-chunk
+In wall time (``benchmarks/attention.py``) it is 23.6 ms against cuDNN softmax's 52.9 at 32K
+(2.25x), and 11.9 against 13.4 at 16K; the forward 6.21 against 13.6 (2.20x). The sub-chunk
 kernel is bound by its ``[16, F]`` fp32 tiles: with 2 warps, the fastest setting, they spill
 (1.4 KB a thread at ``F = 128``).
 
