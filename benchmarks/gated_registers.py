@@ -109,9 +109,8 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     rows.append(("fwd", f"BV={BV} w={fwd_warps}", compile_report(mod._fwd_kernel, fwd, dtype, num_warps=fwd_warps)))
     BKs, BVs = mod._par_config(F, DV, heads, torch_dtype, C=C)
     states = dict(C=C, SC=SC, BK=BKs, BV=BVs, HAS_INIT=True, STORE_FINAL=True, **DT)
-    big = BKs * BVs >= 4096
     rows.append(("par states", f"BK={BKs} BV={BVs}", compile_report(mod._par_states_kernel, states, dtype,
-                                                                    num_warps=mod.STATES_WARPS if big else 4)))
+                                                                    num_warps=mod._states_warps(BKs, BVs))))
     BKo, BVo, out_warps = mod._out_config(F, DV, torch_dtype, C=C)
     out = dict(C=C, SC=SC, BK=BKo, BV=BVo, NK=triton.cdiv(F, BKo), STORE_Y32=True, **DT)
     rows.append(("par output", f"BK={BKo} BV={BVo}", compile_report(mod._par_output_kernel, out, dtype,
@@ -119,7 +118,7 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     # the chunk-parallel backward (the default): the adjoint walk, the states' products, the sub-chunk programs
     adj = dict(C=C, SC=SC, BK=BKs, BV=BVs, HAS_DFINAL=True, STORE_DINIT=True, **DT)
     rows.append(("par bwd states", f"BK={BKs} BV={BVs}", compile_report(
-        mod._par_bwd_states_kernel, adj, dtype, num_warps=mod.BWD_STATES_WARPS if big else 4)))
+        mod._par_bwd_states_kernel, adj, dtype, num_warps=mod._states_warps(BKs, BVs))))
     BKi, BVi, inter_warps = mod._inter_config(F, DV, torch_dtype)
     inter = dict(C=C, SC=SC, BK=BKi, BV=BVi, NK=triton.cdiv(F, BKi), ND=triton.cdiv(DV, BVi), **DT)
     rows.append(("par bwd inter", f"BK={BKi} BV={BVi}", compile_report(mod._bwd_inter_kernel, inter, dtype,

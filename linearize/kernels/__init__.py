@@ -20,9 +20,10 @@ Kernels (``LINEARIZE_KERNELS``), the same switch for plain linear attention
   ``hybrid/chunk.py``, ``MAX_COMPILED_HEAD``). Compiled on an H200 (Triton 3.6), every GPU test
   of the kernels and of the CUDA-graph decoder passes, batch 16 x 9 heads included, but two
   known limits (both ``xfail``): the gated kernels' ``dg`` with strong decays is 1.1e-4 from
-  float64 where the fp32 reference is 2.5e-6, and the hybrid kernels with heads of 128. The gated forward and backward
-  are chunk-parallel (``gated/chunk.py``, ``PARALLEL_FORWARD``, ``PARALLEL_BACKWARD``: 4.6x the
-  sequential walk's speed forward, 5.4x forward + backward, at B=1, 32 heads, head 128, 32K); the linear kernels' opt-in two-pass forward (``parallel=True``) is not used
+  float64 where the fp32 reference is 2.5e-6, and the hybrid kernels with heads of 128. The
+  gated forward and backward are chunk-parallel (``gated/chunk.py``, ``PARALLEL_FORWARD``,
+  ``PARALLEL_BACKWARD``: 4.6x the sequential walk's speed forward, 5.4x forward + backward, at
+  B=1, 32 heads, head 128, 32K); the linear kernels' opt-in two-pass forward (``parallel=True``) is not used
   here: it is right on the H200 but slower than the walk (0.49x at 256 heads);
 * ``reference``: the PyTorch reference everywhere;
 * ``triton``: the Triton kernels wherever the form has one, whatever the device (CPU tensors

@@ -225,15 +225,15 @@ OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
 INTRA_WARPS = {16: 2, 32: 2, 64: 2, 128: 1, 256: 4}
 INTRA_STAGES = 3
 # warps of the states walks (_par_states_kernel, _par_bwd_states_kernel) with 64 x 64 state blocks;
-# smaller blocks take 4 (4 for the big blocks too timed the same at 128 features)
+# smaller blocks take 4 (4 for the big blocks too timed the same at 128 features, forward and backward)
 STATES_WARPS = 8
-BWD_STATES_WARPS = 8
 DG_BK = 16  # features a program of the decay-gradient suffix sums takes (1.07 ms at 32K, 1.15 with 32)
 # warps and pipelining stages of the chunk-parallel backward's sub-chunk programs, by features (a power
 # of 2 up to 256). On an H200 at 32K (B=1, 32 heads, Dv=F), the sub-chunk kernel took 3.9 ms with 2 warps
 # against 5.4 with 4 at 64 features; 8.9 (2 warps, 1 stage) against 11.8 (4) and 17.6 (8) at 128, though
-# 2 warps spill the most there (ptxas: 1.4 KB a thread with 1 stage, 1.9 with 3, 0.6 with 4 warps); 38.7 (4) against 49.4 (8) at 256. The programs
-# are many and short, and more of them in flight is what pays. 16 and 32 features take 64's (not timed)
+# 2 warps spill the most there (ptxas: 1.4 KB a thread with 1 stage, 1.9 with 3, 0.6 with 4 warps); 38.7
+# (4) against 49.4 (8) at 256. The programs are many and short, and more of them in flight is what pays.
+# 16 and 32 features take 64's (not timed)
 SUB_WARPS = {16: 2, 32: 2, 64: 2, 128: 2, 256: 4}
 SUB_STAGES = 1
 # features, value columns and warps of its state products' programs (bf16): at 128 features, 2.0 ms at
@@ -672,7 +672,8 @@ def _bwd_sub_kernel(
     sub-chunks: one product each, ``P``'s block against the keys of an earlier ``J`` decayed to
     the start of ``I`` (``dfq``), or its transpose against the queries of a later ``I'`` decayed
     from the end of ``I`` (``dfk``), both factors ``<= 1`` as in :func:`_intra_kernel`; ``dv``
-    takes ``A``'s blocks transposed against ``dn``. ``fq dfq`` and ``fk dfk`` are stored for ``dg`` before a token's pair with itself is added (see the module docstring)."""
+    takes ``A``'s blocks transposed against ``dn``. ``fq dfq`` and ``fk dfk`` are stored for
+    ``dg`` before a token's pair with itself is added (see the module docstring)."""
     NS: tl.constexpr = C // SC
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -1226,6 +1227,11 @@ def _par_config(F: int, DV: int, heads: int, dtype=torch.bfloat16, C: int = CHUN
     return BK, BV
 
 
+def _states_warps(BK: int, BV: int) -> int:
+    """Warps of the states walks for ``[BK, BV]`` state blocks (:data:`STATES_WARPS` for 64 x 64)."""
+    return STATES_WARPS if BK * BV >= 4096 else 4
+
+
 def _out_config(F: int, DV: int, dtype=torch.bfloat16, C: int = CHUNK):
     """``(BK, BV, num_warps)`` of the chunk-parallel forward's output pass: ``[C, BK]`` query
     tiles against ``[BK, BV]`` blocks of the starting state, the features summed ``BK`` at a time.
@@ -1288,7 +1294,7 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
         _par_states_kernel[(triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)](
             fk, v, c, S0, z0, h, hz, S, z, T, TP, F, DV,
             C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
-            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=STATES_WARPS if BKs * BVs >= 4096 else 4, num_stages=2,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=_states_warps(BKs, BVs), num_stages=2,
         )
         BK, BV, num_warps = _out_config(F, DV, dtype, C)
         _par_output_kernel[(triton.cdiv(DV, BV), N, B * H)](
@@ -1366,7 +1372,8 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     (``_par_bwd_states_kernel``, which also writes ``dS0``/``dz0`` when they are given), fp32
     ``[B, H, T / C, F, Dv]`` each; then what the states contribute (``_bwd_inter_kernel``, every
     chunk at once, fp32 ``[B, H, T, F]`` and ``[B, H, T, Dv]``), and ``_bwd_sub_kernel``, a
-    program per 16-token sub-chunk, all at once, for the pairs inside each chunk. A token's ``fq dfq`` and ``fk dfk`` are the same as the
+    program per 16-token sub-chunk, all at once, for the pairs inside each chunk. A token's
+    ``fq dfq`` and ``fk dfk`` are the same as the
     walk's (its chunk's states are what the walk carries there), so ``dg``'s suffix sums run over
     them as before. Returns ``(dfq, dfk, dv, dgq, dgk)``, the last two None unless ``want_dg``."""
     B, H, T, F = fq.shape
@@ -1379,13 +1386,12 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     _cumsum_kernel[(N, B * H)](g, c, T, TP, F, SC=SUB_CHUNK, NS=C // SUB_CHUNK, BF=_pow2(F), num_warps=4)
     BKs, BVs = _par_config(F, DV, B * H, dtype, C)
     grid = (triton.cdiv(F, BKs), triton.cdiv(DV, BVs), B * H)
-    big = BKs * BVs >= 4096
     h = torch.empty(B, H, N, F, DV, device=dev, dtype=torch.float32)
     hz = torch.empty(B, H, N, F, device=dev, dtype=torch.float32)
     _par_states_kernel[grid](
         fk, v, c, S0, z0, h, hz, None, None, T, TP, F, DV,
         C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_INIT=S0 is not None, STORE_FINAL=False,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=STATES_WARPS if big else 4, num_stages=2,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=_states_warps(BKs, BVs), num_stages=2,
     )
     inv = torch.where(d >= TINY, 1.0 / torch.where(d >= TINY, d, 1.0), 0.0)
     dd = (-(dy.float() * y).sum(-1) * inv).contiguous()  # [B, H, T]: d L / d (the normaliser)
@@ -1394,7 +1400,7 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     _par_bwd_states_kernel[grid](
         fq, c, dy, d, dd, dS, dz, dh, dhz, dS0, dz0, T, TP, F, DV,
         C=C, SC=SUB_CHUNK, BK=BKs, BV=BVs, HAS_DFINAL=has_dfinal, STORE_DINIT=dS0 is not None,
-        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=BWD_STATES_WARPS if big else 4, num_stages=2,
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=_states_warps(BKs, BVs), num_stages=2,
     )
     dfq, dfk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(v)
     dgq = torch.empty(B, H, T, F, device=dev, dtype=torch.float32) if want_dg else None
