@@ -48,6 +48,8 @@ def _signature(fn, consts, dtype, y_fp32=False):
             sig[name] = "constexpr"
         elif name in INTS:
             sig[name] = "i32"
+        elif name == "LIMIT":
+            sig[name] = "fp32"
         elif name in FP32_POINTERS or (name == "y" and y_fp32):
             sig[name] = "*fp32"
         else:

@@ -33,6 +33,7 @@ import torch
 from triton_env import DEVICE, Launches, Spy, interpreting, rel, through_kernels, triton  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from linearize.kernels import GatedState, chunk_gated_attention, gated_attention, gated_step
+import linearize.kernels.gated.chunk as chunk_module
 from linearize.kernels.gated.chunk import CHUNK, CHUNK_SIZES, SUB_CHUNK, triton_chunk_gated_attention
 from linearize.kernels.gated.recurrent import triton_gated_step
 
@@ -47,13 +48,20 @@ def log_decays(noise, strength):
     * ``lawcat``: LAWCAT's ``logsigmoid(x) / 16`` for ``x ~ N(0, 1)``, about -0.05;
     * ``strong``: ``logsigmoid(20 x)``: half the channels keep ~1, the rest drop by up to e^-60 a
       token, so a 16-token chunk decays by more than e^-88 and ``exp(-b)`` overflows fp32;
-    * ``huge``: -40 to -80 on every channel and token: each token sees almost only itself.
+    * ``huge``: -40 to -80 on every channel and token: each token sees almost only itself;
+    * ``mixed``: ``lawcat``, and ``strong`` in every third sub-chunk.
     """
     return {
         "weak": lambda n: torch.nn.functional.logsigmoid(n + 6) / 16,
         "lawcat": lambda n: torch.nn.functional.logsigmoid(n) / 16,
         "strong": lambda n: torch.nn.functional.logsigmoid(n * 20),
         "huge": lambda n: -40 - 15 * n.abs(),
+        # LAWCAT's, but strong in every third 16-token sub-chunk (tokens 16-31, 64-79, ...)
+        "mixed": lambda n: torch.where(
+            ((torch.arange(n.shape[-2]) // SUB_CHUNK) % 3 == 1)[:, None],
+            torch.nn.functional.logsigmoid(n * 20),
+            torch.nn.functional.logsigmoid(n) / 16,
+        ),
     }[strength](noise)
 
 
@@ -197,6 +205,32 @@ def test_intra_chunk_weights_of_64_token_chunks():
     assert rel(kernel[..., seen], exact[..., seen]) <= 1e-6
     assert rel(kernel[..., off_diagonal], exact[..., off_diagonal]) <= 1e-6
     assert float(kernel[..., same_block & ~seen].abs().max()) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("chunk,T,dtype", [(16, 100, torch.float32), (64, 130, torch.float32), (64, 70, torch.bfloat16)])
+def test_factored_and_pairwise_sub_chunks(monkeypatch, chunk, T, dtype):
+    """A sub-chunk whose decay stays above ``e^-FACTOR_LIMIT`` takes its pairs inside as products
+    of decayed queries and keys (forward and backward), one that decays more takes them pairwise:
+    with ``mixed`` decays one launch takes both. The kernel equals the reference, and the
+    pairwise form everywhere (``FACTOR_LIMIT = 0``); without the limit the strong sub-chunks'
+    factors overflow, so the limit is what keeps them right."""
+    g = make_inputs(T, seed=21, decay="mixed", b=1)[3]
+    G = g[..., : T // SUB_CHUNK * SUB_CHUNK, :].unflatten(-2, (-1, SUB_CHUNK)).sum(-2).amin(-1)  # [b, h, sub-chunks]
+    assert bool((G > -chunk_module.FACTOR_LIMIT).any()) and bool((G < -chunk_module.FACTOR_LIMIT).any())
+    run = lambda: run_both(T, seed=21, dtype=dtype, decay="mixed", init=True, b=1, chunk=chunk,  # noqa: E731
+                           impls=("kernel", "reference"))
+    out = run()
+    monkeypatch.setattr(chunk_module, "FACTOR_LIMIT", 0.0)
+    out["pairwise"] = run()["kernel"]
+    for against in ("reference", "pairwise"):
+        err = errors(out, against=against)
+        if dtype == torch.float32:
+            assert max(err.values()) <= fp32_tolerance("strong"), (against, err)
+        else:
+            assert err["y"] <= 1e-2 and max(err[n] for n in NAMES[3:]) <= 2e-2, (against, err)
+    monkeypatch.setattr(chunk_module, "FACTOR_LIMIT", float("inf"))
+    assert not all(bool(torch.isfinite(x).all()) for x in run()["kernel"])
 
 
 @pytest.mark.parametrize("chunk", CHUNK_SIZES)

@@ -219,6 +219,10 @@ PARALLEL_FORWARD = True
 # + backward 5.4x faster on an H200 at B=1, 32 heads, F=Dv=128, T=32K (23.6 ms of kernels against 127.7)
 PARALLEL_BACKWARD = True
 OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
+# a 16-token sub-chunk whose decay stays above e^-FACTOR_LIMIT in every feature takes its pairs
+# inside as products of decayed queries and keys, each factor within e^+-FACTOR_LIMIT, rather than
+# one exponential a pair and feature (_intra_kernel, _bwd_sub_kernel); 0 takes the pairwise form always
+FACTOR_LIMIT = 40.0
 # warps of _intra_kernel, by features (a power of 2). On an H200 at 32K (B=1, 32 heads): 1.17 ms with 2
 # warps against 1.33 with 4 at 64 features; 2.82 with 1 against 3.21 (2), 4.25 (4) and 3.58 (8) at 128;
 # 9.2 with 4 against 15.5 with 8 at 256 (results/h200-kernels/gated_fwd_knobs.py). 16 and 32 take 64's
@@ -234,7 +238,9 @@ DG_BK = 16  # features a program of the decay-gradient suffix sums takes (1.07 m
 # 2 warps spill the most there (ptxas: 1.4 KB a thread with 1 stage, 1.9 with 3, 0.6 with 4 warps); 38.7
 # (4) against 49.4 (8) at 256. The programs are many and short, and more of them in flight is what pays.
 # 16 and 32 features take 64's (not timed)
-SUB_WARPS = {16: 2, 32: 2, 64: 2, 128: 2, 256: 4}
+# With the sub-chunks factored (FACTOR_LIMIT, LAWCAT-like decays): 6.58 ms with 4 warps against 7.27 (2)
+# and 9.93 (8) at 128 features; 2.46 (2) against 3.28 (4) at 64 (results/h200-kernels/gated_factored_knobs.py)
+SUB_WARPS = {16: 2, 32: 2, 64: 2, 128: 4, 256: 4}
 SUB_STAGES = 1
 # features, value columns and warps of its state products' programs (bf16): at 128 features, 2.0 ms at
 # 32K against 2.3 with (64, 64, 4), 3.0 with (32, 64, 4), 4.4 with (32, 32, 4), 5.7 with (128, 64, 4)
@@ -368,7 +374,7 @@ def _cumsum_kernel(g, c, T, TP, F, SC: tl.constexpr, NS: tl.constexpr, BF: tl.co
 
 
 @triton.jit
-def _intra_kernel(fq, fk, c, A, T, TP, F, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr,
+def _intra_kernel(fq, fk, c, A, T, TP, F, LIMIT, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr,
                       DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for the keys ``j`` of ``t``'s chunk up to
     ``t``'s sub-chunk, from the sub-chunk sums ``c`` of :func:`_cumsum_kernel`; grid ``(T / SC,
@@ -380,7 +386,12 @@ def _intra_kernel(fq, fk, c, A, T, TP, F, C: tl.constexpr, SC: tl.constexpr, BF:
     exponentiated; so ``[SC, F]`` elementwise work a key rather than one ``[SC, SC, F]`` product.
     The earlier sub-chunks ``J`` of the chunk: one product of the queries decayed from the start
     of ``I`` and the keys decayed to it, ``(fq_i exp(c_i)) . (fk_j exp((G_J - c_j) + sum_{J<M<I}
-    G_M))``, both factors ``<= 1``."""
+    G_M))``, both factors ``<= 1``.
+
+    A sub-chunk whose decay stays above ``e^-LIMIT`` in every feature (``G_I > -LIMIT``, see
+    :data:`FACTOR_LIMIT`) forms its diagonal block as one product too, ``(fq_i exp(c_i)) .
+    (fk_j exp(-c_j))``, masked to ``i >= j``: the second factor is at most ``e^LIMIT``, so
+    nothing overflows, with ``SC`` times fewer exponentials."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     o_c = tl.arange(0, SC)
@@ -395,18 +406,26 @@ def _intra_kernel(fq, fk, c, A, T, TP, F, C: tl.constexpr, SC: tl.constexpr, BF:
     p_row = A + (i_bh * T + t[:, None]) * C  # [SC, 1]: the rows of A
     b_fq = tl.load(fq + t[:, None] * F + o_f[None, :], mask=m, other=0.0).to(tl.float32)  # [SC, BF]
     b_c = tl.load(c + t[:, None] * F + o_f[None, :], mask=m_f[None, :], other=0.0)  # rows < TP
-    acc = tl.zeros([SC, SC], dtype=tl.float32)
-    for j in range(0, SC):
-        t_j = i_s * SC + j
-        k_j = tl.load(fk + t_j * F + o_f, mask=m_f & (o_f * 0 + t_j < T), other=0.0).to(tl.float32)  # [BF]
-        c_j = tl.load(c + t_j * F + o_f, mask=m_f, other=0.0)
-        e = tl.where(o_c[:, None] >= j, b_c - c_j[None, :], float("-inf"))  # <= 0 on and below the diagonal
-        a = tl.sum(b_fq * k_j[None, :] * tl.exp(e), 1)  # [SC]
-        acc = tl.where(o_c[None, :] == j, a[:, None], acc)
+    G_I = tl.load(c + (i_s * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)  # [BF]: the sub-chunk's decay
+    q_loc = b_fq * tl.exp(b_c)  # [SC, BF]: decayed from the start of I
+    if tl.min(G_I, 0) > -LIMIT:
+        p_T = t[None, :] * F + o_f[:, None]  # [BF, SC]: I's keys loaded transposed
+        k_upT = tl.load(fk + p_T, mask=m_f[:, None] & m_t[None, :], other=0.0).to(tl.float32) * tl.exp(
+            -tl.load(c + p_T, mask=m_f[:, None], other=0.0)
+        )  # [BF, SC]: decayed back to the start of I, <= e^LIMIT
+        acc = tl.where(o_c[:, None] >= o_c[None, :], _dot_split(q_loc, k_upT, DT, PREC, EMULATE, True, True), 0.0)
+    else:
+        acc = tl.zeros([SC, SC], dtype=tl.float32)
+        for j in range(0, SC):
+            t_j = i_s * SC + j
+            k_j = tl.load(fk + t_j * F + o_f, mask=m_f & (o_f * 0 + t_j < T), other=0.0).to(tl.float32)  # [BF]
+            c_j = tl.load(c + t_j * F + o_f, mask=m_f, other=0.0)
+            e = tl.where(o_c[:, None] >= j, b_c - c_j[None, :], float("-inf"))  # <= 0 on and below the diagonal
+            a = tl.sum(b_fq * k_j[None, :] * tl.exp(e), 1)  # [SC]
+            acc = tl.where(o_c[None, :] == j, a[:, None], acc)
     I = i_s % (C // SC)
     tl.store(p_row + I * SC + o_c[None, :], acc, mask=m_t[:, None])
     if C > SC:
-        q_loc = b_fq * tl.exp(b_c)  # [SC, BF]: decayed from the start of I
         between = tl.zeros([BF], dtype=tl.float32)  # the decay of the sub-chunks strictly between J and I
         for jj in range(0, I):
             J = I - 1 - jj
@@ -651,7 +670,7 @@ def _bwd_inter_kernel(
 @triton.jit
 def _bwd_sub_kernel(
     fq, fk, v, c, A, den, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk,
-    T, TP, F, DV,
+    T, TP, F, DV, LIMIT,
     C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
@@ -668,7 +687,11 @@ def _bwd_sub_kernel(
 
     The pairs inside ``I`` a token ``r`` at a time, ``[SC, F]`` elementwise work each: key ``r``
     for the later queries' ``dfq`` (``exp(c_i - c_r)``) and query ``r`` for the earlier keys'
-    ``dfk`` (``exp(c_r - c_j)``), one exponential for both. The pairs with the chunk's other
+    ``dfk`` (``exp(c_r - c_j)``), one exponential for both; or, where ``I``'s decay stays above
+    ``e^-LIMIT`` in every feature (:data:`FACTOR_LIMIT`), two products: ``P`` (strictly below its
+    diagonal) against the keys decayed back to the start of ``I`` (``fk_j exp(-c_j)``, at most
+    ``e^LIMIT``) for ``dfq``, then times ``exp(c_i)``; ``P^T`` against the queries decayed from
+    it (``fq_i exp(c_i)``) for ``dfk``, then times ``exp(-c_j)``. The pairs with the chunk's other
     sub-chunks: one product each, ``P``'s block against the keys of an earlier ``J`` decayed to
     the start of ``I`` (``dfq``), or its transpose against the queries of a later ``I'`` decayed
     from the end of ``I`` (``dfk``), both factors ``<= 1`` as in :func:`_intra_kernel`; ``dv``
@@ -709,21 +732,31 @@ def _bwd_sub_kernel(
     b_vT = tl.load(v + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
     causal = o_c[:, None] >= o_c[None, :]
     P = tl.where(causal, _dot_split(b_dn, b_vT, DT, PREC, EMULATE, True, False) + b_dd[:, None], 0.0)  # [SC, SC]
-    dq = tl.zeros([SC, BF], dtype=tl.float32)
-    dk = tl.zeros([SC, BF], dtype=tl.float32)
-    for r in range(0, SC):  # the pairs inside I, the token r on one side of each
-        t_r = i_s * SC + r
-        m_r = m_f & (o_f * 0 + t_r < T)
-        q_r = tl.load(fq + t_r * F + o_f, mask=m_r, other=0.0).to(tl.float32)  # [BF]
-        k_r = tl.load(fk + t_r * F + o_f, mask=m_r, other=0.0).to(tl.float32)
-        c_r = tl.load(c + t_r * F + o_f, mask=m_f, other=0.0)
-        after = o_c[:, None] > r
-        e = b_c - c_r[None, :]
-        E = tl.exp(tl.where(after, e, -e))  # <= 1: exp(c_i - c_r) below r, exp(c_r - c_j) above
-        P_col = tl.sum(tl.where(o_c[None, :] == r, P, 0.0), 1)  # [SC]: P_ir
-        P_row = tl.sum(tl.where(o_c[:, None] == r, P, 0.0), 0)  # [SC]: P_rj
-        dq += tl.where(after, P_col[:, None] * k_r[None, :] * E, 0.0)
-        dk += tl.where(o_c[:, None] < r, P_row[:, None] * q_r[None, :] * E, 0.0)
+    if tl.min(G_I, 0) > -LIMIT:  # the pairs inside I as products (the pair of a token with itself apart)
+        strict = o_c[:, None] > o_c[None, :]
+        E = tl.exp(b_c)  # [SC, BF]: exp(c), <= 1
+        E_up = tl.exp(-b_c)  # <= e^LIMIT
+        dq = _dot_split(tl.where(strict, P, 0.0), b_fk * E_up, DT, PREC, EMULATE, True, True) * E
+        dnT = tl.load(dy + t[None, :] * DV + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
+                      other=0.0).to(tl.float32) * inv[None, :]  # [BDV, SC], loaded transposed
+        PT = _dot_split(b_v, dnT, DT, PREC, EMULATE, False, True) + b_dd[None, :]  # [SC j, SC i]: P_ij
+        dk = _dot_split(tl.where(o_c[:, None] < o_c[None, :], PT, 0.0), b_fq * E, DT, PREC, EMULATE, True, True) * E_up
+    else:
+        dq = tl.zeros([SC, BF], dtype=tl.float32)
+        dk = tl.zeros([SC, BF], dtype=tl.float32)
+        for r in range(0, SC):  # the pairs inside I, the token r on one side of each
+            t_r = i_s * SC + r
+            m_r = m_f & (o_f * 0 + t_r < T)
+            q_r = tl.load(fq + t_r * F + o_f, mask=m_r, other=0.0).to(tl.float32)  # [BF]
+            k_r = tl.load(fk + t_r * F + o_f, mask=m_r, other=0.0).to(tl.float32)
+            c_r = tl.load(c + t_r * F + o_f, mask=m_f, other=0.0)
+            after = o_c[:, None] > r
+            e = b_c - c_r[None, :]
+            E = tl.exp(tl.where(after, e, -e))  # <= 1: exp(c_i - c_r) below r, exp(c_r - c_j) above
+            P_col = tl.sum(tl.where(o_c[None, :] == r, P, 0.0), 1)  # [SC]: P_ir
+            P_row = tl.sum(tl.where(o_c[:, None] == r, P, 0.0), 0)  # [SC]: P_rj
+            dq += tl.where(after, P_col[:, None] * k_r[None, :] * E, 0.0)
+            dk += tl.where(o_c[:, None] < r, P_row[:, None] * q_r[None, :] * E, 0.0)
     n_sub = tl.minimum(tl.cdiv(T - i_t * C, SC), NS)  # the chunk's sub-chunks that hold tokens
     if NS > 1:
         # earlier sub-chunks J as keys of I's queries, decayed to the start of I
@@ -1284,7 +1317,7 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
     c = torch.empty(B, H, TP, F, device=dev, dtype=torch.float32)  # the sums of g inside each sub-chunk
     _cumsum_kernel[(N, B * H)](g, c, T, TP, F, SC=SUB_CHUNK, NS=C // SUB_CHUNK, BF=_pow2(F), num_warps=4)
     _intra_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
-        fq, fk, c, A, T, TP, F, C=C, SC=SUB_CHUNK, BF=_pow2(F), DT=DT, PREC=PREC, EMULATE=EMULATE,
+        fq, fk, c, A, T, TP, F, float(FACTOR_LIMIT), C=C, SC=SUB_CHUNK, BF=_pow2(F), DT=DT, PREC=PREC, EMULATE=EMULATE,
         num_warps=INTRA_WARPS[_pow2(F)], num_stages=INTRA_STAGES,
     )
     if (PARALLEL_FORWARD if parallel is None else parallel) and N <= MAX_GRID_Y:
@@ -1416,7 +1449,7 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
         num_warps=warps_i, num_stages=2,
     )
     _bwd_sub_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
-        fq, fk, v, c, A, d, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk, T, TP, F, DV,
+        fq, fk, v, c, A, d, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk, T, TP, F, DV, float(FACTOR_LIMIT),
         C=C, SC=SUB_CHUNK, BF=_pow2(F), BDV=_pow2(DV), STORE_DG=want_dg,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=SUB_WARPS[_pow2(F)], num_stages=SUB_STAGES,
     )
