@@ -48,7 +48,7 @@ def _signature(fn, consts, dtype, y_fp32=False):
             sig[name] = "constexpr"
         elif name in INTS:
             sig[name] = "i32"
-        elif name == "LIMIT":
+        elif name in ("LIMIT", "CHUNK_LIMIT"):
             sig[name] = "fp32"
         elif name in FP32_POINTERS or (name == "y" and y_fp32):
             sig[name] = "*fp32"
@@ -104,7 +104,7 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     SC = mod.SUB_CHUNK
     rows = []
     rows.append(("cumsum", f"BF={BF}", compile_report(mod._cumsum_kernel, dict(SC=SC, NS=C // SC, BF=BF), dtype)))
-    intra = dict(C=C, SC=SC, BF=BF, **DT)
+    intra = dict(C=C, SC=SC, BF=BF, BK=min(BF, mod.INTRA_BK), **DT)
     rows.append(("intra", f"BF={BF} w={mod.INTRA_WARPS[BF]}",
                  compile_report(mod._intra_kernel, intra, dtype, num_warps=mod.INTRA_WARPS[BF], num_stages=mod.INTRA_STAGES)))
     fwd = dict(C=C, SC=SC, BF=BF, BV=BV, HAS_INIT=True, STORE_FINAL=True, STORE_Y32=True, **DT)
@@ -125,6 +125,12 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     inter = dict(C=C, SC=SC, BK=BKi, BV=BVi, NK=triton.cdiv(F, BKi), ND=triton.cdiv(DV, BVi), **DT)
     rows.append(("par bwd inter", f"BK={BKi} BV={BVi}", compile_report(mod._bwd_inter_kernel, inter, dtype,
                                                                        num_warps=inter_warps)))
+    BKc, BVc, chunk_warps = mod.CHUNK_BLOCKS
+    BKc, BVc = min(BF, BKc), min(BDV, BVc)
+    chunk = dict(C=C, SC=SC, BF=BF, BK=BKc, BV=BVc, NK=triton.cdiv(F, BKc), ND=triton.cdiv(DV, BVc), STORE_DG=True,
+                 **DT)
+    rows.append(("par bwd chunk", f"BK={BKc} BV={BVc}", compile_report(mod._bwd_chunk_kernel, chunk, dtype,
+                                                                       num_warps=chunk_warps)))
     sub = dict(C=C, SC=SC, BF=BF, BDV=BDV, STORE_DG=True, **DT)
     rows.append(("par bwd sub", f"w={mod.SUB_WARPS[BF]}", compile_report(
         mod._bwd_sub_kernel, sub, dtype, num_warps=mod.SUB_WARPS[BF], num_stages=mod.SUB_STAGES)))

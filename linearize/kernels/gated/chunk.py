@@ -8,7 +8,7 @@ With ``g = log alpha <= 0`` (per token and feature) and ``v1 = [v, 1]``:
 The oracle is :func:`linearize.kernels.gated.chunk_gated_attention` (see its module for the math
 and the citation); the state is kept here as ``S [F, Dv]`` and ``z [F]`` (the ones column).
 
-Chunks, sub-chunks, and why every exponent is ``<= 0``. The kernels walk the sequence ``C``
+Chunks, sub-chunks, and why no exponent overflows. The kernels walk the sequence ``C``
 tokens a step (``chunk_size``: 64, the default, or 16), a chunk being ``C / 16`` sub-chunks of 16
 tokens. Write ``c_i`` for the running sum of ``g`` from the start of ``i``'s sub-chunk through
 ``i`` (inclusive), ``G_M`` for sub-chunk ``M``'s total and ``b_i`` for the sum from the chunk
@@ -19,10 +19,11 @@ start. For a query ``i`` in sub-chunk ``I``:
     A_ij = sum_f (fq_if exp(c_if)) (fk_jf exp((G_Jf - c_jf) + sum_{J<M<I} G_Mf))   j in J < I
     S_end = diag(exp(b_last)) S_start + sum_j (fk_j * exp(b_last - b_j)) v1_j^T
 
-The diagonal 16 x 16 blocks are formed pairwise (a ``[16, 16, F]`` product, the exponent set to
-``-inf`` above the diagonal before it is exponentiated), never as ``(fq exp(b)) (fk exp(-b))^T``,
-whose second factor overflows fp32 once a sub-chunk's decay passes ``e^-88`` (5.5 a token on
-average). An off-diagonal block (the 6 pairs ``J < I`` of a 64-token chunk) is one matrix product
+Where the decay is strong, the diagonal 16 x 16 blocks are formed pairwise (a ``[16, 16, F]``
+product, the exponent set to ``-inf`` above the diagonal before it is exponentiated), not as
+``(fq exp(b)) (fk exp(-b))^T``, whose second factor overflows fp32 once a sub-chunk's decay
+passes ``e^-88`` (5.5 a token on average). Where it is not (the factored blocks below), they are
+that product. An off-diagonal block (the 6 pairs ``J < I`` of a 64-token chunk) is one matrix product
 of the queries decayed from the start of ``I`` and the keys decayed to it: the decay
 ``exp(b_i - b_j)`` factored at ``r``, the running decay at the boundary before ``I``, as
 ``exp(b_i - r) exp(r - b_j)``; ``b`` does not increase, so both factors are ``<= 1``
@@ -38,18 +39,33 @@ cancellation. (The backward's ``dg`` depends on this: its terms cancel, and a fo
 every chunk is one sub-chunk: the kernels are the 16-token ones as they were before 64-token
 steps existed (the forward's loop body verbatim).
 
+Factored blocks (:data:`FACTOR_LIMIT`, 40). A chunk whose decay stays above ``e^-40`` in every
+feature (``min_f sum of its g > -40``) takes its pairs as one product, ``A_ij = (fq_i exp(b_i)) .
+(fk_j exp(-b_j))`` masked to ``i >= j``: the first factor is ``<= 1``, the second at most
+``e^40`` (about 2^58, far inside fp32's and bf16's range, whose hi/lo halves stay normal), and the
+pairwise form's ``16 F`` exponentials a token become ``2 F``. A chunk that decays more takes its
+sub-chunks one at a time: a sub-chunk that decays less than ``e^-40`` forms its diagonal block as
+the same product over its own 16 tokens (``exp(c_i)``, ``exp(-c_j)``), one that decays more
+pairwise. The backward's sub-chunk kernel does the same for ``dfq`` and ``dfk``. The product's
+fp32 operands are split into bf16 halves, as the off-diagonal blocks' are (about 2^-16 relative
+each term, where the pairwise form is fp32 elementwise work); ``b`` is summed as the output pass
+sums it, and ``|b| <= 40`` keeps its rounding near 2^-24 x 40. The strong decays the tests use
+exceed the limit, so they still take the pairwise form, and ``FACTOR_LIMIT = 0`` takes it
+everywhere.
+
 How the work is split. Every walk takes the chunks of one (batch, head) in order (or in reverse)
 with the running state in fp32 registers; no per-chunk state goes through memory, except in the
 chunk-parallel passes below, which store each chunk's starting state (and the backward its adjoint).
 
 * forward, first: ``_cumsum_kernel`` writes ``c``, the running sums of ``g`` inside each 16-token
   sub-chunk, fp32 ``[B, H, T', F]`` (``T`` rounded up to whole chunks; a sub-chunk's total
-  ``G_M`` is its last row), and ``_intra_kernel``, grid ``(T / 16, B * H)``, one program per
-  query sub-chunk, forms its row block of ``A`` from them (the diagonal block a key at a time,
-  ``[16, F]`` elementwise work a key, and its off-diagonal products; the exponentials are the
-  bulk of the forward's arithmetic, so they get the whole GPU) and writes it, fp32 ``[B, H, T,
-  C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk; the blocks after ``t``'s
-  sub-chunk are never written, and readers mask them). ``A`` is kept for the backward. Then one
+  ``G_M`` is its last row), and ``_intra_kernel``, grid ``(T / C, B * H)``, one program per
+  chunk, forms its rows of ``A`` from them: a factored chunk in one product, ``INTRA_BK``
+  features a step; any other chunk a sub-chunk at a time (its diagonal block a product or a key
+  at a time, ``[16, F]`` elementwise work a key, then its off-diagonal products). It writes
+  them, fp32 ``[B, H, T, C]`` (row ``t``: ``A[t, j]`` for the ``j``-th token of ``t``'s chunk; a
+  factored chunk writes zeros after the diagonal, the others never write the blocks after
+  ``t``'s sub-chunk, and readers mask them). ``A`` is kept for the backward. Then one
   of two forwards:
 * the walk (``parallel=False``): ``_fwd_kernel``, grid ``(Dv / BV, B * H)``, walks the chunks:
   per chunk one read-out of all ``C`` queries at once (``[C, F]`` tiles against the chunk-start
@@ -99,9 +115,15 @@ chunk-parallel passes below, which store each chunk's starting state (and the ba
   (``exp(b_i) (dn_i h_c^T + dd_i hz_c)`` for ``dfq``, ``exp(b_last - b_j) (v_j dh_c^T + dhz_c)``
   for ``dfk``, ``(fk_j exp(b_last - b_j)) dh_c`` for ``dv``; fp32 ``[B, H, T, F]`` and ``[B, H, T,
   Dv]``); then ``_bwd_sub_kernel``, grid ``(T / 16, B * H)``, one program per 16-token sub-chunk
-  with every feature and value column, adds the pairs inside the chunk: the diagonal block a
-  token at a time with one exponential for ``dfq`` and ``dfk`` both, the off-diagonal blocks as
-  products, ``A``'s blocks transposed against ``dn`` for ``dv``;
+  with every feature and value column, adds the pairs inside the chunk: the diagonal block as
+  two products where the sub-chunk is factored, else a token at a time with one exponential for
+  ``dfq`` and ``dfk`` both; the off-diagonal blocks as products; ``A``'s blocks transposed
+  against ``dn`` for ``dv``. With :data:`CHUNK_BACKWARD` (off) ``_bwd_chunk_kernel``, grid ``(F /
+  BK + Dv / BV, T / C, B * H)``, takes a factored chunk whole instead (``P``'s ``[C, C]`` block
+  against the keys grown back to the chunk start), and the sub-chunk programs of such a chunk
+  return at once. Compiled on an H200 (Triton 3.6) it gave wrong ``dfq`` and ``dfk`` with bf16
+  inputs at 12 features (right under the interpreter and in the GPU tests at 64-256 features);
+  the cause is not found, so it stays off;
 * the walk (``parallel=False``): one launch with three kinds of program, all at once,
   ``dfq`` forward over the chunks and ``dfk`` in reverse (``BK`` features each), ``dv`` in reverse
   (``BV`` value columns). Each loops over a chunk's sub-chunks (in reverse for ``dfk`` and
@@ -119,8 +141,22 @@ chunk-parallel passes below, which store each chunk's starting state (and the ba
   cancellation.
 
 Speed, measured on an H200 (Triton 3.6; ``benchmarks/kernel_breakdown.py``, kernel time, B = 1,
-32 heads, F = Dv = 128, bf16, ``results/h200-kernels/README.md``). At T = 32K the chunk-parallel
-forward takes 6.25 ms:
+32 heads, F = Dv = 128, bf16, LAWCAT-like decays, ``results/h200-kernels/README.md``). With the
+chunks factored, the forward takes 4.16 ms at T = 32K against fla ``chunk_gla``'s 4.78 in the
+same run (1.15x fla), 9.18 ms pairwise:
+- the states pass 1.84;
+- the output pass 1.41;
+- the intra kernel 0.72 with 4 warps (0.63 with 2, now its setting);
+- the sums 0.20.
+
+So the states and output passes bound the forward now, as fla's do (1.19 and 1.10 ms). Forward +
+backward took 20.5 ms with the sub-chunks factored (when the intra kernel took 2.12 ms), against
+24.7 pairwise; the sub-chunk kernel 6.58 ms of it with 4 warps. With :data:`CHUNK_BACKWARD` it
+took 16.3 ms, the chunk kernel 3.55 of it. In wall time (``benchmarks/attention.py``) the
+forward is 4.14 ms at 32K against cuDNN softmax's 14.1 (3.4x) and SDPA flash's 24.8 (6.0x), and
+2.09 against 3.60 and 6.31 at 16K.
+
+Before the chunks were factored, at T = 32K the chunk-parallel forward took 6.25 ms:
 - the intra kernel 2.81 (45%; 3.57 with the 8 warps it had before, 1 now);
 - the states pass 1.85;
 - the output pass 1.39;
@@ -219,15 +255,21 @@ PARALLEL_FORWARD = True
 # + backward 5.4x faster on an H200 at B=1, 32 heads, F=Dv=128, T=32K (23.6 ms of kernels against 127.7)
 PARALLEL_BACKWARD = True
 OUT_STAGES = 2  # pipelining stages of the chunk-parallel output pass
-# a 16-token sub-chunk whose decay stays above e^-FACTOR_LIMIT in every feature takes its pairs
-# inside as products of decayed queries and keys, each factor within e^+-FACTOR_LIMIT, rather than
-# one exponential a pair and feature (_intra_kernel, _bwd_sub_kernel); 0 takes the pairwise form always
+# a chunk (_intra_kernel) or 16-token sub-chunk (_intra_kernel, _bwd_sub_kernel) whose decay stays above
+# e^-FACTOR_LIMIT in every feature takes its pairs inside as products of decayed queries and keys, each
+# factor within e^+-FACTOR_LIMIT, rather than one exponential a pair and feature; 0 takes the pairwise
+# form always. On an H200 at 32K (B=1, 32 heads, F=Dv=128, LAWCAT-like decays), the forward took 4.15 ms
+# against 9.18 pairwise (results/h200-kernels/gated-factored-knobs-2.log)
 FACTOR_LIMIT = 40.0
-# warps of _intra_kernel, by features (a power of 2). On an H200 at 32K (B=1, 32 heads): 1.17 ms with 2
-# warps against 1.33 with 4 at 64 features; 2.82 with 1 against 3.21 (2), 4.25 (4) and 3.58 (8) at 128;
-# 9.2 with 4 against 15.5 with 8 at 256 (results/h200-kernels/gated_fwd_knobs.py). 16 and 32 take 64's
-INTRA_WARPS = {16: 2, 32: 2, 64: 2, 128: 1, 256: 4}
+# warps of _intra_kernel (a program a chunk), by features (a power of 2). On an H200 at 32K (B=1, 32 heads,
+# every chunk factored, results/h200-kernels/gated-factored-knobs-2.log): 0.63 ms with 2 warps against
+# 0.72 (4) and 1.23 (8) at 128 features; 0.28 (2) against 0.41 (4) at 64, the outputs the same to the bit
+# as with 4 (the setting the GPU tests ran); 1.62 (4) against 2.20 (8) at 256. 16 and 32 features keep 4
+# (not timed). 64-feature steps (INTRA_BK) took 0.54 ms with 4 warps at 128, 1.69 with 2, but round
+# otherwise (2.8e-3 apart in bf16 outputs) and have not been through the GPU tests
+INTRA_WARPS = {16: 4, 32: 4, 64: 2, 128: 2, 256: 4}
 INTRA_STAGES = 3
+INTRA_BK = 32  # features a step of a factored chunk's product takes (_intra_kernel)
 # warps of the states walks (_par_states_kernel, _par_bwd_states_kernel) with 64 x 64 state blocks;
 # smaller blocks take 4 (4 for the big blocks too timed the same at 128 features, forward and backward)
 STATES_WARPS = 8
@@ -245,6 +287,14 @@ SUB_STAGES = 1
 # features, value columns and warps of its state products' programs (bf16): at 128 features, 2.0 ms at
 # 32K against 2.3 with (64, 64, 4), 3.0 with (32, 64, 4), 4.4 with (32, 32, 4), 5.7 with (128, 64, 4)
 INTER_BLOCKS = (64, 128, 4)
+# the chunk-parallel backward takes a chunk whose decay stays above e^-FACTOR_LIMIT whole
+# (_bwd_chunk_kernel) rather than a sub-chunk at a time (_bwd_sub_kernel). Off: compiled on an H200
+# (Triton 3.6) it gave wrong dfq and dfk with bf16 inputs at 12 features (0.5 relative against the
+# walk, results/h200-kernels/gated-chunk-backward-diag.log; right under the interpreter and at 64-256
+# features), the cause not found. On, it took 3.55 ms at 32K against the sub-chunk kernel's 6.58
+CHUNK_BACKWARD = False
+# features, value columns and warps of the programs of _bwd_chunk_kernel (a factored chunk's gradients)
+CHUNK_BLOCKS = (64, 64, 4)
 
 
 @triton.jit
@@ -375,11 +425,59 @@ def _cumsum_kernel(g, c, T, TP, F, SC: tl.constexpr, NS: tl.constexpr, BF: tl.co
 
 @triton.jit
 def _intra_kernel(fq, fk, c, A, T, TP, F, LIMIT, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr,
-                      DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+                  BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for the keys ``j`` of ``t``'s chunk up to
-    ``t``'s sub-chunk, from the sub-chunk sums ``c`` of :func:`_cumsum_kernel`; grid ``(T / SC,
-    B * H)``, a program per query sub-chunk ``I``, every feature at once. Blocks after ``I`` are
-    not written (the kernels that read ``A`` mask them).
+    ``t``, from the sub-chunk sums ``c`` of :func:`_cumsum_kernel`; grid ``(T / C, B * H)``, a
+    program per chunk.
+
+    A chunk whose decay stays above ``e^-LIMIT`` in every feature (:data:`FACTOR_LIMIT`) is one
+    product, ``BK`` features at a time, of its queries decayed from the chunk start and its keys
+    decayed back to it, ``(fq_i exp(b_i)) . (fk_j exp(-b_j))`` with ``b_i = c_i + sum_{M < I}
+    G_M`` (a sum of terms ``<= 0``, as the output pass takes it), masked to ``i >= j``: the
+    second factor is at most ``e^LIMIT``, so nothing overflows. Its whole ``[C, C]`` block is
+    written, zeros above the diagonal. Any other chunk takes its sub-chunks one after another
+    (:func:`_intra_sub`), whose blocks after a row's sub-chunk are not written (the kernels that
+    read ``A`` mask them)."""
+    NS: tl.constexpr = C // SC
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_C = tl.arange(0, C)
+    t = i_t * C + o_C
+    m_t = t < T
+    sub = o_C // SC
+    o_f = tl.arange(0, BF)
+    total = tl.zeros([BF], dtype=tl.float32)  # the chunk's decay, by feature
+    for M in tl.static_range(0, NS):
+        total += tl.load(c + i_bh * TP * F + (i_t * C + M * SC + SC - 1) * F + o_f, mask=o_f < F, other=0.0)
+    if tl.min(total, 0) > -LIMIT:
+        acc = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in tl.static_range(0, BF // BK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < F
+            p_c = c + i_bh * TP * F
+            b = tl.load(p_c + t[:, None] * F + o_k[None, :], mask=m_k[None, :], other=0.0)  # [C, BK], rows < TP
+            bT = tl.load(p_c + t[None, :] * F + o_k[:, None], mask=m_k[:, None], other=0.0)  # [BK, C]
+            for M in tl.static_range(0, NS - 1):
+                G_M = tl.load(p_c + (i_t * C + M * SC + SC - 1) * F + o_k, mask=m_k, other=0.0)
+                b += tl.where((sub > M)[:, None], G_M[None, :], 0.0)
+                bT += tl.where((sub > M)[None, :], G_M[:, None], 0.0)
+            q_dec = tl.load(fq + i_bh * T * F + t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                            other=0.0).to(tl.float32) * tl.exp(b)  # <= fq
+            k_upT = tl.load(fk + i_bh * T * F + t[None, :] * F + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                            other=0.0).to(tl.float32) * tl.exp(-bT)  # <= fk e^LIMIT, loaded transposed
+            acc += _dot_split(q_dec, k_upT, DT, PREC, EMULATE, True, True)
+        acc = tl.where(o_C[:, None] >= o_C[None, :], acc, 0.0)
+        tl.store(A + (i_bh * T + t[:, None]) * C + o_C[None, :], acc, mask=m_t[:, None])
+    else:
+        for I in range(0, tl.minimum(tl.cdiv(T - i_t * C, SC), NS)):  # the sub-chunks that hold tokens
+            _intra_sub(i_t * NS + I, i_bh, fq, fk, c, A, T, TP, F, LIMIT, C, SC, BF, DT, PREC, EMULATE)
+
+
+@triton.jit
+def _intra_sub(i_s, i_bh, fq, fk, c, A, T, TP, F, LIMIT, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr,
+               DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+    """The rows of sub-chunk ``i_s`` of ``A`` (of a chunk that decays too much to be one
+    product), every feature at once: its blocks up to its own.
 
     The diagonal block a key ``j`` at a time (a column of ``A``): ``A_ij = sum_f fq_if fk_jf
     exp(c_if - c_jf)`` for ``i >= j``, the exponent set to ``-inf`` above the diagonal before it is
@@ -392,8 +490,6 @@ def _intra_kernel(fq, fk, c, A, T, TP, F, LIMIT, C: tl.constexpr, SC: tl.constex
     :data:`FACTOR_LIMIT`) forms its diagonal block as one product too, ``(fq_i exp(c_i)) .
     (fk_j exp(-c_j))``, masked to ``i >= j``: the second factor is at most ``e^LIMIT``, so
     nothing overflows, with ``SC`` times fewer exponentials."""
-    i_s = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
     o_c = tl.arange(0, SC)
     o_f = tl.arange(0, BF)
     m_f = o_f < F
@@ -666,11 +762,103 @@ def _bwd_inter_kernel(
             acc += _dot_split(k_out, b_dh, DT, PREC, EMULATE, True, True)
         tl.store(dvs + i_bh * T * DV + t[:, None] * DV + o_v[None, :], acc, mask=m_t[:, None] & m_v[None, :])
 
+@triton.jit
+def _bwd_chunk_kernel(
+    fq, fk, v, c, A, den, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk,
+    T, TP, F, DV, LIMIT,
+    C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NK: tl.constexpr, ND: tl.constexpr, STORE_DG: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """The chunk-parallel backward's gradients of the chunks whose decay stays above ``e^-LIMIT``
+    in every feature (:data:`FACTOR_LIMIT`; any other chunk is left to :func:`_bwd_sub_kernel`):
+    grid ``(NK + ND, T / C, B * H)``, the pairs inside a chunk as products of its ``[C, C]`` block
+    of ``P_ij = dn_i . v_j + dd_i``, with ``b`` the running decay from the chunk start (``b_i =
+    c_i + sum_{M < I} G_M``):
+
+        dfq_i = dqi_i + exp(b_i) sum_{j < i} P_ij (fk_j exp(-b_j)) + P_ii fk_i
+        dfk_j = dki_j + exp(-b_j) sum_{i > j} P_ij (fq_i exp(b_i)) + P_jj fq_j
+        dv_j  = dvs_j + sum_{i >= j} A_ij dn_i
+
+    (``exp(-b) <= e^LIMIT``). The first ``NK`` programs of a chunk take ``BK`` features (``P``
+    and its transpose formed over the value columns, ``BV`` at a time), the other ``ND`` take
+    ``BV`` value columns (``A``'s block loaded transposed). ``fq dfq`` and ``fk dfk`` are stored
+    for ``dg`` before a token's pair with itself is added, as in :func:`_bwd_sub_kernel`."""
+    NS: tl.constexpr = C // SC
+    i_p = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    o_f = tl.arange(0, BF)
+    c += i_bh * TP * F
+    total = tl.zeros([BF], dtype=tl.float32)  # the chunk's decay, by feature
+    for M in tl.static_range(0, NS):
+        total += tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_f, mask=o_f < F, other=0.0)
+    if tl.min(total, 0) <= -LIMIT:
+        return
+    o_C = tl.arange(0, C)
+    t = i_t * C + o_C
+    m_t = t < T
+    sub = o_C // SC
+    inv = _inverse_den(den, i_bh, t, m_t, T)
+    dy += i_bh * T * DV
+    if i_p < NK:
+        o_k = i_p * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        m_tk = m_t[:, None] & m_k[None, :]
+        b = tl.load(c + t[:, None] * F + o_k[None, :], mask=m_k[None, :], other=0.0)  # [C, BK], rows < TP
+        for M in tl.static_range(0, NS - 1):
+            G_M = tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_k, mask=m_k, other=0.0)
+            b += tl.where((sub > M)[:, None], G_M[None, :], 0.0)
+        b_dd = tl.load(dd + i_bh * T + t, mask=m_t, other=0.0)
+        P = tl.zeros([C, C], dtype=tl.float32)  # [C i, C j]: P_ij
+        PT = tl.zeros([C, C], dtype=tl.float32)  # [C j, C i]: P_ij
+        for i_d in tl.static_range(0, ND):
+            o_e = i_d * BV + tl.arange(0, BV)
+            m_e = o_e < DV
+            dn_e = tl.load(dy + t[:, None] * DV + o_e[None, :], mask=m_t[:, None] & m_e[None, :],
+                           other=0.0).to(tl.float32) * inv[:, None]  # [C, BV]
+            vT_e = tl.load(v + i_bh * T * DV + t[None, :] * DV + o_e[:, None], mask=m_e[:, None] & m_t[None, :],
+                           other=0.0)  # [BV, C], loaded transposed (no tl.trans, see the module docstring)
+            P += _dot_split(dn_e, vT_e, DT, PREC, EMULATE, True, False)
+            v_e = tl.load(v + i_bh * T * DV + t[:, None] * DV + o_e[None, :], mask=m_t[:, None] & m_e[None, :],
+                          other=0.0)
+            dnT_e = tl.load(dy + t[None, :] * DV + o_e[:, None], mask=m_e[:, None] & m_t[None, :],
+                            other=0.0).to(tl.float32) * inv[None, :]  # [BV, C]
+            PT += _dot_split(v_e, dnT_e, DT, PREC, EMULATE, False, True)
+        P += b_dd[:, None]
+        PT += b_dd[None, :]
+        p = i_bh * T * F + t[:, None] * F + o_k[None, :]
+        b_fq = tl.load(fq + p, mask=m_tk, other=0.0).to(tl.float32)
+        b_fk = tl.load(fk + p, mask=m_tk, other=0.0).to(tl.float32)
+        E = tl.exp(b)  # <= 1
+        E_up = tl.exp(-b)  # <= e^LIMIT
+        dq = _dot_split(tl.where(o_C[:, None] > o_C[None, :], P, 0.0), b_fk * E_up, DT, PREC, EMULATE, True, True)
+        dq = dq * E + tl.load(dqi + p, mask=m_tk, other=0.0)
+        dk = _dot_split(tl.where(o_C[:, None] < o_C[None, :], PT, 0.0), b_fq * E, DT, PREC, EMULATE, True, True)
+        dk = dk * E_up + tl.load(dki + p, mask=m_tk, other=0.0)
+        if STORE_DG:
+            tl.store(dgq + p, b_fq * dq, mask=m_tk)
+            tl.store(dgk + p, b_fk * dk, mask=m_tk)
+        P_self = tl.sum(tl.where(o_C[:, None] == o_C[None, :], P, 0.0), 1)  # [C]: P_ii, decay 1
+        tl.store(dfq + p, (dq + P_self[:, None] * b_fk).to(dfq.dtype.element_ty), mask=m_tk)
+        tl.store(dfk + p, (dk + P_self[:, None] * b_fq).to(dfk.dtype.element_ty), mask=m_tk)
+    else:
+        o_v = (i_p - NK) * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < DV)[None, :]
+        blocks = (sub[:, None] <= sub[None, :]) & m_t[None, :]  # [C j, C i]: A's blocks that are written
+        AT = tl.load(A + (i_bh * T + t[None, :]) * C + o_C[:, None], mask=blocks, other=0.0)  # [C j, C i]
+        dn = tl.load(dy + t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32) * inv[:, None]
+        p_v = i_bh * T * DV + t[:, None] * DV + o_v[None, :]  # (a name of its own: one taken in both branches
+        # must have one type in both)
+        b_dv = tl.load(dvs + p_v, mask=m_tv, other=0.0) + _dot_split(AT, dn, DT, PREC, EMULATE, True, True)
+        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+
 
 @triton.jit
 def _bwd_sub_kernel(
     fq, fk, v, c, A, den, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk,
-    T, TP, F, DV, LIMIT,
+    T, TP, F, DV, LIMIT, CHUNK_LIMIT,
     C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     STORE_DG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
@@ -719,6 +907,11 @@ def _bwd_sub_kernel(
     dy += i_bh * T * DV
     dd += i_bh * T
     A += i_bh * T * C
+    total = tl.zeros([BF], dtype=tl.float32)  # the chunk's decay, by feature
+    for M in tl.static_range(0, NS):
+        total += tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
+    if tl.min(total, 0) > -CHUNK_LIMIT:  # _bwd_chunk_kernel's
+        return
     p_tf = t[:, None] * F + o_f[None, :]
     b_fq = tl.load(fq + p_tf, mask=m_tf, other=0.0).to(tl.float32)  # [SC, BF]
     b_fk = tl.load(fk + p_tf, mask=m_tf, other=0.0).to(tl.float32)
@@ -1316,9 +1509,9 @@ def gated_attention_fwd(fq, fk, v, g, S0=None, z0=None, output_final_state=False
     TP = N * C
     c = torch.empty(B, H, TP, F, device=dev, dtype=torch.float32)  # the sums of g inside each sub-chunk
     _cumsum_kernel[(N, B * H)](g, c, T, TP, F, SC=SUB_CHUNK, NS=C // SUB_CHUNK, BF=_pow2(F), num_warps=4)
-    _intra_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
-        fq, fk, c, A, T, TP, F, float(FACTOR_LIMIT), C=C, SC=SUB_CHUNK, BF=_pow2(F), DT=DT, PREC=PREC, EMULATE=EMULATE,
-        num_warps=INTRA_WARPS[_pow2(F)], num_stages=INTRA_STAGES,
+    _intra_kernel[(N, B * H)](
+        fq, fk, c, A, T, TP, F, float(FACTOR_LIMIT), C=C, SC=SUB_CHUNK, BF=_pow2(F), BK=min(_pow2(F), INTRA_BK),
+        DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=INTRA_WARPS[_pow2(F)], num_stages=INTRA_STAGES,
     )
     if (PARALLEL_FORWARD if parallel is None else parallel) and N <= MAX_GRID_Y:
         BKs, BVs = _par_config(F, DV, B * H, dtype, C)
@@ -1448,8 +1641,19 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
         C=C, SC=SUB_CHUNK, BK=BKi, BV=BVi, NK=NKi, ND=NVi, DT=DT, PREC=PREC, EMULATE=EMULATE,
         num_warps=warps_i, num_stages=2,
     )
+    chunk_limit = float(FACTOR_LIMIT) if CHUNK_BACKWARD else 0.0  # 0: every chunk to _bwd_sub_kernel
+    if CHUNK_BACKWARD:
+        BKc, BVc, warps_c = CHUNK_BLOCKS
+        BKc, BVc = min(_pow2(F), BKc), min(_pow2(DV), BVc)
+        NKc, NVc = triton.cdiv(F, BKc), triton.cdiv(DV, BVc)
+        _bwd_chunk_kernel[(NKc + NVc, N, B * H)](
+            fq, fk, v, c, A, d, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk, T, TP, F, DV, chunk_limit,
+            C=C, SC=SUB_CHUNK, BF=_pow2(F), BK=BKc, BV=BVc, NK=NKc, ND=NVc, STORE_DG=want_dg,
+            DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=warps_c, num_stages=2,
+        )
     _bwd_sub_kernel[(triton.cdiv(T, SUB_CHUNK), B * H)](
         fq, fk, v, c, A, d, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk, T, TP, F, DV, float(FACTOR_LIMIT),
+        chunk_limit,
         C=C, SC=SUB_CHUNK, BF=_pow2(F), BDV=_pow2(DV), STORE_DG=want_dg,
         DT=DT, PREC=PREC, EMULATE=EMULATE, num_warps=SUB_WARPS[_pow2(F)], num_stages=SUB_STAGES,
     )
