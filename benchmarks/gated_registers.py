@@ -126,7 +126,7 @@ def report(mod, F, DV, C, BV=None, heads=32, dtype="bf16"):
     rows.append(("par bwd inter", f"BK={BKi} BV={BVi}", compile_report(mod._bwd_inter_kernel, inter, dtype,
                                                                        num_warps=inter_warps)))
     BKc, BVc, chunk_warps = mod.CHUNK_BLOCKS
-    BKc, BVc = min(BF, BKc), min(BDV, BVc)
+    BVc = min(BDV, BVc)
     chunk = dict(C=C, SC=SC, BF=BF, BK=BKc, BV=BVc, NK=triton.cdiv(F, BKc), ND=triton.cdiv(DV, BVc), STORE_DG=True,
                  **DT)
     rows.append(("par bwd chunk", f"BK={BKc} BV={BVc}", compile_report(mod._bwd_chunk_kernel, chunk, dtype,

@@ -291,7 +291,11 @@ INTER_BLOCKS = (64, 128, 4)
 # (_bwd_chunk_kernel) rather than a sub-chunk at a time (_bwd_sub_kernel). Off: compiled on an H200
 # (Triton 3.6) it gave wrong dfq and dfk with bf16 inputs at 12 features (0.5 relative against the
 # walk, results/h200-kernels/gated-chunk-backward-diag.log; right under the interpreter and at 64-256
-# features), the cause not found. On, it took 3.55 ms at 32K against the sub-chunk kernel's 6.58
+# features), the cause not found. On, it took 3.55 ms at 32K against the sub-chunk kernel's 6.58.
+# What the failures share: a product whose first operand is another product's result ([C, C], P) and
+# whose other side is narrower than 64 (the 12 features then took 16-feature blocks and gave wrong
+# values; 32-feature blocks faulted at 128 features; 64 passed). So a program now takes 64 features
+# however few there are (padded); that has not been compiled on a GPU yet
 CHUNK_BACKWARD = False
 # features, value columns and warps of the programs of _bwd_chunk_kernel (a factored chunk's gradients)
 CHUNK_BLOCKS = (64, 64, 4)
@@ -1643,8 +1647,9 @@ def _parallel_bwd(fq, fk, v, g, A, y, d, dy, S0, z0, dS, dz, dS0, dz0, want_dg, 
     )
     chunk_limit = float(FACTOR_LIMIT) if CHUNK_BACKWARD else 0.0  # 0: every chunk to _bwd_sub_kernel
     if CHUNK_BACKWARD:
+        # features never fewer than CHUNK_BLOCKS' a program, padded (see CHUNK_BACKWARD)
         BKc, BVc, warps_c = CHUNK_BLOCKS
-        BKc, BVc = min(_pow2(F), BKc), min(_pow2(DV), BVc)
+        BVc = min(_pow2(DV), BVc)
         NKc, NVc = triton.cdiv(F, BKc), triton.cdiv(DV, BVc)
         _bwd_chunk_kernel[(NKc + NVc, N, B * H)](
             fq, fk, v, c, A, d, dy, dd, dqi, dki, dvs, dfq, dfk, dv, dgq, dgk, T, TP, F, DV, chunk_limit,
