@@ -192,9 +192,11 @@ steps take 8 warps; with 4 their ``[64, F]`` tiles spill 0.8 KB), intra 0 -> 0, 
 steps: the forward at F = 256 (256 -> 656), ``dfq``/``dfk`` at Dv = 256 (140/0 -> 600/590), the
 forward with fp32 inputs (144 -> 816); ``chunk_size=16`` keeps the old figures there. The
 chunk-parallel backward's kernels at the launchers' settings (``linearize.kernels.resources``,
-bf16, F = Dv = 64 / 128 / 256): the sub-chunk kernel spills 88 / 1410 / 3198 bytes, the state
+bf16, F = Dv = 64 / 128 / 256): the sub-chunk kernel spills 124 / 636 / 4214 bytes (2 / 4 / 4
+warps, its factored branch compiled in; 88 / 1410 / 3198 with 2 / 2 / 4 before it), the state
 products 0 / 372 / 2272, the adjoint walk 84 at every size; the states walk none; the intra
-kernel, with the fewer warps it takes now (2 / 1 / 4), 0 / 168 / 752.
+kernel, a program a chunk with 2 / 2 / 4 warps, 96 / 512 / 1836 (both of its branches are
+compiled in: the factored chunk's ``[64, 32]`` steps and the sub-chunks' ``[16, F]`` tiles).
 
 Precision, as in :mod:`linearize.kernels.linear.chunk`: state and accumulation in fp32; with fp32
 (or fp16) inputs every product is fp32 (``ieee``); with bf16 inputs the products run on bf16
