@@ -430,6 +430,17 @@ def _cumsum_kernel(g, c, T, TP, F, SC: tl.constexpr, NS: tl.constexpr, BF: tl.co
 
 
 @triton.jit
+def _chunk_decay(c, i_t, F, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr):
+    """Chunk ``i_t``'s total decay by feature, ``[BF]`` (the sum of its sub-chunks' last rows of
+    ``c``, one head's; 0 past ``F``): above ``-LIMIT`` everywhere, the chunk is factored."""
+    o_f = tl.arange(0, BF)
+    total = tl.zeros([BF], dtype=tl.float32)
+    for M in tl.static_range(0, C // SC):
+        total += tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_f, mask=o_f < F, other=0.0)
+    return total
+
+
+@triton.jit
 def _intra_kernel(fq, fk, c, A, T, TP, F, LIMIT, C: tl.constexpr, SC: tl.constexpr, BF: tl.constexpr,
                   BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     """``A[t, j] = sum_f fq_tf fk_jf exp(b_tf - b_jf)`` for the keys ``j`` of ``t``'s chunk up to
@@ -451,10 +462,7 @@ def _intra_kernel(fq, fk, c, A, T, TP, F, LIMIT, C: tl.constexpr, SC: tl.constex
     t = i_t * C + o_C
     m_t = t < T
     sub = o_C // SC
-    o_f = tl.arange(0, BF)
-    total = tl.zeros([BF], dtype=tl.float32)  # the chunk's decay, by feature
-    for M in tl.static_range(0, NS):
-        total += tl.load(c + i_bh * TP * F + (i_t * C + M * SC + SC - 1) * F + o_f, mask=o_f < F, other=0.0)
+    total = _chunk_decay(c + i_bh * TP * F, i_t, F, C, SC, BF)
     if tl.min(total, 0) > -LIMIT:
         acc = tl.zeros([C, C], dtype=tl.float32)
         for i_k in tl.static_range(0, BF // BK):
@@ -794,12 +802,8 @@ def _bwd_chunk_kernel(
     i_p = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    o_f = tl.arange(0, BF)
     c += i_bh * TP * F
-    total = tl.zeros([BF], dtype=tl.float32)  # the chunk's decay, by feature
-    for M in tl.static_range(0, NS):
-        total += tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_f, mask=o_f < F, other=0.0)
-    if tl.min(total, 0) <= -LIMIT:
+    if tl.min(_chunk_decay(c, i_t, F, C, SC, BF), 0) <= -LIMIT:
         return
     o_C = tl.arange(0, C)
     t = i_t * C + o_C
@@ -913,10 +917,7 @@ def _bwd_sub_kernel(
     dy += i_bh * T * DV
     dd += i_bh * T
     A += i_bh * T * C
-    total = tl.zeros([BF], dtype=tl.float32)  # the chunk's decay, by feature
-    for M in tl.static_range(0, NS):
-        total += tl.load(c + (i_t * C + M * SC + SC - 1) * F + o_f, mask=m_f, other=0.0)
-    if tl.min(total, 0) > -CHUNK_LIMIT:  # _bwd_chunk_kernel's
+    if tl.min(_chunk_decay(c, i_t, F, C, SC, BF), 0) > -CHUNK_LIMIT:  # _bwd_chunk_kernel's
         return
     p_tf = t[:, None] * F + o_f[None, :]
     b_fq = tl.load(fq + p_tf, mask=m_tf, other=0.0).to(tl.float32)  # [SC, BF]
